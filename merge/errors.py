@@ -1,0 +1,5 @@
+"""The one exception type users see: a sentence that names the problem, printed without a traceback."""
+
+
+class MergeError(Exception):
+    """A problem with the user's input or environment, stated as one clear sentence."""
