@@ -1,0 +1,231 @@
+"""Built-in model presets: published Qwen3-VL shapes with seeded random weights.
+
+A preset is a plain ``config.json`` dictionary. ``tiny`` is CI-sized (seconds to build); the others carry
+the shapes of the published checkpoints, so speed and scale measurements mean something. Their weights are
+random but *scaled* (see :mod:`merge.random_weights`) so that a mistake in a grid, a position or a
+DeepStack term moves the outputs far more than any parity tolerance.
+"""
+
+from __future__ import annotations
+
+import copy
+
+# Qwen2/Qwen3 special tokens, in the order the published tokenizer numbers them. Their ids start at
+# ``special_base``: 151643 for the published shapes, just below ``vocab_size`` for the tiny ones.
+SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
+)
+PUBLISHED_SPECIAL_BASE = 151643
+
+
+def special_token_ids(special_base: int) -> dict[str, int]:
+    return {tok: special_base + i for i, tok in enumerate(SPECIAL_TOKENS)}
+
+
+def _config(
+    *,
+    vision: dict,
+    text: dict,
+    special_base: int,
+    tie_word_embeddings: bool,
+) -> dict:
+    ids = special_token_ids(special_base)
+    rope = {
+        "rope_type": "default",
+        "rope_theta": text.pop("rope_theta", 5_000_000.0),
+        "mrope_section": text.pop("mrope_section"),
+        "mrope_interleaved": True,
+    }
+    vision_cfg = {
+        "model_type": "qwen3_vl_vision",
+        "hidden_act": "gelu_pytorch_tanh",
+        "in_channels": 3,
+        "patch_size": 16,
+        "temporal_patch_size": 2,
+        "spatial_merge_size": 2,
+        "num_position_embeddings": 2304,
+        "initializer_range": 0.02,
+        **vision,
+    }
+    text_cfg = {
+        "model_type": "qwen3_vl_text",
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 262144,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "rope_parameters": rope,
+        "dtype": "bfloat16",
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        **text,
+    }
+    return {
+        "architectures": ["Qwen3VLForConditionalGeneration"],
+        "model_type": "qwen3_vl",
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "tie_word_embeddings": tie_word_embeddings,
+        "dtype": "bfloat16",
+        "text_config": text_cfg,
+        "vision_config": vision_cfg,
+    }
+
+
+_PUBLISHED_VISION_SMALL = {
+    "depth": 24,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_heads": 16,
+    "deepstack_visual_indexes": [5, 11, 17],
+}
+
+
+def _tiny_text(vocab_size: int) -> dict:
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "mrope_section": [2, 3, 3],
+    }
+
+
+def _presets() -> dict[str, dict]:
+    tiny_vocab = 1024
+    tiny_base = tiny_vocab - 32
+    return {
+        "tiny": _config(
+            vision={
+                "depth": 4,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_heads": 4,
+                "out_hidden_size": 64,
+                "num_position_embeddings": 64,
+                "deepstack_visual_indexes": [0, 2, 3],
+            },
+            text=_tiny_text(tiny_vocab),
+            special_base=tiny_base,
+            tie_word_embeddings=True,
+        ),
+        # A second tiny shape for generality: no spatial merge, a 3-tap DeepStack list in another order of
+        # layers, non-square learned position grid side, untied head, a different head layout.
+        "tiny-merge1": _config(
+            vision={
+                "depth": 3,
+                "hidden_size": 48,
+                "intermediate_size": 96,
+                "num_heads": 3,
+                "out_hidden_size": 96,
+                "spatial_merge_size": 1,
+                "patch_size": 14,
+                "num_position_embeddings": 36,
+                "deepstack_visual_indexes": [1, 2],
+            },
+            text={
+                **_tiny_text(tiny_vocab),
+                "hidden_size": 96,
+                "num_attention_heads": 6,
+                "num_key_value_heads": 3,
+                "head_dim": 16,
+            },
+            special_base=tiny_base,
+            tie_word_embeddings=False,
+        ),
+        "qwen3-vl-2b": _config(
+            vision={**_PUBLISHED_VISION_SMALL, "out_hidden_size": 2048},
+            text={
+                "vocab_size": 151936,
+                "hidden_size": 2048,
+                "intermediate_size": 6144,
+                "num_hidden_layers": 28,
+                "num_attention_heads": 16,
+                "num_key_value_heads": 8,
+                "head_dim": 128,
+                "mrope_section": [24, 20, 20],
+            },
+            special_base=PUBLISHED_SPECIAL_BASE,
+            tie_word_embeddings=True,
+        ),
+        "qwen3-vl-4b": _config(
+            vision={**_PUBLISHED_VISION_SMALL, "out_hidden_size": 2560},
+            text={
+                "vocab_size": 151936,
+                "hidden_size": 2560,
+                "intermediate_size": 9728,
+                "num_hidden_layers": 36,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 8,
+                "head_dim": 128,
+                "mrope_section": [24, 20, 20],
+            },
+            special_base=PUBLISHED_SPECIAL_BASE,
+            tie_word_embeddings=True,
+        ),
+        "qwen3-vl-8b": _config(
+            vision={
+                "depth": 27,
+                "hidden_size": 1152,
+                "intermediate_size": 4304,
+                "num_heads": 16,
+                "out_hidden_size": 4096,
+                "deepstack_visual_indexes": [8, 16, 24],
+            },
+            text={
+                "vocab_size": 151936,
+                "hidden_size": 4096,
+                "intermediate_size": 12288,
+                "num_hidden_layers": 36,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 8,
+                "head_dim": 128,
+                "mrope_section": [24, 20, 20],
+            },
+            special_base=PUBLISHED_SPECIAL_BASE,
+            tie_word_embeddings=False,
+        ),
+    }
+
+
+PRESETS: dict[str, dict] = _presets()
+PRESET_SEEDS = {name: 1234 + i for i, name in enumerate(PRESETS)}
+
+
+def preset_config(name: str) -> dict:
+    """A deep copy of one preset's ``config.json`` dictionary."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])

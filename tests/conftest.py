@@ -1,0 +1,50 @@
+"""Shared fixtures: presets built once per session into a temporary cache, reference models, sessions."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def preset_cache(tmp_path_factory) -> Path:
+    """Presets are built into a cache private to the test session (never the user's ~/.cache)."""
+    cache = Path(os.environ.get("QWEN3VL_MERGE_TEST_CACHE") or tmp_path_factory.mktemp("preset-cache"))
+    os.environ["QWEN3VL_MERGE_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def sources(preset_cache):
+    """``sources(name)`` -> resolved ModelSource, built on first use."""
+    from merge.sources import resolve_model
+
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = resolve_model(name, preset_cache)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_models(sources):
+    """``hf_models(name)`` -> Qwen3VLForConditionalGeneration in float32, eval mode (loaded once)."""
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            folder = sources(name).folder
+            cache[name] = Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+        return cache[name]
+
+    return get
