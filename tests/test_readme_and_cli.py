@@ -1,0 +1,105 @@
+"""The README's commands are tests; the CLI refuses bad input with one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+
+def _bash_blocks() -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def _quick_start() -> tuple[str, str]:
+    build_cmd, test_cmd = (block.strip() for block in _bash_blocks()[:2])
+    return build_cmd, test_cmd
+
+
+def _run(cmd: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check:
+        assert proc.returncode == 0, f"{cmd!r} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    _, test_cmd = _quick_start()
+    assert test_cmd.startswith("pip install") and "pytest" in test_cmd
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert test_cmd in ci_lines
+
+
+def test_readme_build_command(tmp_path):
+    build_cmd, _ = _quick_start()
+    assert build_cmd.startswith("pip install") and "python -m merge build --out combined/" in build_cmd
+    command = build_cmd.split("&&", 1)[1].strip()  # the install already happened for this test run
+    proc = _run(command.replace("python ", f"{sys.executable} ", 1), tmp_path)
+    out = tmp_path / "combined"
+    assert (out / "vision.onnx").is_file() and (out / "vision.onnx.data").is_file()
+    assert "vision part only" in proc.stdout  # says plainly what is not built yet
+    manifest = json.loads((out / "merge.json").read_text())
+    assert manifest["parts"] == {"vision": "vision.onnx"}
+    assert set(manifest["checksums"]) == {"vision.onnx", "vision.onnx.data"}
+    for name in ("tokenizer.json", "preprocessor_config.json", "chat_template.jinja"):
+        assert (out / name).is_file(), name
+    # No staging folders are left behind.
+    assert [p.name for p in tmp_path.iterdir()] == ["combined"]
+
+
+def test_build_refuses_existing_folder_and_force_replaces_it(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = _run(f"{sys.executable} -m merge build --out {out}", tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "already exists" in proc.stderr and "--force" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    _run(f"{sys.executable} -m merge build --out {out} --force", tmp_path)
+    assert not (out / "keep.txt").exists() and (out / "vision.onnx").is_file()
+
+
+def test_failed_build_leaves_existing_folder_untouched(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    bad = tmp_path / "bad_model"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "qwen3_vl", "vision_config": {}, "text_config": {}}))
+    proc = _run(f"{sys.executable} -m merge build --model {bad} --out {out} --force", tmp_path, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad_model", "out"]
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]}, "model_type is 'llava'"),
+        ({"model_type": "qwen2_5_vl"}, "model_type is 'qwen2_5_vl'"),
+        ({"model_type": "qwen3_vl", "text_config": {}}, "vision_config is missing"),
+    ],
+)
+def test_non_qwen3vl_config_is_named(tmp_path, config, message):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    proc = _run(f"{sys.executable} -m merge build --model {folder} --out {tmp_path / 'o'}", tmp_path, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "config.json" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_model_spec(tmp_path):
+    proc = _run(f"{sys.executable} -m merge build --model nosuchthing --out o", tmp_path, check=False)
+    assert proc.returncode == 2 and "neither a preset" in proc.stderr
