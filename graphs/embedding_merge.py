@@ -1,0 +1,112 @@
+"""Qwen3-VL's embedding merge and DeepStack scatter as one ONNX subgraph.
+
+The graph reproduces what ``Qwen3VLModel.forward`` and ``Qwen3VLTextModel._deepstack_process`` do with the
+vision tower's outputs:
+
+- ``inputs_embeds = embed_tokens[input_ids].masked_scatter(visual_mask, image_embeds)``: the rows at image
+  tokens are replaced, in row-major order over the whole batch, by the rows of ``image_embeds``;
+- per DeepStack level ``k``, the term that HF adds with ``hidden_states[visual_mask, :] += deepstack[k]``
+  after decoder layer ``k``, here as a dense ``deepstack_k`` [batch, sequence, hidden] that holds the level's
+  features at the image tokens and zeros elsewhere, so that the decoder adds it unconditionally.
+
+One index per token does both: the image token of rank ``r`` (row-major over the batch) gets ``r + 1`` (an
+inclusive CumSum of the flat mask), every other token gets 0 (the mask multiplies it away). Each visual
+table gets one zero row *in front* (``Pad``), so index 0 reads zeros and index ``r + 1`` reads feature row
+``r``. ``inputs_embeds`` picks between the gathered token embedding and the gathered image row with one
+``Where``; each DeepStack term is one Gather from its level of the padded table: image tokens read their
+feature row, the rest read zeros, and no Where is needed. No Loop, no ScatterND, no copy of the vocabulary
+table: a decode step (no image rows) costs O(batch * sequence * hidden).
+
+Safety: more image tokens than feature rows gives an index past the table, which ONNX Runtime's Gather
+refuses (an error, never a silent read). Fewer image tokens than rows is not detected here (the host
+checks the counts before running, as HF's ``get_placeholder_mask`` does).
+
+Every node and intermediate value name starts with ``prefix`` so that the model can be inlined into the
+combined graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from graphs.builder import BOOL, FLOAT, INT64, GraphBuilder, make_model, tensor_input
+
+INPUT_NAMES = ("input_ids", "embed_tokens", "image_embeds", "deepstack_embeds")
+OPSET = 21  # the combined model's default-domain opset (Pad's ``pads`` as an input needs 11)
+IR_VERSION = 10  # the smallest IR version that may carry opset 21
+
+
+def deepstack_output_name(level: int) -> str:
+    return f"deepstack_{level}"
+
+
+def output_names(num_levels: int) -> tuple[str, ...]:
+    return ("inputs_embeds", "visual_mask", *(deepstack_output_name(k) for k in range(num_levels)))
+
+
+def build_embedding_merge(image_token_id: int, hidden_size: int, num_levels: int, prefix: str = "merge/") -> ir.Model:
+    """A standalone model: ``input_ids`` int64 [batch, sequence], ``embed_tokens`` float [vocab, hidden],
+    ``image_embeds`` float [num_image_tokens, hidden], ``deepstack_embeds`` float [levels, num_image_tokens,
+    hidden] -> ``inputs_embeds`` float [batch, sequence, hidden], ``visual_mask`` bool [batch, sequence],
+    ``deepstack_0 .. deepstack_{levels-1}`` float [batch, sequence, hidden].
+
+    ``embed_tokens`` is an input here so the graph can be tested alone; the combined model binds it to the
+    decoder's embedding table. With no images, feed 0 feature rows: the outputs are the plain token
+    embeddings and all-zero DeepStack terms.
+    """
+    if hidden_size < 1:
+        raise ValueError(f"hidden_size must be a positive integer, got {hidden_size}")
+    if num_levels < 1:
+        raise ValueError(f"Qwen3-VL has at least one DeepStack level, got num_levels={num_levels}")
+
+    input_ids = tensor_input("input_ids", INT64, ["batch", "sequence"])
+    embed_tokens = tensor_input("embed_tokens", FLOAT, ["vocab", hidden_size])
+    image_embeds = tensor_input("image_embeds", FLOAT, ["num_image_tokens", hidden_size])
+    deepstack_embeds = tensor_input("deepstack_embeds", FLOAT, [num_levels, "num_image_tokens", hidden_size])
+
+    b = GraphBuilder(prefix)
+    visual_mask = b.op("Equal", [input_ids, b.const(np.int64(image_token_id), "image_token_id")], name="visual_mask")
+
+    # Row of each token in the zero-headed visual tables: rank + 1 at image tokens, 0 elsewhere.
+    with b.scope("index"):
+        mask_i64 = b.op("Cast", [visual_mask], {"to": INT64}, name="mask_i64")
+        flat = b.op("Reshape", [mask_i64, b.const([-1], "flat_shape")], name="flat_mask")
+        inclusive = b.op("CumSum", [flat, b.const(np.int64(0), "axis0")], name="rank_plus_one")
+        flat_index = b.op("Mul", [inclusive, flat], name="flat_index")
+        index = b.op("Reshape", [flat_index, b.op("Shape", [input_ids], name="ids_shape")], name="token_row")
+
+    with b.scope("embeds"):
+        text = b.op("Gather", [embed_tokens, input_ids], {"axis": 0}, name="token_embeds")
+        image_table = b.op("Pad", [image_embeds, b.const([1, 0, 0, 0], "zero_row_first")], name="image_table")
+        image = b.op("Gather", [image_table, index], {"axis": 0}, name="image_rows")
+        mask3 = b.op("Unsqueeze", [visual_mask, b.const([-1], "axis_hidden")], name="mask3")
+        inputs_embeds = b.op("Where", [mask3, image, text], name="inputs_embeds")
+
+    # Take each level's small [tokens + 1, hidden] table first, then gather it straight into its
+    # [batch, sequence, hidden] output: no [levels, batch, sequence, hidden] intermediate to copy apart.
+    with b.scope("deepstack"):
+        table = b.op("Pad", [deepstack_embeds, b.const([0, 1, 0, 0, 0, 0], "zero_row_first")], name="table")
+        deepstack = []
+        for k in range(num_levels):
+            level = b.op("Gather", [table, b.const(np.int64(k), f"level_{k}")], {"axis": 0}, name=f"table_{k}")
+            deepstack.append(b.op("Gather", [level, index], {"axis": 0}, name=deepstack_output_name(k)))
+
+    outputs = [inputs_embeds, visual_mask, *deepstack]
+    per_token = [ir.SymbolicDim("batch"), ir.SymbolicDim("sequence")]
+    for value, name in zip(outputs, output_names(num_levels), strict=True):
+        value.name = name
+        is_mask = value is visual_mask
+        value.type = ir.TensorType(BOOL if is_mask else FLOAT)
+        value.shape = ir.Shape(per_token if is_mask else [*per_token, hidden_size])
+
+    inputs = [input_ids, embed_tokens, image_embeds, deepstack_embeds]
+    assert [v.name for v in inputs] == list(INPUT_NAMES)
+    return make_model(
+        b,
+        inputs,
+        outputs,
+        name=f"{prefix}embedding_merge",
+        opset_imports={"": OPSET},
+        ir_version=IR_VERSION,
+    )

@@ -1,0 +1,334 @@
+"""INT4 MatMulNBits quantization (merge/quantize.py): layout checked by ONNX Runtime against an independent numpy
+dequantization, closeness to fp32, lazy streaming at save time, and a broken twin (scales x2) that must fail."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import merge.quantize as quantize
+from merge.compare import compare
+from merge.quantize import quantize_matmuls_int4, quantize_weight_int4
+
+log = logging.getLogger(__name__)
+
+BLOCK = 32
+SHAPES = {"w_up": (64, 48), "w_down": (80, 40)}  # K=80 is not a multiple of the block
+NAMES = {"w_up": "/model/layers.0/mlp/up_proj/MatMul", "w_down": "/model/layers.0/mlp/down_proj/MatMul"}
+# Bounds (relative to max(1, max|expected|)) against the reference built from the dequantized weights.
+DEQUANT_SCALE = {1: 1e-5, 4: 3e-2}  # accuracy_level 1: fp32 compute; 4: A is quantized to int8 at run time
+
+
+def _weights(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, (k, n) in SHAPES.items():
+        # per-column magnitudes spread over two decades so a wrong scale or a swapped column shows
+        w = rng.standard_normal((k, n)) * np.exp(rng.uniform(-2.3, 2.3, size=(1, n)))
+        out[name] = w.astype(np.float32)
+    out["bias"] = rng.standard_normal(48).astype(np.float32)
+    return out
+
+
+def _fvalue(name: str, shape) -> ir.Value:
+    return ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.FLOAT))
+
+
+def build_model(weights: dict[str, np.ndarray]) -> ir.Model:
+    """x [b,s,64] -MatMul w_up-> h [b,s,48] -Add bias-> concat x2 [b,s,32] -> [b,s,80] -MatMul w_down-> y [b,s,40]."""
+    x = _fvalue("x", ["batch", "seq", 64])
+    x2 = _fvalue("x2", ["batch", "seq", 32])
+    inits = {name: _fvalue(name, arr.shape) for name, arr in weights.items()}
+    for name, value in inits.items():
+        value.const_value = ir.tensor(weights[name], name=name)
+    up = ir.Node("", "MatMul", [x, inits["w_up"]], name=NAMES["w_up"], num_outputs=1)
+    up.outputs[0].name, up.outputs[0].type = "h", ir.TensorType(ir.DataType.FLOAT)
+    up.outputs[0].shape = ir.Shape(["batch", "seq", 48])
+    add = ir.Node("", "Add", [up.outputs[0], inits["bias"]], name="/model/layers.0/Add")
+    add.outputs[0].name = "h_bias"
+    cat = ir.Node("", "Concat", [add.outputs[0], x2], attributes=[ir.AttrInt64("axis", -1)], name="/model/Concat")
+    cat.outputs[0].name = "cat"
+    down = ir.Node("", "MatMul", [cat.outputs[0], inits["w_down"]], name=NAMES["w_down"])
+    y = down.outputs[0]
+    y.name, y.type, y.shape = "y", ir.TensorType(ir.DataType.FLOAT), ir.Shape(["batch", "seq", 40])
+    graph = ir.Graph(
+        [x, x2],
+        [up.outputs[0], y],
+        nodes=[up, add, cat, down],
+        initializers=[inits["w_up"], inits["bias"], inits["w_down"]],
+        opset_imports={"": 21},
+        name="two_matmuls",
+    )
+    return ir.Model(graph, ir_version=10)
+
+
+def forward(weights: dict[str, np.ndarray], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    h = feeds["x"].astype(np.float64) @ weights["w_up"]
+    cat = np.concatenate([h + weights["bias"], feeds["x2"]], axis=-1)
+    return {"h": h.astype(np.float32), "y": (cat @ weights["w_down"]).astype(np.float32)}
+
+
+def dequantize(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int) -> np.ndarray:
+    """MatMulNBits' dequantization from the op's spec: W[k, n] = (code - zp) * scale, codes low nibble first."""
+    n, kb, blob = packed.shape
+    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, kb, blob * 2).astype(np.float64)
+    scales = scales.reshape(n, kb).astype(np.float64)
+    if zero_points is None:
+        zp = np.full((n, kb), 8.0)
+    else:
+        zp = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(n, -1)[:, :kb].astype(np.float64)
+    w = (codes - zp[..., None]) * scales[..., None]
+    return w.reshape(n, kb * blob * 2)[:, :k].T
+
+
+def feeds_for(seed: int = 1) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "x": rng.standard_normal((2, 5, 64)).astype(np.float32),
+        "x2": rng.standard_normal((2, 5, 32)).astype(np.float32),
+    }
+
+
+def run_ort(path) -> dict[str, np.ndarray]:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(None, feeds_for()), strict=True))
+
+
+def dequantized_weights(path) -> dict[str, np.ndarray]:
+    """Read the saved quantized initializers back and dequantize them (the reference ORT must reproduce)."""
+    model = ir.load(path)
+    inits = model.graph.initializers
+    out = {"bias": inits["bias"].const_value.numpy()}
+    for name, (k, _) in SHAPES.items():
+        zp = inits.get(f"{name}_zero_points")
+        out[name] = dequantize(
+            inits[f"{name}_Q4"].const_value.numpy(),
+            inits[f"{name}_scales"].const_value.numpy(),
+            None if zp is None else zp.const_value.numpy(),
+            k,
+        )
+    return out
+
+
+def quantized_copy(tmp_path, *, symmetric=False, accuracy_level=1, name="q"):
+    weights = _weights()
+    model = build_model(weights)
+    assert quantize_matmuls_int4(model, block_size=BLOCK, accuracy_level=accuracy_level, symmetric=symmetric) == 2
+    path = tmp_path / f"{name}.onnx"
+    ir.save(model, path, external_data=f"{name}.onnx.data")
+    return weights, path
+
+
+def test_rewrite_keeps_names_outputs_and_drops_fp32():
+    model = build_model(_weights())
+    graph = model.graph
+    outputs = {node.name: node.outputs[0] for node in graph}
+    h_consumers = list(graph.outputs[0].uses())
+    assert quantize_matmuls_int4(model, block_size=BLOCK) == 2
+
+    nodes = {node.name: node for node in graph}
+    for key, node_name in NAMES.items():
+        node = nodes[node_name]
+        k, n = SHAPES[key]
+        kb = -(-k // BLOCK)
+        assert (node.op_type, node.domain) == ("MatMulNBits", "com.microsoft")
+        assert node.outputs[0] is outputs[node_name]
+        assert {a.name: a.value for a in node.attributes.values()} == {
+            "K": k, "N": n, "bits": 4, "block_size": BLOCK, "accuracy_level": 4,
+        }  # fmt: skip
+        b, scales, zp = node.inputs[1:]
+        assert b.name == f"{key}_Q4" and tuple(b.shape) == (n, kb, BLOCK // 2) and b.dtype == ir.DataType.UINT8
+        assert tuple(scales.shape) == (n, kb) and scales.dtype == ir.DataType.FLOAT
+        assert tuple(zp.shape) == (n, (kb + 1) // 2) and zp.dtype == ir.DataType.UINT8
+        assert all(isinstance(v.const_value, ir.LazyTensor) for v in (b, scales, zp))
+    assert graph.outputs[0] is outputs[NAMES["w_up"]] and list(graph.outputs[0].uses()) == h_consumers
+    # fp32 weights gone; the parts sit where their weight was (layer order kept in the data file)
+    assert list(graph.initializers) == [
+        "w_up_Q4", "w_up_scales", "w_up_zero_points", "bias", "w_down_Q4", "w_down_scales", "w_down_zero_points",
+    ]  # fmt: skip
+    assert model.opset_imports["com.microsoft"] == 1
+
+
+def test_symmetric_has_no_zero_points_and_level_0_no_attribute():
+    model = build_model(_weights())
+    quantize_matmuls_int4(model, symmetric=True, accuracy_level=0)
+    for node in model.graph:
+        if node.op_type == "MatMulNBits":
+            assert len(node.inputs) == 3
+            assert "accuracy_level" not in node.attributes
+
+
+@pytest.mark.parametrize("backend", ["ort", "numpy"])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("accuracy_level", [1, 4])
+def test_onnxruntime_matches_dequantized_reference(tmp_path, monkeypatch, backend, symmetric, accuracy_level):
+    if backend == "numpy":
+        monkeypatch.setattr(quantize, "_ort_quantize_matmul_4bits", None)
+    elif quantize._ort_quantize_matmul_4bits is None:
+        pytest.skip("this onnxruntime build has no quantize_matmul_4bits")
+    weights, path = quantized_copy(tmp_path, symmetric=symmetric, accuracy_level=accuracy_level)
+    actual = run_ort(path)
+    deq = dequantized_weights(path)
+    expected = forward(deq, feeds_for())
+    fp32 = forward(weights, feeds_for())
+    for name in ("h", "y"):
+        result = compare(name, actual[name], expected[name], scale=DEQUANT_SCALE[accuracy_level])
+        vs_fp32 = compare(name, actual[name], fp32[name])
+        log.info("%s (%s, %s, level %d) vs dequantized: %s", name, backend, "sym" if symmetric else "asym",
+                 accuracy_level, result.line())  # fmt: skip
+        log.info("%s vs fp32: max|err| / max|fp32| = %.3e, cos=%.6f", name, vs_fp32.needed_scale, vs_fp32.cosine)
+        assert result.passed, result.line()
+        assert vs_fp32.cosine > 0.99, vs_fp32.line()
+    # the dequantized weights are a 4-bit approximation of the fp32 ones, not a copy of them
+    for name in SHAPES:
+        rel = np.abs(deq[name] - weights[name]).max() / np.abs(weights[name]).max()
+        assert 1e-3 < rel < 0.2, rel
+
+
+def test_broken_twin_scales_doubled_fails(tmp_path):
+    """The dequantized comparison must see a wrong scale: double one weight's scales in a copy."""
+    _, path = quantized_copy(tmp_path, accuracy_level=1)
+    good = run_ort(path)
+    reference = forward(dequantized_weights(path), feeds_for())
+    assert compare("y", good["y"], reference["y"], scale=DEQUANT_SCALE[1]).passed
+
+    model = ir.load(path)
+    scales = model.graph.initializers["w_down_scales"]
+    scales.const_value = ir.tensor(scales.const_value.numpy() * 2, name=scales.name)
+    broken = tmp_path / "broken.onnx"
+    ir.save(model, broken, external_data="broken.onnx.data")
+    bad = run_ort(broken)
+    result = compare("y", bad["y"], reference["y"], scale=DEQUANT_SCALE[4])  # fails even the loose bound
+    log.info("broken twin: %s", result.line())
+    assert not result.passed
+    assert compare("h", bad["h"], reference["h"], scale=DEQUANT_SCALE[1]).passed  # only w_down was touched
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("shape", [(64, 48), (80, 40), (33, 7), (256, 512)])
+def test_numpy_packing_equals_onnxruntime_routine(shape, symmetric):
+    if quantize._ort_quantize_matmul_4bits is None:
+        pytest.skip("this onnxruntime build has no quantize_matmul_4bits")
+    rng = np.random.default_rng(sum(shape))
+    w = (rng.standard_normal(shape) * np.exp(rng.uniform(-3, 3, size=(1, shape[1])))).astype(np.float32)
+    w[:BLOCK, 0] = 0.0  # an all-zero block
+    w[:, -1] = np.abs(w[:, -1])  # an all-positive column
+    ours = quantize_weight_int4(w, BLOCK, symmetric, backend="numpy")
+    theirs = quantize_weight_int4(w, BLOCK, symmetric, backend="ort")
+    # codes up to K (the kernel never reads the padded tail, where the C++ routine leaves varying nibbles)
+    np.testing.assert_array_equal(_codes(ours[0])[:, : shape[0]], _codes(theirs[0])[:, : shape[0]])
+    np.testing.assert_array_equal(ours[1], theirs[1])
+    if symmetric:
+        assert ours[2] is None and theirs[2] is None
+    else:
+        np.testing.assert_array_equal(ours[2], theirs[2])
+
+
+def _codes(packed: np.ndarray) -> np.ndarray:
+    n = packed.shape[0]
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)
+
+
+def test_streaming_quantizes_only_at_save_once_per_weight(tmp_path, monkeypatch):
+    """Sources stay unloaded until ir.save; each weight is quantized once; its memory map is closed afterwards."""
+    weights = _weights()
+    ir.save(build_model(weights), tmp_path / "fp32.onnx", external_data="fp32.onnx.data", size_threshold_bytes=0)
+    model = ir.load(tmp_path / "fp32.onnx")
+    sources = {name: model.graph.initializers[name].const_value for name in SHAPES}
+    assert all(isinstance(t, ir.ExternalTensor) for t in sources.values())
+
+    calls: list[tuple[int, ...]] = []
+    real = quantize.quantize_weight_int4
+
+    def counting(weight, *args, **kwargs):
+        calls.append(weight.shape)
+        return real(weight, *args, **kwargs)
+
+    monkeypatch.setattr(quantize, "quantize_weight_int4", counting)
+    assert quantize_matmuls_int4(model, block_size=BLOCK, accuracy_level=1) == 2
+    assert calls == []
+    assert all(t.raw is None for t in sources.values())  # not even memory-mapped yet
+
+    out = tmp_path / "int4.onnx"
+    ir.save(model, out, external_data="int4.onnx.data")
+    assert sorted(calls) == sorted(SHAPES.values())
+    assert all(t.raw is None for t in sources.values())  # maps released after use
+
+    saved = ir.load(out)
+    assert not any(name in saved.graph.initializers for name in SHAPES)
+    assert (tmp_path / "int4.onnx.data").stat().st_size < (tmp_path / "fp32.onnx.data").stat().st_size / 4
+    expected = forward(dequantized_weights(out), feeds_for())
+    actual = run_ort(out)
+    assert compare("y", actual["y"], expected["y"], scale=DEQUANT_SCALE[1]).passed
+
+    # a second save recomputes from the sources and writes the same bytes
+    ir.save(model, tmp_path / "again.onnx", external_data="again.onnx.data")
+    assert len(calls) == 4
+    assert (tmp_path / "again.onnx.data").read_bytes() == (tmp_path / "int4.onnx.data").read_bytes()
+    # parallel writers (parts of one weight requested from several threads) write the same bytes too
+    ir.save(model, tmp_path / "parallel.onnx", external_data="parallel.onnx.data", max_workers=4)
+    assert (tmp_path / "parallel.onnx.data").read_bytes() == (tmp_path / "int4.onnx.data").read_bytes()
+    assert all(t.raw is None for t in sources.values())
+
+
+def test_shared_weight_quantized_once_and_skips(tmp_path, monkeypatch):
+    k, n = 64, 32
+    rng = np.random.default_rng(3)
+    shared = _fvalue("shared", (k, n))
+    shared.const_value = ir.tensor(rng.standard_normal((k, n)).astype(np.float32))
+    small = _fvalue("small", (k, 4))
+    small.const_value = ir.tensor(rng.standard_normal((k, 4)).astype(np.float32))
+    batched = _fvalue("batched", (2, k, n))
+    batched.const_value = ir.tensor(rng.standard_normal((2, k, n)).astype(np.float32))
+    x = _fvalue("x", [3, k])
+    wx = _fvalue("wx", [k, n])  # a weight fed as a graph input: not a constant, left alone
+    nodes = [
+        ir.Node("", "MatMul", [x, shared], name="a"),
+        ir.Node("", "MatMul", [x, shared], name="b"),
+        ir.Node("", "MatMul", [x, small], name="small_mm"),
+        ir.Node("", "MatMul", [x, batched], name="batched_mm"),
+        ir.Node("", "MatMul", [x, wx], name="input_mm"),
+        ir.Node("", "MatMul", [x, shared], name="excluded"),
+    ]
+    for i, node in enumerate(nodes):
+        node.outputs[0].name = f"out{i}"
+    graph = ir.Graph(
+        [x, wx], [nd.outputs[0] for nd in nodes], nodes=nodes, initializers=[shared, small, batched],
+        opset_imports={"": 21},
+    )  # fmt: skip
+    model = ir.Model(graph, ir_version=10)
+    count = quantize_matmuls_int4(
+        model, block_size=BLOCK, accuracy_level=1, min_elements=k * 8, include=lambda node: node.name != "excluded"
+    )
+    assert count == 2
+    ops = {node.name: node.op_type for node in graph}
+    assert ops == {"a": "MatMulNBits", "b": "MatMulNBits", "small_mm": "MatMul", "batched_mm": "MatMul",
+                   "input_mm": "MatMul", "excluded": "MatMul"}  # fmt: skip
+    assert nodes[0].inputs[1:] == nodes[1].inputs[1:]
+    assert "shared" in graph.initializers  # still used by "excluded"
+    assert list(graph.initializers) == [
+        "shared",
+        "shared_Q4",
+        "shared_scales",
+        "shared_zero_points",
+        "small",
+        "batched",
+    ]
+
+    calls = []
+    real = quantize.quantize_weight_int4
+    monkeypatch.setattr(quantize, "quantize_weight_int4", lambda w, *a, **kw: calls.append(1) or real(w, *a, **kw))
+    ir.save(model, tmp_path / "shared.onnx", external_data="shared.onnx.data")
+    assert len(calls) == 1
+    sess = ort.InferenceSession(str(tmp_path / "shared.onnx"), providers=["CPUExecutionProvider"])
+    xv = rng.standard_normal((3, k)).astype(np.float32)
+    out = sess.run(None, {"x": xv, "wx": shared.const_value.numpy()})
+    np.testing.assert_allclose(out[0], out[1], rtol=0, atol=0)
+    ref = compare("shared", out[0], xv @ shared.const_value.numpy(), scale=0.1)
+    assert ref.cosine > 0.99, ref.line()
+    np.testing.assert_allclose(out[5], xv @ shared.const_value.numpy(), rtol=1e-5, atol=1e-5)
