@@ -7,8 +7,10 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+import onnx_ir as ir
 
 from . import __version__
 from .errors import MergeError
@@ -34,33 +36,89 @@ PREPROCESSING_FILES = (
     "processor_config.json",
 )
 MANIFEST = "merge.json"
-VISION_MODEL = "vision.onnx"
+COMBINED_MODEL = "model.onnx"
+COMBINED_DATA = "model.onnx.data"
+PRECISIONS = ("fp32", "int4")
+INT4_BLOCK_SIZE = 32
+INT4_ACCURACY_LEVEL = 4
+TEXT_PREFIXES = ("model.language_model.", "model.", "language_model.model.")
 
 
 @dataclass
 class BuildResult:
     out: Path
     parts: dict[str, str]
-    missing: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
 def build(source: ModelSource, out: Path, *, precision: str = "fp32", force: bool = False) -> BuildResult:
-    """Build the output folder for ``source``. At this stage: the vision part only (see README)."""
-    if precision != "fp32":
-        raise MergeError(f"--precision {precision}: only fp32 is available in this version")
+    """Build ``out``: one ``model.onnx`` (+ ``model.onnx.data``), preprocessing files and ``merge.json``."""
+    if precision not in PRECISIONS:
+        raise MergeError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
     start = time.perf_counter()
     with staged_output(out, force) as stage:
-        from export.vision import export_vision
-
-        log.info("exporting the vision tower of %s", source.spec)
-        export_vision(source.folder, source.vision_config, stage / VISION_MODEL)
+        work = stage / ".work"
+        model = assemble(source, precision, work)
+        log.info("writing %s (weights streamed into %s)", COMBINED_MODEL, COMBINED_DATA)
+        ir.save(model, stage / COMBINED_MODEL, external_data=COMBINED_DATA)
+        del model
+        shutil.rmtree(work)
         copied = copy_preprocessing(source.folder, stage)
-        check_onnx(stage / VISION_MODEL)
-        parts = {"vision": VISION_MODEL}
-        missing = ["decoder", "stitched model.onnx"]
-        write_manifest(stage, source, precision, parts, copied, missing)
-    return BuildResult(out=Path(out), parts=parts, missing=missing, seconds=time.perf_counter() - start)
+        check_onnx(stage / COMBINED_MODEL)
+        parts = {"model": COMBINED_MODEL, "data": COMBINED_DATA}
+        write_manifest(stage, source, precision, parts, copied)
+    return BuildResult(out=Path(out), parts=parts, seconds=time.perf_counter() - start)
+
+
+def assemble(source: ModelSource, precision: str, work: Path) -> ir.Model:
+    """Export the parts and stitch them; the returned model's weights are still lazy."""
+    from export.checkpoint import Checkpoint
+    from export.text import export_decoder
+    from export.vision import build_vision_model
+    from export.vision_spec import VisionSpec
+    from graphs.builder import FLOAT
+    from graphs.embedding_merge import build_embedding_merge
+    from graphs.rope_index import build_rope_index
+
+    from .stitch import OPSET, Parts, StitchSpec, stitch
+
+    spec = StitchSpec.from_config(source.config)
+    vision_spec = VisionSpec.from_config(source.vision_config)
+    log.info("vision part: building the graph from %s", source.folder)
+    vision = build_vision_model(source.folder, source.vision_config)
+    log.info("decoder: running the ONNX Runtime GenAI model builder (fp32)")
+    decoder = ir.load(export_decoder(source.folder, work / "decoder", precision="fp32", cache_dir=work / "cache"))
+    if precision == "int4":
+        from .quantize import quantize_matmuls_int4
+
+        count = quantize_matmuls_int4(decoder, block_size=INT4_BLOCK_SIZE, accuracy_level=INT4_ACCURACY_LEVEL,
+                                      symmetric=True)
+        log.info("decoder: %d MatMuls to int4 (MatMulNBits, block %d), quantized while writing", count,
+                 INT4_BLOCK_SIZE)
+
+    ckpt = Checkpoint(source.folder)
+    table_name = ckpt.find_prefix(TEXT_PREFIXES, "embed_tokens.weight") + "embed_tokens.weight"
+    vocab, hidden = ckpt.shape(table_name)
+    table = ir.Value(name="merge/embedding/embed_tokens", type=ir.TensorType(FLOAT), shape=ir.Shape([vocab, hidden]))
+    table.const_value = ir.LazyTensor(lambda: ir.tensor(ckpt.load(table_name), name=table.name), FLOAT,
+                                      ir.Shape([vocab, hidden]), name=table.name)
+    parts = Parts(
+        decoder=decoder,
+        vision=vision,
+        embedding_merge=build_embedding_merge(spec.image_token_id, spec.hidden_size, spec.num_levels,
+                                              prefix="merge/embedding/"),
+        rope_index=build_rope_index(spec.image_token_id, spec.spatial_merge_size, opset=OPSET,
+                                    prefix="merge/position/"),
+        embed_tokens=table,
+    )
+    metadata = {
+        "source_model": source.spec,
+        "precision": precision,
+        "tool": "qwen3vl-merge",
+        "tool_version": __version__,
+        "image_token_id": str(spec.image_token_id),
+    }
+    return stitch(parts, spec, vision_spec.patch_dim, metadata)
 
 
 def copy_preprocessing(src: Path, dst: Path) -> list[str]:
@@ -74,11 +132,37 @@ def copy_preprocessing(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def _register_ort_default_domain_ops() -> None:
+    """ONNX Runtime registers ``SimplifiedLayerNormalization`` in the default domain, where the ONNX checker
+    knows no schema; give the checker ORT's schema so it checks those nodes instead of refusing the model."""
+    from onnx import defs
+
+    if defs.has("SimplifiedLayerNormalization"):
+        return
+    floats = ["tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)"]
+    schema = defs.OpSchema(
+        "SimplifiedLayerNormalization", "", 1,
+        inputs=[defs.OpSchema.FormalParameter("X", "T"), defs.OpSchema.FormalParameter("scale", "V")],
+        outputs=[
+            defs.OpSchema.FormalParameter("Y", "V"),
+            defs.OpSchema.FormalParameter("inv_std_var", "U", param_option=defs.OpSchema.FormalParameterOption.Optional),
+        ],
+        type_constraints=[("T", floats, ""), ("U", ["tensor(float)", "tensor(double)"], ""), ("V", floats, "")],
+        attributes=[
+            defs.OpSchema.Attribute("axis", defs.OpSchema.AttrType.INT, "", required=False),
+            defs.OpSchema.Attribute("epsilon", defs.OpSchema.AttrType.FLOAT, "", required=False),
+            defs.OpSchema.Attribute("stash_type", defs.OpSchema.AttrType.INT, "", required=False),
+        ],
+    )
+    defs.register_schema(schema)
+
+
 def check_onnx(path: Path) -> None:
     """Structural check by path (the checker cannot hold >2 GB models in memory) and session creation."""
     import onnx
     import onnxruntime as ort
 
+    _register_ort_default_domain_ops()
     try:
         onnx.checker.check_model(str(path), full_check=False)
     except Exception as exc:
@@ -97,9 +181,7 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(
-    folder: Path, source: ModelSource, precision: str, parts: dict[str, str], copied: list[str], missing: list[str]
-) -> None:
+def write_manifest(folder: Path, source: ModelSource, precision: str, parts: dict[str, str], copied: list[str]) -> None:
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".onnx", ".data"))
     manifest = {
         "tool": "qwen3vl-merge",
@@ -107,7 +189,6 @@ def write_manifest(
         "source_model": source.spec,
         "precision": precision,
         "parts": parts,
-        "not_built_yet": missing,
         "special_token_ids": {
             k: source.config[k]
             for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")

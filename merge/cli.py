@@ -34,12 +34,6 @@ def _cmd_build(args: argparse.Namespace) -> int:
     print(f"wrote {result.out}/ in {result.seconds:.1f} s")
     for part, path in result.parts.items():
         print(f"  {part}: {path}")
-    if result.missing:
-        print(
-            "NOTE: this version builds the vision part only; not built yet: "
-            + ", ".join(result.missing)
-            + ". The folder is not yet a runnable end-to-end model."
-        )
     return 0
 
 
@@ -72,7 +66,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help=_first_line(_cmd_build), description=_cmd_build.__doc__)
     p.add_argument("--model", default="tiny", help="preset name, local HF folder or hub id (default: tiny)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
-    p.add_argument("--precision", default="fp32", choices=["fp32"], help="weights precision")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int4"],
+                   help="decoder weights: fp32, or int4 (MatMulNBits, block 32) for the CPU")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder when the build succeeds")
     p.add_argument("--cache-dir", type=Path, default=None, help="where presets are built (default ~/.cache)")
     p.set_defaults(func=_cmd_build)
