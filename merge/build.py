@@ -145,7 +145,9 @@ def _register_ort_default_domain_ops() -> None:
         inputs=[defs.OpSchema.FormalParameter("X", "T"), defs.OpSchema.FormalParameter("scale", "V")],
         outputs=[
             defs.OpSchema.FormalParameter("Y", "V"),
-            defs.OpSchema.FormalParameter("inv_std_var", "U", param_option=defs.OpSchema.FormalParameterOption.Optional),
+            defs.OpSchema.FormalParameter(
+                "inv_std_var", "U", param_option=defs.OpSchema.FormalParameterOption.Optional
+            ),
         ],
         type_constraints=[("T", floats, ""), ("U", ["tensor(float)", "tensor(double)"], ""), ("V", floats, "")],
         attributes=[
