@@ -1,0 +1,51 @@
+"""Combined folders broken on purpose: each parity family's twin must FAIL against them."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+MODEL = "model.onnx"
+
+
+def _copy_with(folder: Path, out: Path, mutate) -> Path:
+    model = ir.load(folder / MODEL)
+    mutate(model.graph)
+    out.mkdir(parents=True, exist_ok=False)
+    for f in folder.iterdir():
+        if f.is_file() and not f.name.startswith(MODEL):
+            shutil.copy2(f, out / f.name)
+    ir.save(model, out / MODEL, external_data=MODEL + ".data")
+    return out
+
+
+def _drop_deepstack(graph: ir.Graph) -> None:
+    adds = [n for n in graph if n.name.startswith("merge/deepstack/")]
+    assert adds, "no DeepStack injection found to remove"
+    for node in adds:
+        ir.convenience.replace_all_uses_with(node.outputs[0], node.inputs[0])
+        graph.remove(node, safe=True)
+
+
+def _one_d_positions(graph: ir.Graph) -> None:
+    """Every MRoPE row replaced by the text (temporal) row: what 1-D position exports do."""
+    rotary = [n for n in graph if n.op_type == "MRotaryEmbedding"]
+    assert rotary, "no MRotaryEmbedding found"
+    positions = rotary[0].inputs[1]
+    index = ir.Value(name="broken/rows", const_value=ir.tensor(np.zeros(3, np.int64), name="broken/rows"),
+                     type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([3]))
+    graph.register_initializer(index)
+    gather = ir.node("Gather", [positions, index], {"axis": 0}, name="broken/one_d_positions")
+    for node in rotary:
+        node.replace_input_with(1, gather.outputs[0])
+    graph.insert_after(positions.producer(), gather)
+
+
+BREAKERS = {"no_deepstack": _drop_deepstack, "one_d_positions": _one_d_positions}
+
+
+def broken_copy(folder: Path, out: Path, kind: str) -> Path:
+    return _copy_with(Path(folder), Path(out), BREAKERS[kind])

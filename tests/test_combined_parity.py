@@ -1,0 +1,191 @@
+"""End to end: a greedy loop over the ONE combined model against HF ``generate`` on the same processor output.
+
+fp32: prefill logits within 1e-4 * max(1, max |ref|) and the same 32 new tokens. Broken twins that must
+FAIL: DeepStack removed, 1-D positions, images in swapped order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from merge.compare import compare
+from merge.runtime import CombinedModel
+
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def combined(sources, tmp_path_factory):
+    """``combined(preset)`` -> path of a built combined folder (built once per module)."""
+    from merge.build import build
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            out = tmp_path_factory.mktemp(f"combined-{name}") / "combined"
+            build(sources(name), out)
+            cache[name] = out
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def prep(sources):
+    from merge.tokenizer_files import load_preprocessors
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = load_preprocessors(sources(name).folder)
+        return cache[name]
+
+    return get
+
+
+def _images(sizes, seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+def _case_inputs(name, preset, sources, prep):
+    from merge.tokenizer_files import build_batch_inputs, build_inputs
+
+    cfg = sources(preset).config
+    tok, proc = prep(preset)
+    if name == "text":
+        return build_inputs(tok, proc, "Tell me a story about a red fox.", [], cfg)
+    if name == "one_image":
+        return build_inputs(tok, proc, "Describe the image.", _images([(64, 96)]), cfg)
+    if name == "three_images":
+        return build_inputs(tok, proc, "Compare these.", _images([(64, 96), (200, 120), (90, 90)], 1), cfg)
+    if name == "image_first":
+        inputs = build_inputs(tok, proc, "What is it?", _images([(96, 64)], 2), cfg)
+        ids = inputs["input_ids"][0]
+        image = cfg["image_token_id"]
+        first = int(np.argmax(ids == image))
+        inputs["input_ids"] = ids[first:][None]  # the image tokens are now the very first tokens
+        inputs["attention_mask"] = np.ones_like(inputs["input_ids"])
+        inputs["mm_token_type_ids"] = (inputs["input_ids"] == image).astype(inputs["mm_token_type_ids"].dtype)
+        return inputs
+    if name == "batch_left_padded":
+        return build_batch_inputs(
+            tok, proc, ["Describe the picture in detail please.", "Hi"], [_images([(64, 64)], 3), []], cfg
+        )
+    raise KeyError(name)
+
+
+def _reference(model, inputs):
+    import torch
+
+    kw = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    if inputs["image_grid_thw"].shape[0] == 0:
+        kw.pop("pixel_values")
+        kw.pop("image_grid_thw")
+    with torch.no_grad():
+        logits = model(**kw).logits.numpy()
+        generated = model.generate(**kw, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                                   pad_token_id=0)
+    return logits, generated[:, inputs["input_ids"].shape[1]:].numpy()
+
+
+def _run(folder, inputs):
+    return CombinedModel(folder).generate(
+        inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], inputs["image_grid_thw"],
+        max_new_tokens=NEW_TOKENS,
+    )
+
+
+def _masked(logits, mask):
+    """Logits at real (non-padded) positions only: HF's values at padded positions are not meaningful."""
+    return logits[mask.astype(bool)]
+
+
+CASES = ["text", "one_image", "three_images", "image_first", "batch_left_padded"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_combined_matches_generate_tiny(case, combined, hf_models, sources, prep):
+    _check_case("tiny", case, combined, hf_models, sources, prep)
+
+
+@pytest.mark.parametrize("case", ["three_images", "batch_left_padded"])
+def test_combined_matches_generate_merge1(case, combined, hf_models, sources, prep):
+    _check_case("tiny-merge1", case, combined, hf_models, sources, prep)
+
+
+def _check_case(preset, case, combined, hf_models, sources, prep):
+    inputs = _case_inputs(case, preset, sources, prep)
+    ref_logits, ref_tokens = _reference(hf_models(preset), inputs)
+    gen = _run(combined(preset), inputs)
+    mask = inputs["attention_mask"]
+    result = compare("prefill_logits", _masked(gen.prefill_logits, mask), _masked(ref_logits, mask))
+    assert result.passed, result.line()
+    assert gen.tokens.shape == ref_tokens.shape
+    agree = (gen.tokens == ref_tokens).mean()
+    assert agree == 1.0, f"greedy tokens agree on {agree:.1%}:\nonnx {gen.tokens}\nref  {ref_tokens}"
+
+
+def test_combined_interface(combined, sources):
+    folder = combined("tiny")
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    layers = sources("tiny").text_config["num_hidden_layers"]
+    assert inputs[:5] == ["input_ids", "attention_mask", "pixel_values", "image_grid_thw", "rope_deltas"]
+    assert sorted(inputs[5:]) == sorted(f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value"))
+    assert outputs[0] == "logits" and outputs[-1] == "rope_deltas_out"
+    assert sorted(outputs[1:-1]) == sorted(f"present.{i}.{k}" for i in range(layers) for k in ("key", "value"))
+    scopes = {n.name.split("/")[0] for n in model.graph.node}
+    assert scopes <= {"vision", "merge", "decoder"}, scopes
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("If") == 2  # the vision guard and the first-call/decode position switch
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["source_model"] == "tiny" and meta["precision"] == "fp32"
+    locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"model.onnx.data"}
+
+
+def test_combined_folder_is_relocatable(combined, tmp_path, monkeypatch):
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "model-copy"
+    shutil.copytree(combined("tiny"), moved)
+    monkeypatch.chdir(tmp_path)
+    gen = CombinedModel(moved).generate(np.array([[1, 2, 3]]), max_new_tokens=2)
+    assert gen.tokens.shape == (1, 2)
+
+
+# -- broken twins -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["no_deepstack", "one_d_positions"])
+def test_twin_broken_model_fails(kind, combined, hf_models, sources, prep, tmp_path):
+    from tests.sabotage import broken_copy
+
+    inputs = _case_inputs("one_image", "tiny", sources, prep)
+    ref_logits, _ = _reference(hf_models("tiny"), inputs)
+    broken = broken_copy(combined("tiny"), tmp_path / kind, kind)
+    gen = _run(broken, inputs)
+    result = compare("prefill_logits", gen.prefill_logits, ref_logits)
+    assert not result.passed, result.line()
+    assert result.max_abs > 100 * result.bound, result.line()
+
+
+def test_twin_images_swapped_fails(combined, hf_models, sources, prep):
+    """Two images of the same size fed in swapped order: same tokens and grids, wrong answer."""
+    from merge.tokenizer_files import build_inputs
+
+    tok, proc = prep("tiny")
+    inputs = build_inputs(tok, proc, "Which is brighter?", _images([(64, 96), (64, 96)], 4), sources("tiny").config)
+    ref_logits, _ = _reference(hf_models("tiny"), inputs)
+    assert compare("prefill_logits", _run(combined("tiny"), inputs).prefill_logits, ref_logits).passed
+    first, second = np.split(inputs["pixel_values"], 2)
+    swapped = {**inputs, "pixel_values": np.concatenate([second, first])}
+    result = compare("prefill_logits", _run(combined("tiny"), swapped).prefill_logits, ref_logits)
+    assert not result.passed, result.line()
