@@ -21,6 +21,9 @@ import contextlib
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -56,12 +59,16 @@ def down_proj_output(layer: int) -> str:
     return f"/model/layers.{layer}/mlp/down_proj/MatMul/output_0"
 
 
-def export_decoder(hf_folder: Path, out_dir: Path, precision: str = "fp32", cache_dir: Path | None = None) -> Path:
+def export_decoder(
+    hf_folder: Path, out_dir: Path, precision: str = "fp32", cache_dir: Path | None = None, *, isolated: bool = False
+) -> Path:
     """Run the GenAI builder on hf_folder; return the path of the decoder .onnx (external data beside it).
 
     ``out_dir`` should be a folder of its own: the builder also writes genai_config.json and tokenizer files there
     and replaces any earlier ``decoder.onnx`` / ``decoder.onnx.data``. ``cache_dir`` is the builder's scratch folder
     (it creates it and removes it again when empty); a temporary folder is used when none is given.
+    ``isolated`` runs the builder in a child process: the builder loads the whole checkpoint with
+    ``from_pretrained``, and that memory is returned to the system as soon as the export is done.
     """
     hf_folder, out_dir = Path(hf_folder).resolve(), Path(out_dir)
     if precision not in PRECISIONS:
@@ -81,11 +88,26 @@ def export_decoder(hf_folder: Path, out_dir: Path, precision: str = "fp32", cach
     with contextlib.ExitStack() as stack:
         if cache_dir is None:
             cache_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="genai-builder-")))
-        _run_builder(hf_folder, out_dir, precision, Path(cache_dir), options)
+        if isolated:
+            _run_builder_in_child(hf_folder, out_dir, precision, Path(cache_dir))
+        else:
+            _run_builder(hf_folder, out_dir, precision, Path(cache_dir), options)
 
     path = out_dir / DECODER_FILENAME
     check_decoder(path, text_config)
     return path
+
+
+def _run_builder_in_child(hf_folder: Path, out_dir: Path, precision: str, cache_dir: Path) -> None:
+    cmd = [sys.executable, "-m", "export.text", str(hf_folder), str(out_dir), precision, str(cache_dir)]
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in proc.stderr.splitlines():
+        log.debug("builder: %s", line)
+    if proc.returncode != 0:
+        tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
+        raise DecoderExportError(f"the decoder export of {hf_folder} failed in its child process: {tail[0]}")
 
 
 def _text_config(hf_folder: Path) -> dict:
@@ -176,3 +198,19 @@ def _check_io(
                 f"{[d.dim_param or d.dim_value for d in dims]}, not type {dtype}, rank {rank}"
                 + (f", last dimension {last}" if last is not None else "")
             )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m export.text HF_FOLDER OUT_DIR PRECISION CACHE_DIR``: the builder in a process of its own."""
+    hf_folder, out_dir, precision, cache_dir = argv or sys.argv[1:]
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        export_decoder(Path(hf_folder), Path(out_dir), precision, Path(cache_dir))
+    except MergeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

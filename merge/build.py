@@ -49,6 +49,17 @@ class BuildResult:
     out: Path
     parts: dict[str, str]
     seconds: float = 0.0
+    peak_rss_gib: float = 0.0  # this process: vision graph, stitch, quantization, writing
+    export_peak_rss_gib: float = 0.0  # the decoder export's child process (the GenAI builder)
+
+
+def peak_rss_gib() -> tuple[float, float]:
+    """Peak resident memory of this process and of its finished children, in GiB (Linux: ru_maxrss in KiB)."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return own / 1024**2, children / 1024**2
 
 
 def build(source: ModelSource, out: Path, *, precision: str = "fp32", force: bool = False) -> BuildResult:
@@ -67,7 +78,9 @@ def build(source: ModelSource, out: Path, *, precision: str = "fp32", force: boo
         check_onnx(stage / COMBINED_MODEL)
         parts = {"model": COMBINED_MODEL, "data": COMBINED_DATA}
         write_manifest(stage, source, precision, parts, copied)
-    return BuildResult(out=Path(out), parts=parts, seconds=time.perf_counter() - start)
+    own, children = peak_rss_gib()
+    return BuildResult(out=Path(out), parts=parts, seconds=time.perf_counter() - start, peak_rss_gib=own,
+                       export_peak_rss_gib=children)
 
 
 def assemble(source: ModelSource, precision: str, work: Path) -> ir.Model:
@@ -87,7 +100,9 @@ def assemble(source: ModelSource, precision: str, work: Path) -> ir.Model:
     log.info("vision part: building the graph from %s", source.folder)
     vision = build_vision_model(source.folder, source.vision_config)
     log.info("decoder: running the ONNX Runtime GenAI model builder (fp32)")
-    decoder = ir.load(export_decoder(source.folder, work / "decoder", precision="fp32", cache_dir=work / "cache"))
+    decoder_path = export_decoder(source.folder, work / "decoder", precision="fp32", cache_dir=work / "cache",
+                                  isolated=True)
+    decoder = ir.load(decoder_path)
     if precision == "int4":
         from .quantize import quantize_matmuls_int4
 
@@ -184,13 +199,29 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def write_manifest(folder: Path, source: ModelSource, precision: str, parts: dict[str, str], copied: list[str]) -> None:
+    import onnx
+
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".onnx", ".data"))
+    graph = onnx.load(str(folder / COMBINED_MODEL), load_external_data=False).graph
+
+    def describe(values) -> list[dict]:
+        return [
+            {
+                "name": v.name,
+                "type": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+            }
+            for v in values
+        ]
+
     manifest = {
         "tool": "qwen3vl-merge",
         "tool_version": __version__,
         "source_model": source.spec,
         "precision": precision,
         "parts": parts,
+        "inputs": describe(graph.input),
+        "outputs": describe(graph.output),
         "special_token_ids": {
             k: source.config[k]
             for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")

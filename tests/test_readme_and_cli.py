@@ -45,15 +45,23 @@ def test_readme_build_command(tmp_path):
     command = build_cmd.split("&&", 1)[1].strip()  # the install already happened for this test run
     proc = _run(command.replace("python ", f"{sys.executable} ", 1), tmp_path)
     out = tmp_path / "combined"
-    assert (out / "vision.onnx").is_file() and (out / "vision.onnx.data").is_file()
-    assert "vision part only" in proc.stdout  # says plainly what is not built yet
+    assert (out / "model.onnx").is_file() and (out / "model.onnx.data").is_file()
+    assert "wrote" in proc.stdout
     manifest = json.loads((out / "merge.json").read_text())
-    assert manifest["parts"] == {"vision": "vision.onnx"}
-    assert set(manifest["checksums"]) == {"vision.onnx", "vision.onnx.data"}
+    assert manifest["parts"] == {"model": "model.onnx", "data": "model.onnx.data"}
+    assert set(manifest["checksums"]) == {"model.onnx", "model.onnx.data"}
+    assert manifest["inputs"][0]["name"] == "input_ids" and manifest["outputs"][-1]["name"] == "rope_deltas_out"
     for name in ("tokenizer.json", "preprocessor_config.json", "chat_template.jinja"):
         assert (out / name).is_file(), name
     # No staging folders are left behind.
     assert [p.name for p in tmp_path.iterdir()] == ["combined"]
+
+    # The README's Python example runs against the folder just built.
+    (python_block,) = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    script = tmp_path / "example.py"
+    script.write_text(python_block)
+    proc = _run(f"{sys.executable} {script}", tmp_path)
+    assert proc.stdout.strip().startswith("[[")
 
 
 def test_build_refuses_existing_folder_and_force_replaces_it(tmp_path):
@@ -66,7 +74,7 @@ def test_build_refuses_existing_folder_and_force_replaces_it(tmp_path):
     assert "Traceback" not in proc.stderr
     assert (out / "keep.txt").read_text() == "mine"
     _run(f"{sys.executable} -m merge build --out {out} --force", tmp_path)
-    assert not (out / "keep.txt").exists() and (out / "vision.onnx").is_file()
+    assert not (out / "keep.txt").exists() and (out / "model.onnx").is_file()
 
 
 def test_failed_build_leaves_existing_folder_untouched(tmp_path):
