@@ -95,8 +95,8 @@ def assemble(source: ModelSource, precision: str, work: Path) -> ir.Model:
 
     from .stitch import OPSET, Parts, StitchSpec, stitch
 
-    spec = StitchSpec.from_config(source.config)
     vision_spec = VisionSpec.from_config(source.vision_config)
+    spec = StitchSpec.from_config(source.config)
     log.info("vision part: building the graph from %s", source.folder)
     vision = build_vision_model(source.folder, source.vision_config)
     log.info("decoder: running the ONNX Runtime GenAI model builder (fp32)")

@@ -51,6 +51,13 @@ class StitchSpec:
 
     @classmethod
     def from_config(cls, config: dict) -> StitchSpec:
+        try:
+            return cls._parse(config)
+        except KeyError as exc:
+            raise StitchError(f"config.json has no {exc.args[0]!r}; is this a complete Qwen3-VL config?") from None
+
+    @classmethod
+    def _parse(cls, config: dict) -> StitchSpec:
         v, t = config["vision_config"], config["text_config"]
         if int(v["out_hidden_size"]) != int(t["hidden_size"]):
             raise StitchError(
