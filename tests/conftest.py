@@ -48,3 +48,18 @@ def hf_models(sources):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def prep(sources):
+    """``prep(name)`` -> (tokenizer, image processor) loaded from the preset folder, without torchvision."""
+    from merge.tokenizer_files import load_preprocessors
+
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = load_preprocessors(sources(name).folder)
+        return cache[name]
+
+    return get

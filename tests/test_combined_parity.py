@@ -33,20 +33,6 @@ def combined(sources, tmp_path_factory):
     return get
 
 
-@pytest.fixture(scope="module")
-def prep(sources):
-    from merge.tokenizer_files import load_preprocessors
-
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            cache[name] = load_preprocessors(sources(name).folder)
-        return cache[name]
-
-    return get
-
-
 def _images(sizes, seed=0):
     from PIL import Image
 
