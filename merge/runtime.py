@@ -26,9 +26,10 @@ ROPE_DELTAS_OUT = "rope_deltas_out"
 
 @dataclass
 class Generation:
-    tokens: np.ndarray  # [batch, new_tokens] int64
+    tokens: np.ndarray  # [batch, new_tokens] int64: the model's own greedy choices
     prefill_logits: np.ndarray  # [batch, sequence, vocab]
-    step_logits: list[np.ndarray] = field(default_factory=list)  # each [batch, vocab]
+    step_logits: list[np.ndarray] = field(default_factory=list)  # each [batch, vocab], for new tokens 1..n-1
+    prefill_outputs: dict[str, np.ndarray] = field(default_factory=dict)  # every output of the first call
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
 
@@ -93,8 +94,13 @@ class CombinedModel:
         eos_token_ids: Sequence[int] = (),
         pad_token_id: int = 0,
         on_token=None,
+        forced_tokens: np.ndarray | None = None,
     ) -> Generation:
-        """Greedy decoding. Rows that produced an EOS token continue with ``pad_token_id`` (as HF does)."""
+        """Greedy decoding. Rows that produced an EOS token continue with ``pad_token_id`` (as HF does).
+
+        ``forced_tokens`` [batch, n] (teacher forcing) feeds those tokens instead of the model's own choices,
+        so each step's logits can be compared with a reference run; ``tokens`` still holds the greedy choices.
+        """
         input_ids = np.asarray(input_ids, np.int64)
         if attention_mask is None:
             attention_mask = np.ones_like(input_ids)
@@ -104,7 +110,7 @@ class CombinedModel:
         out = self.forward(feeds)
         prefill_seconds = time.perf_counter() - start
         result = Generation(tokens=np.zeros((input_ids.shape[0], 0), np.int64), prefill_logits=out["logits"],
-                            prefill_seconds=prefill_seconds)
+                            prefill_seconds=prefill_seconds, prefill_outputs=out)
         finished = np.zeros(input_ids.shape[0], bool)
         tokens = []
         logits = out["logits"][:, -1]
@@ -116,6 +122,8 @@ class CombinedModel:
             tokens.append(token)
             if on_token is not None:
                 on_token(token)
+            if forced_tokens is not None:
+                token = np.asarray(forced_tokens[:, step], np.int64)
             finished |= np.isin(token, list(eos_token_ids))
             if step == max_new_tokens - 1 or finished.all():
                 break
