@@ -2,6 +2,7 @@
 
 Commands:
   build    export Qwen3-VL's parts to ONNX and write them into one folder
+  verify   compare a combined folder with PyTorch, stage by stage
   presets  list the built-in presets (seeded random weights, published shapes)
 
 Run ``python -m merge COMMAND --help`` for a command's options. Heavy libraries (torch, transformers)
@@ -38,6 +39,30 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    """Compare a combined folder with PyTorch, stage by stage; exit 1 if any stage fails.
+
+    Runs the same processor output through PyTorch (--model) and the combined model and prints one table:
+    vision image_embeds, each DeepStack level, merged input embeddings, 3-D position ids, prefill logits,
+    each decode step's logits and the greedy tokens. With no --image, a few test images of different sizes
+    are generated. --save-reference stores the reference so that --reference can check again without PyTorch.
+    """
+    from .verify import default_images, format_table, load_images, report_json, verify
+
+    model_folder = None
+    if args.reference is None:
+        from .sources import resolve_model
+
+        model_folder = resolve_model(args.model, args.cache_dir).folder
+    images = load_images(args.image) if args.image else default_images()
+    stages = verify(Path(args.combined), model_folder=model_folder, prompt=args.prompt, images=images,
+                    new_tokens=args.max_new_tokens, reference=args.reference, save_to=args.save_reference)
+    print(format_table(stages))
+    if args.json:
+        Path(args.json).write_text(report_json(stages) + "\n")
+    return 0 if all(s.passed or not s.counted for s in stages) else 1
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     """List the built-in presets and their main shapes."""
     from .presets import PRESETS
@@ -72,6 +97,18 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out folder when the build succeeds")
     p.add_argument("--cache-dir", type=Path, default=None, help="where presets are built (default ~/.cache)")
     p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("verify", help=_first_line(_cmd_verify), description=_cmd_verify.__doc__)
+    p.add_argument("combined", help="a folder written by merge build")
+    p.add_argument("--model", default="tiny", help="the PyTorch reference: preset, HF folder or hub id")
+    p.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
+    p.add_argument("--prompt", default="Describe these images.", help="the user prompt")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="decode steps to compare")
+    p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    p.add_argument("--save-reference", type=Path, default=None, help="save the PyTorch reference (.npz)")
+    p.add_argument("--reference", type=Path, default=None, help="use a saved reference instead of PyTorch")
+    p.add_argument("--cache-dir", type=Path, default=None, help="where presets are built")
+    p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("presets", help=_first_line(_cmd_presets), description=_cmd_presets.__doc__)
     p.set_defaults(func=_cmd_presets)

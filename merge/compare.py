@@ -52,7 +52,7 @@ def compare(name: str, actual: np.ndarray, expected: np.ndarray, scale: float = 
     shape_ok = actual.shape == expected.shape
     if not shape_ok:
         result = Comparison(name, False, False, actual.shape, expected.shape, np.inf, np.inf, np.nan, np.nan, np.nan)
-        log.info(result.line())
+        log.debug(result.line())
         return result
     a = actual.astype(np.float64)
     e = expected.astype(np.float64)
@@ -67,7 +67,7 @@ def compare(name: str, actual: np.ndarray, expected: np.ndarray, scale: float = 
     bound = scale * max(1.0, ref_scale)
     passed = finite and max_abs <= bound
     result = Comparison(name, passed, True, actual.shape, expected.shape, max_abs, max_rel, cosine, bound, ref_scale)
-    log.info(result.line())
+    log.debug(result.line())
     return result
 
 

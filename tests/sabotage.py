@@ -44,7 +44,36 @@ def _one_d_positions(graph: ir.Graph) -> None:
     graph.insert_after(positions.producer(), gather)
 
 
-BREAKERS = {"no_deepstack": _drop_deepstack, "one_d_positions": _one_d_positions}
+def _positions_altered(graph: ir.Graph) -> None:
+    """The position subgraph's output with its h and w rows exchanged (what a transposed grid does)."""
+    positions = next(v for n in graph for v in n.outputs if v.name == "position_ids")
+    positions.name = "broken/raw_position_ids"
+    index = ir.Value(name="broken/hw_swap", const_value=ir.tensor(np.array([0, 2, 1], np.int64), name="broken/hw_swap"),
+                     type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([3]))
+    graph.register_initializer(index)
+    gather = ir.node("Gather", [positions, index], {"axis": 0}, name="broken/positions_altered")
+    ir.convenience.replace_all_uses_with(positions, gather.outputs[0])
+    gather.replace_input_with(0, positions)
+    gather.outputs[0].name = "position_ids"
+    graph.insert_after(positions.producer(), gather)
+
+
+def _scale_weight(name: str, factor: float = 1.5):
+    def mutate(graph: ir.Graph) -> None:
+        value = graph.initializers[name]
+        scaled = value.const_value.numpy() * np.float32(factor)
+        value.const_value = ir.tensor(scaled, name=name)
+
+    return mutate
+
+
+BREAKERS = {
+    "no_deepstack": _drop_deepstack,
+    "one_d_positions": _one_d_positions,
+    "positions_altered": _positions_altered,
+    "decoder_layer_weights": _scale_weight("decoder/model.layers.1.mlp.down_proj.MatMul.weight"),
+    "vision_layer_weights": _scale_weight("vision/blocks.1/mlp/linear_fc1/weight"),
+}
 
 
 def broken_copy(folder: Path, out: Path, kind: str) -> Path:

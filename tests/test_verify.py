@@ -1,0 +1,61 @@
+"""merge verify: passes on a good folder, and on folders broken on purpose names the right first stage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from merge.cli import main
+from tests.sabotage import broken_copy
+
+
+@pytest.fixture(scope="module")
+def good(sources, tmp_path_factory):
+    from merge.build import build
+
+    out = tmp_path_factory.mktemp("verify") / "combined"
+    build(sources("tiny"), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(good, tmp_path_factory):
+    """The PyTorch reference is computed once and reused by every case (as --reference does for users)."""
+    path = tmp_path_factory.mktemp("ref") / "reference.npz"
+    assert main(["verify", str(good), "--model", "tiny", "--save-reference", str(path), "--max-new-tokens", "4"]) == 0
+    return path
+
+
+def test_verify_passes_and_writes_json(good, reference, tmp_path, capsys):
+    report = tmp_path / "report.json"
+    assert main(["verify", str(good), "--reference", str(reference), "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1].startswith("PASSED: all")
+    data = json.loads(report.read_text())
+    names = [s["name"] for s in data["stages"]]
+    assert names[:2] == ["vision image_embeds", "deepstack level 0"]
+    assert "3-D position ids" in names and "prefill logits" in names and names[-1] == "greedy tokens"
+    assert data["passed"] and data["first_failing_stage"] is None
+
+
+@pytest.mark.parametrize(
+    ("kind", "stage"),
+    [
+        ("no_deepstack", "prefill logits"),
+        ("positions_altered", "3-D position ids"),
+        ("decoder_layer_weights", "prefill logits"),
+        ("vision_layer_weights", "vision image_embeds"),
+    ],
+)
+def test_verify_names_the_broken_stage(kind, stage, good, reference, tmp_path, capsys):
+    broken = broken_copy(good, tmp_path / kind, kind)
+    assert main(["verify", str(broken), "--reference", str(reference)]) == 1
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"FAILED: first failing stage: {stage}"
+
+
+def test_verify_errors_are_one_line(tmp_path, capsys):
+    assert main(["verify", str(tmp_path), "--reference", str(tmp_path / "none.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "none.npz: no such file" in err or "no model.onnx" in err
