@@ -15,6 +15,7 @@ import onnx_ir as ir
 from . import __version__
 from .errors import MergeError
 from .outdir import staged_output
+from .progress import tensor_writing_bar
 from .sources import ModelSource
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,8 @@ def build(source: ModelSource, out: Path, *, precision: str = "fp32", force: boo
         work = stage / ".work"
         model = assemble(source, precision, work)
         log.info("writing %s (weights streamed into %s)", COMBINED_MODEL, COMBINED_DATA)
-        ir.save(model, stage / COMBINED_MODEL, external_data=COMBINED_DATA)
+        with tensor_writing_bar(f"writing {COMBINED_DATA}") as callback:
+            ir.save(model, stage / COMBINED_MODEL, external_data=COMBINED_DATA, callback=callback)
         del model
         shutil.rmtree(work)
         copied = copy_preprocessing(source.folder, stage)
