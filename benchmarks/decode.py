@@ -49,7 +49,19 @@ def main() -> int:
     source = resolve_model(args.model)
     precision = combined.session.get_modelmeta().custom_metadata_map.get("precision", "fp32")
     work = Path(tempfile.mkdtemp(prefix="decode-bench-"))
-    bare_path = export_decoder(source.folder, work, precision=precision, isolated=True)
+    bare_path = export_decoder(source.folder, work, precision="fp32", isolated=True)
+    if precision == "int4":  # the same streaming quantization merge build uses (the builder's int4 holds all fp32)
+        import onnx_ir as ir
+
+        from merge.build import INT4_ACCURACY_LEVEL, INT4_BLOCK_SIZE
+        from merge.quantize import quantize_matmuls_int4
+
+        model = ir.load(bare_path)
+        quantize_matmuls_int4(model, block_size=INT4_BLOCK_SIZE, accuracy_level=INT4_ACCURACY_LEVEL, symmetric=True)
+        bare_path = work / "int4" / "decoder.onnx"
+        bare_path.parent.mkdir()
+        ir.save(model, bare_path, external_data="decoder.onnx.data")
+        del model
     bare = ort.InferenceSession(str(bare_path), providers=["CPUExecutionProvider"])
     hidden = source.text_config["hidden_size"]
     vocab = source.text_config["vocab_size"]

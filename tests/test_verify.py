@@ -59,3 +59,24 @@ def test_verify_errors_are_one_line(tmp_path, capsys):
     assert main(["verify", str(tmp_path), "--reference", str(tmp_path / "none.npz")]) == 2
     err = capsys.readouterr().err
     assert "none.npz: no such file" in err or "no model.onnx" in err
+
+
+def test_readme_verify_output_matches(good, reference, capsys):
+    """The README's pasted verify table has the same header, stages and statuses as a real run."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"Real output \(`python -m merge verify.*?```\n(.*?)```", readme, flags=re.S).group(1)
+    from merge.verify import default_images, format_table, verify
+
+    stages = verify(good, model_folder=None, prompt="", images=default_images(), new_tokens=4, reference=reference)
+    real = format_table(stages).splitlines()
+    pasted = block.strip().splitlines()
+    assert pasted[0] == real[0] and pasted[-1] == real[-1]
+
+    def skeleton(lines):
+        return [(line[:26].strip(), line.split()[-1]) for line in lines[2:-1]]
+
+    assert skeleton(pasted) == skeleton(real)
+    capsys.readouterr()
