@@ -3,6 +3,8 @@
 Commands:
   build    export Qwen3-VL's parts to ONNX and write them into one folder
   verify   compare a combined folder with PyTorch, stage by stage
+  run      generate text with a combined folder (ONNX Runtime only, no PyTorch)
+  inspect  I/O, parameters per scope, operators, data files; --netron, --stitch
   presets  list the built-in presets (seeded random weights, published shapes)
 
 Run ``python -m merge COMMAND --help`` for a command's options. Heavy libraries (torch, transformers)
@@ -109,6 +111,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", type=Path, default=None, help="use a saved reference instead of PyTorch")
     p.add_argument("--cache-dir", type=Path, default=None, help="where presets are built")
     p.set_defaults(func=_cmd_verify)
+
+    from .inspect_cmd import add_parser as add_inspect_parser
+    from .run_cmd import add_parser as add_run_parser
+
+    add_run_parser(sub)
+    add_inspect_parser(sub)
 
     p = sub.add_parser("presets", help=_first_line(_cmd_presets), description=_cmd_presets.__doc__)
     p.set_defaults(func=_cmd_presets)

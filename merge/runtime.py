@@ -1,8 +1,9 @@
-"""Run a combined folder with ONNX Runtime alone: no torch, no transformers modeling code.
+"""Run a combined folder with ONNX Runtime alone: no torch, no transformers.
 
 A plain greedy loop drives the one model: the first call carries the prompt and all its images; later
 calls carry one new token per row, no patches, the growing attention mask, the KV cache and the
-``rope_deltas`` the previous call returned.
+``rope_deltas`` the previous call returned. :meth:`CombinedModel.chat` adds the folder's own preprocessing
+(:mod:`merge.preprocess`: ``tokenizers``, ``jinja2``, Pillow, numpy) in front and decoding behind.
 """
 
 from __future__ import annotations
@@ -10,18 +11,25 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import MergeError
 
+if TYPE_CHECKING:
+    from .preprocess import Preprocessor
+
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
+CONFIG_FILE = "config.json"
 ROPE_DELTAS_OUT = "rope_deltas_out"
+DEFAULT_NEW_TOKENS = 128
 
 
 @dataclass
@@ -39,6 +47,37 @@ class Generation:
         return steps / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
 
+@dataclass
+class Completion:
+    """What :meth:`CombinedModel.complete` returns: one text per prompt, and what produced it."""
+
+    texts: list[str]
+    generation: Generation  # tokens [batch, new] (EOS included, then pad), logits, prefill and decode seconds
+    inputs: dict[str, np.ndarray]  # the preprocessed batch (build_batch_inputs' keys)
+    prompt_tokens: int  # real (unpadded) prompt tokens over the batch, image tokens included
+    image_tokens: int
+    num_images: int
+
+
+def _as_batch(prompt: str | Sequence[str], images: Sequence) -> tuple[list[str], list[list]]:
+    """(prompts, one image list per prompt) from chat()'s ``prompt`` and ``images`` arguments."""
+    if isinstance(prompt, str):
+        images = list(images)
+        if any(isinstance(i, list | tuple) for i in images):
+            raise MergeError("with one prompt, images is a flat list of images (nested lists are for several prompts)")
+        return [prompt], [images]
+    prompts = list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise MergeError("prompt must be a string or a non-empty list of strings")
+    images = list(images)
+    if not images:
+        return prompts, [[] for _ in prompts]
+    if len(images) != len(prompts) or not all(isinstance(i, list | tuple) for i in images):
+        raise MergeError(f"with {len(prompts)} prompts, images must hold one list of images per prompt "
+                         f"(got {len(images)} entries)")
+    return prompts, [list(i) for i in images]
+
+
 class CombinedModel:
     """One ``onnxruntime.InferenceSession`` over ``COMBINED/model.onnx``."""
 
@@ -48,8 +87,11 @@ class CombinedModel:
         self.folder = Path(folder)
         path = self.folder / MODEL_FILE
         if not path.is_file():
-            raise MergeError(f"{self.folder}: no {MODEL_FILE}; build one with `python -m merge build --out {folder}`")
-        self.config = json.loads((self.folder / "config.json").read_text())
+            raise MergeError(f"{self.folder} is not a combined folder: no {MODEL_FILE} (build one with "
+                             f"`python -m merge build --out {folder}`)")
+        if not (self.folder / CONFIG_FILE).is_file():
+            raise MergeError(f"{self.folder} is not a combined folder: no {CONFIG_FILE} beside {MODEL_FILE}")
+        self.config = json.loads((self.folder / CONFIG_FILE).read_text())
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -137,3 +179,78 @@ class CombinedModel:
         result.decode_seconds = time.perf_counter() - start
         result.tokens = np.stack(tokens, axis=1)
         return result
+
+    @cached_property
+    def preprocessor(self) -> Preprocessor:
+        """The folder's tokenizer, chat template and image processor (loaded on first use, without transformers)."""
+        from .preprocess import Preprocessor
+
+        return Preprocessor(self.folder)
+
+    def chat(
+        self,
+        prompt: str | Sequence[str],
+        images: Sequence[Any] = (),
+        *,
+        max_new_tokens: int = DEFAULT_NEW_TOKENS,
+        stream: Callable[[int, str], None] | None = None,
+    ) -> list[str]:
+        """Answer one user turn per prompt (greedy); returns one text per prompt, EOS and padding removed.
+
+        ``prompt``: a string, or a list of strings for a left-padded batch. ``images``: for one prompt, a list of
+        PIL images or image paths shown before the text; for a list of prompts, one such list per prompt (or
+        nothing). ``stream(row, piece)`` is called with each new piece of text as tokens arrive (pieces never
+        split a UTF-8 character; row is the prompt's index). See :meth:`complete` for timings and tokens.
+        """
+        return self.complete(prompt, images, max_new_tokens=max_new_tokens, stream=stream).texts
+
+    def complete(
+        self,
+        prompt: str | Sequence[str],
+        images: Sequence[Any] = (),
+        *,
+        max_new_tokens: int = DEFAULT_NEW_TOKENS,
+        stream: Callable[[int, str], None] | None = None,
+    ) -> Completion:
+        """:meth:`chat`, returning the texts with the generation (tokens, timings) and the preprocessed inputs."""
+        from .preprocess import load_image
+
+        if max_new_tokens < 1:
+            raise MergeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        prompts, image_lists = _as_batch(prompt, images)
+        image_lists = [[load_image(i) if isinstance(i, str | Path) else i for i in row] for row in image_lists]
+        pre = self.preprocessor
+        inputs = pre.build_batch_inputs(prompts, image_lists)
+        eos = pre.eos_token_ids
+        streams = [pre.stream() for _ in prompts]
+        done = [False] * len(prompts)
+
+        def emit(row: int, piece: str) -> None:
+            if piece and stream is not None:
+                stream(row, piece)
+
+        def on_token(token: np.ndarray) -> None:
+            for row, token_id in enumerate(token.tolist()):
+                if done[row]:
+                    continue
+                if token_id in eos:
+                    done[row] = True
+                    emit(row, streams[row].flush())
+                else:
+                    emit(row, streams[row].step(token_id))
+
+        generation = self.generate(
+            inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], inputs["image_grid_thw"],
+            max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=pre.pad_token_id, on_token=on_token,
+        )
+        for row, finished in enumerate(done):
+            if not finished:
+                emit(row, streams[row].flush())
+        texts = []
+        for row in generation.tokens.tolist():
+            end = next((i for i, t in enumerate(row) if t in eos), len(row))
+            texts.append(pre.decode(row[:end]))
+        mask = inputs["attention_mask"].astype(bool)
+        image_tokens = int(((inputs["input_ids"] == int(self.config["image_token_id"])) & mask).sum())
+        return Completion(texts=texts, generation=generation, inputs=inputs, prompt_tokens=int(mask.sum()),
+                          image_tokens=image_tokens, num_images=int(inputs["image_grid_thw"].shape[0]))
