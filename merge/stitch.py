@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 
 from .errors import MergeError
 
@@ -355,11 +356,15 @@ def stitch(parts: Parts, spec: StitchSpec, patch_dim: int, metadata: dict[str, s
     })
     PadLeftPadding()(graph, attention_mask, new_inputs["input_ids"])
     SetInterface()(graph, new_inputs, rope_deltas_out)
-    graph.sort()
     graph.name = "qwen3vl_combined"
     graph.opset_imports.clear()
     graph.opset_imports.update({"": OPSET, MS_DOMAIN: 1})
     model = ir.Model(graph, ir_version=10, producer_name="qwen3vl-merge",
                      producer_version=metadata.get("tool_version", ""))
+    # What the rewiring left behind (the builder's per-row sequence lengths) goes; then a topological order.
+    ir.passes.Sequential(
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.TopologicalSortPass(),
+    )(model)
     model.metadata_props.update(metadata)
     return model
