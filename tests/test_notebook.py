@@ -1,0 +1,24 @@
+"""The walkthrough notebook is executed by the suite, so it cannot rot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "walkthrough.ipynb"
+
+
+def test_walkthrough_notebook_runs(tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    client = NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(NOTEBOOK.parents[1])}})
+    client.execute()
+    outputs = "".join(
+        o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
+    )
+    assert "PASSED: all" in outputs
+    assert "parameters by scope" in outputs
+    errors = [o for cell in nb.cells for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
