@@ -111,3 +111,28 @@ def test_non_qwen3vl_config_is_named(tmp_path, config, message):
 def test_unknown_model_spec(tmp_path):
     proc = _run(f"{sys.executable} -m merge build --model nosuchthing --out o", tmp_path, check=False)
     assert proc.returncode == 2 and "neither a preset" in proc.stderr
+
+
+def test_readme_inspect_and_run_output_match(tmp_path):
+    """The README's pasted inspect table and run timing line match what the commands print now."""
+    from merge.build import build
+    from merge.sources import resolve_model
+
+    out = tmp_path / "combined"
+    build(resolve_model("tiny"), out)
+    readme = README.read_text()
+    pasted = re.search(r"Part of its real output:\n\n```\n(.*?)```", readme, flags=re.S).group(1).strip()
+    proc = _run(f"{sys.executable} -m merge inspect {out}", tmp_path)
+    assert pasted in proc.stdout
+
+    from merge.verify import default_images
+
+    default_images(1)[0].save(tmp_path / "picture.png")
+    proc = _run(f"{sys.executable} -m merge run {out} --image {tmp_path / 'picture.png'} "
+                f"--prompt 'Describe the image.' --max-new-tokens 16", tmp_path)
+    timing = proc.stdout.strip().splitlines()[-1]
+    pasted_run = re.search(r"Real output on the tiny preset.*?```\n(.*?)```", readme, flags=re.S).group(1)
+    pasted_lines = pasted_run.strip().splitlines()
+    assert proc.stdout.strip().splitlines()[0] == pasted_lines[0]  # same tokens (seeded preset)
+    assert re.sub(r"[\d.]+ ms|[\d.]+ tokens/s|[\d.]+ ms/token", "#", timing) == re.sub(
+        r"[\d.]+ ms|[\d.]+ tokens/s|[\d.]+ ms/token", "#", pasted_lines[-1])
