@@ -224,6 +224,11 @@ def write_manifest(folder: Path, source: ModelSource, precision: str, parts: dic
         "parts": parts,
         "inputs": describe(graph.input),
         "outputs": describe(graph.output),
+        "quantization": (
+            {"bits": 4, "block_size": INT4_BLOCK_SIZE, "symmetric": True, "accuracy_level": INT4_ACCURACY_LEVEL,
+             "scope": "decoder MatMuls incl. lm_head; vision and embedding table fp32"}
+            if precision == "int4" else None
+        ),
         "special_token_ids": {
             k: source.config[k]
             for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")

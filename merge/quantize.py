@@ -126,6 +126,19 @@ def quantize_weight_int4(
     return packed, scales, (None if symmetric else zero_points)
 
 
+def dequantize_int4(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int) -> np.ndarray:
+    """MatMulNBits' dequantization from the op's spec: W[k, n] = (code - zp) * scale, codes low nibble first."""
+    n, kb, blob = packed.shape
+    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, kb, blob * 2).astype(np.float64)
+    scales = scales.reshape(n, kb).astype(np.float64)
+    if zero_points is None:
+        zp = np.full((n, kb), 8.0)
+    else:
+        zp = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(n, -1)[:, :kb].astype(np.float64)
+    w = (codes - zp[..., None]) * scales[..., None]
+    return w.reshape(n, kb * blob * 2)[:, :k].T
+
+
 def _check_block_size(block_size: int) -> None:
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")

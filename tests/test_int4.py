@@ -55,3 +55,18 @@ def test_int4_close_to_fp32(case, int4_folder, hf_models, sources, prep, capsys)
     assert top1 > 0.6
     assert not result.passed  # twin: int4 must not meet the fp32 bound (it really is quantized)
     assert np.isfinite(gen.prefill_logits).all()
+
+
+def test_verify_int4_against_the_same_int4_weights(int4_folder, tmp_path, capsys):
+    """verify rebuilds the reference with the folder's own 4-bit weights: it passes, and DeepStack removal fails."""
+    from merge.cli import main
+    from tests.sabotage import broken_copy
+
+    ref = tmp_path / "ref.npz"
+    assert main(["verify", str(int4_folder), "--model", "tiny", "--max-new-tokens", "4",
+                 "--save-reference", str(ref)]) == 0
+    table = capsys.readouterr().out
+    assert table.strip().splitlines()[-1].startswith("PASSED")
+    broken = broken_copy(int4_folder, tmp_path / "broken", "no_deepstack")
+    assert main(["verify", str(broken), "--reference", str(ref)]) == 1
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "FAILED: first failing stage: prefill logits"

@@ -12,7 +12,7 @@ import pytest
 
 import merge.quantize as quantize
 from merge.compare import compare
-from merge.quantize import quantize_matmuls_int4, quantize_weight_int4
+from merge.quantize import dequantize_int4, quantize_matmuls_int4, quantize_weight_int4
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +72,6 @@ def forward(weights: dict[str, np.ndarray], feeds: dict[str, np.ndarray]) -> dic
     return {"h": h.astype(np.float32), "y": (cat @ weights["w_down"]).astype(np.float32)}
 
 
-def dequantize(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int) -> np.ndarray:
-    """MatMulNBits' dequantization from the op's spec: W[k, n] = (code - zp) * scale, codes low nibble first."""
-    n, kb, blob = packed.shape
-    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, kb, blob * 2).astype(np.float64)
-    scales = scales.reshape(n, kb).astype(np.float64)
-    if zero_points is None:
-        zp = np.full((n, kb), 8.0)
-    else:
-        zp = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(n, -1)[:, :kb].astype(np.float64)
-    w = (codes - zp[..., None]) * scales[..., None]
-    return w.reshape(n, kb * blob * 2)[:, :k].T
-
-
 def feeds_for(seed: int = 1) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
@@ -106,7 +93,7 @@ def dequantized_weights(path) -> dict[str, np.ndarray]:
     out = {"bias": inits["bias"].const_value.numpy()}
     for name, (k, _) in SHAPES.items():
         zp = inits.get(f"{name}_zero_points")
-        out[name] = dequantize(
+        out[name] = dequantize_int4(
             inits[f"{name}_Q4"].const_value.numpy(),
             inits[f"{name}_scales"].const_value.numpy(),
             None if zp is None else zp.const_value.numpy(),
