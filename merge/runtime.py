@@ -110,10 +110,35 @@ class CombinedModel:
     def forward(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
 
+    def check_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw) -> None:
+        """Refuse a first call the model cannot run right, before running anything (names the numbers)."""
+        from export.vision_spec import VisionSpec, check_vision_inputs
+
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise MergeError(f"input_ids must be [batch, sequence] with sequence > 0, got shape {input_ids.shape}")
+        if attention_mask.shape != input_ids.shape:
+            raise MergeError(
+                f"attention_mask has shape {attention_mask.shape} but input_ids {input_ids.shape}; on the first "
+                "call they must match"
+            )
+        spec = VisionSpec.from_config(self.config["vision_config"])
+        check_vision_inputs(pixel_values, image_grid_thw, spec)
+        image_token = int(self.config["image_token_id"])
+        tokens = int(((input_ids == image_token) & (attention_mask != 0)).sum())
+        features = int(image_grid_thw.prod(axis=1).sum()) // spec.merge_unit if len(image_grid_thw) else 0
+        if tokens != features:
+            raise MergeError(
+                f"input_ids hold {tokens} image tokens (id {image_token}) but image_grid_thw gives {features} image "
+                f"features (sum of t*h*w / {spec.merge_unit}); the prompt and the images do not belong together"
+            )
+
     def first_feeds(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None) -> dict:
+        input_ids = np.asarray(input_ids)
+        attention_mask = np.asarray(attention_mask)
         batch = input_ids.shape[0]
         if pixel_values is None:
             pixel_values, image_grid_thw = self.empty_images()
+        self.check_inputs(input_ids, attention_mask, np.asarray(pixel_values), np.asarray(image_grid_thw))
         feeds = {
             "input_ids": np.ascontiguousarray(input_ids, np.int64),
             "attention_mask": np.ascontiguousarray(attention_mask, np.int64),

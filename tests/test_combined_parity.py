@@ -175,3 +175,32 @@ def test_twin_images_swapped_fails(combined, hf_models, sources, prep):
     swapped = {**inputs, "pixel_values": np.concatenate([second, first])}
     result = compare("prefill_logits", _run(combined("tiny"), swapped).prefill_logits, ref_logits)
     assert not result.passed, result.line()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("drop_patch_row", "patch rows but image_grid_thw sums to"),
+        ("extra_image_token", "image tokens (id"),
+        ("odd_grid", "divisible by the spatial merge size"),
+        ("mask_shape", "attention_mask has shape"),
+    ],
+)
+def test_bad_inputs_are_refused_before_running(change, message, combined, sources, prep):
+    from merge.errors import MergeError
+
+    inputs = dict(_case_inputs("one_image", "tiny", sources, prep))
+    if change == "drop_patch_row":
+        inputs["pixel_values"] = inputs["pixel_values"][1:]
+    elif change == "extra_image_token":
+        ids = inputs["input_ids"].copy()
+        ids[0, 0] = sources("tiny").config["image_token_id"]
+        inputs["input_ids"] = ids
+    elif change == "odd_grid":
+        t, h, w = inputs["image_grid_thw"][0]
+        inputs["image_grid_thw"] = np.array([[t, h * w // 5, 5]]) if (h * w) % 5 == 0 else np.array([[t, 1, h * w]])
+    elif change == "mask_shape":
+        inputs["attention_mask"] = inputs["attention_mask"][:, 1:]
+    with pytest.raises(MergeError) as info:
+        _run(combined("tiny"), inputs)
+    assert message in str(info.value)
