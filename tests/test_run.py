@@ -41,7 +41,8 @@ IMAGE_SIZES = ((64, 96), (200, 120), (90, 90))
 # Packages a deployment of a combined folder does not install.
 BUILD_ONLY = ("torch", "torchvision", "transformers", "onnx", "onnx_ir", "onnxscript", "safetensors",
               "onnxruntime_genai", "huggingface_hub")
-RUNTIME_DEPS = ("numpy", "PIL", "tokenizers", "jinja2", "markupsafe", "onnxruntime", "merge")
+# "export" only for export.vision_spec (numpy only: the input checks); export.vision needs onnx_ir, blocked here.
+RUNTIME_DEPS = ("numpy", "PIL", "tokenizers", "jinja2", "markupsafe", "onnxruntime", "merge", "export")
 
 
 @pytest.fixture(scope="module")
