@@ -159,7 +159,9 @@ def write_preset(folder: Path, name: str) -> None:
         shard_files.append((fname, list(shard)))
         shard.clear()
 
-    for pname, shape in params:
+    from tqdm.auto import tqdm
+
+    for pname, shape in tqdm(params, desc=f"preset {name}: random weights", unit="tensor", disable=None, leave=False):
         tensor = draw_parameter(pname, shape, gen).to(torch.bfloat16)
         nbytes = tensor.numel() * tensor.element_size()
         if shard and size + nbytes > _SHARD_BYTES:
