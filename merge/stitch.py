@@ -26,6 +26,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from graphs.builder import GraphBuilder
+
 from .errors import MergeError
 
 log = logging.getLogger(__name__)
@@ -285,36 +287,28 @@ class PadLeftPadding:
         total = gqa[0].inputs[self.TOTAL_SEQUENCE_LENGTH]
         if total is None:
             raise StitchError("GroupQueryAttention has no total_sequence_length input")
-        s = "merge/padding"
-        nodes = [
-            _node("Shape", [attention_mask], f"{s}/batch", {"start": 0, "end": 1}),
-            _const_node(f"{s}/one_i32", np.array(1, np.int32)),
-        ]
-        last = _node("Sub", [total, nodes[1].outputs[0]], f"{s}/last_position")
-        seqlens = _node("Expand", [last.outputs[0], nodes[0].outputs[0]], f"{s}/seqlens_k")
-        nodes += [last, seqlens]
-        # bias[b, 0, q, t] = (mask[b, t] - 1) * 1e9  -> 0 for tokens, -1e9 for padding
-        mask_f = _node("Cast", [attention_mask], f"{s}/mask_float", {"to": ir.DataType.FLOAT})
-        one_f = _const_node(f"{s}/one_f", np.array(1, np.float32))
-        big = _const_node(f"{s}/large", np.array(-NEG_LARGE, np.float32))
-        pads = _node("Sub", [mask_f.outputs[0], one_f.outputs[0]], f"{s}/pad_minus")
-        scaled = _node("Mul", [pads.outputs[0], big.outputs[0]], f"{s}/key_bias")
-        axes = _const_node(f"{s}/axes", np.array([1, 2], np.int64))
-        bias4 = _node("Unsqueeze", [scaled.outputs[0], axes.outputs[0]], f"{s}/key_bias_4d")
-        seq = _node("Shape", [input_ids], f"{s}/sequence", {"start": 1, "end": 2})
-        one = _const_node(f"{s}/one_dim", np.array([1], np.int64))
-        tot64 = _node("Shape", [attention_mask], f"{s}/total", {"start": 1, "end": 2})
-        # [B, 1, 1, T] -> [B, 1, S, T]
-        shape = _node("Concat", [nodes[0].outputs[0], one.outputs[0], seq.outputs[0], tot64.outputs[0]],
-                      f"{s}/bias_shape", {"axis": 0})
-        bias = _node("Expand", [bias4.outputs[0], shape.outputs[0]], f"{s}/attention_bias")
-        nodes += [mask_f, one_f, big, pads, scaled, axes, bias4, seq, one, tot64, shape, bias]
-        graph.extend(nodes)
+        b = GraphBuilder("merge/padding")
+        batch = b.op("Shape", [attention_mask], {"start": 0, "end": 1}, name="batch")
+        last = b.op("Sub", [total, b.const(np.int32(1), "one")], name="last_position")
+        seqlens = b.op("Expand", [last, batch], name="seqlens_k")
+        # bias[b, 0, q, t] = (mask[b, t] - 1) * 1e9: 0 at tokens, -1e9 at padding
+        mask = b.op("Cast", [attention_mask], {"to": ir.DataType.FLOAT}, name="mask_float")
+        pads = b.op("Sub", [mask, b.const(np.float32(1), "one_f")], name="mask_minus_one")
+        key_bias = b.op("Mul", [pads, b.const(np.float32(-NEG_LARGE), "large")], name="key_bias")
+        key_bias = b.op("Unsqueeze", [key_bias, b.const([1, 2], "axes")], name="key_bias_4d")  # [B, 1, 1, T]
+        shape = b.op("Concat", [batch, b.const([1], "one_head"),
+                                b.op("Shape", [input_ids], {"start": 1, "end": 2}, name="sequence"),
+                                b.op("Shape", [attention_mask], {"start": 1, "end": 2}, name="total")],
+                     {"axis": 0}, name="bias_shape")
+        bias = b.op("Expand", [key_bias, shape], name="attention_bias")  # [B, 1, S, T]
+        graph.extend(b.nodes)
+        for init in b.initializers.values():
+            graph.register_initializer(init)
         for node in gqa:
-            node.replace_input_with(self.SEQLENS_K, seqlens.outputs[0])
+            node.replace_input_with(self.SEQLENS_K, seqlens)
             while len(node.inputs) <= self.ATTENTION_BIAS:
                 node.resize_inputs(len(node.inputs) + 1)
-            node.replace_input_with(self.ATTENTION_BIAS, bias.outputs[0])
+            node.replace_input_with(self.ATTENTION_BIAS, bias)
         return len(gqa)
 
 
