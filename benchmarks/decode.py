@@ -48,7 +48,8 @@ def main() -> int:
     combined = CombinedModel(args.combined)
     source = resolve_model(args.model)
     precision = combined.session.get_modelmeta().custom_metadata_map.get("precision", "fp32")
-    work = Path(tempfile.mkdtemp(prefix="decode-bench-"))
+    scratch = tempfile.TemporaryDirectory(prefix="decode-bench-")  # the fp32 decoder export is large: removed at exit
+    work = Path(scratch.name)
     bare_path = export_decoder(source.folder, work, precision="fp32", isolated=True)
     if precision == "int4":  # the same streaming quantization merge build uses (the builder's int4 holds all fp32)
         import onnx_ir as ir
@@ -118,6 +119,7 @@ def main() -> int:
     print(f"  {'decode step (batch 1)':22}{combined_decode * 1e3:10.2f}ms{bare_decode * 1e3:12.2f}ms"
           f"{combined_decode / bare_decode:8.2f}")
     print(f"  {'decode tokens/s':22}{1 / combined_decode:12.1f}{1 / bare_decode:14.1f}")
+    scratch.cleanup()
     return 0
 
 

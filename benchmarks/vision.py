@@ -83,7 +83,8 @@ def main() -> int:
 
     source = resolve_model(args.model)
     spec = VisionSpec.from_config(source.vision_config)
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="vision-bench-"))
+    scratch = None if args.workdir else tempfile.TemporaryDirectory(prefix="vision-bench-")  # removed at exit
+    work = args.workdir or Path(scratch.name)
     start = time.perf_counter()
     path = export_vision(source.folder, source.vision_config, work / "vision.onnx")
     print(f"model {args.model}: vision depth {spec.depth}, hidden {spec.hidden_size}; "
