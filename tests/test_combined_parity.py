@@ -64,6 +64,11 @@ def _case_inputs(name, preset, sources, prep):
         return build_batch_inputs(
             tok, proc, ["Describe the picture in detail please.", "Hi"], [_images([(64, 64)], 3), []], cfg
         )
+    if name == "batch_images_in_both_rows":
+        return build_batch_inputs(
+            tok, proc, ["Compare.", "And what is this one about, in a few words?"],
+            [_images([(64, 96), (96, 64)], 5), _images([(120, 80)], 6)], cfg,
+        )
     raise KeyError(name)
 
 
@@ -93,7 +98,7 @@ def _masked(logits, mask):
     return logits[mask.astype(bool)]
 
 
-CASES = ["text", "one_image", "three_images", "image_first", "batch_left_padded"]
+CASES = ["text", "one_image", "three_images", "image_first", "batch_left_padded", "batch_images_in_both_rows"]
 
 
 @pytest.mark.parametrize("case", CASES)
