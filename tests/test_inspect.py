@@ -15,17 +15,20 @@ from pathlib import Path
 import onnx
 import pytest
 
+from merge.cli import main as cli_main
 from merge.errors import MergeError
-from merge.inspect_cmd import (
+from merge.inspect_cmd import add_parser, run
+from merge.inspection import (
     SCOPES,
     STITCH_INLINE_MAX_ELEMENTS,
-    add_parser,
     format_report,
     inspect_folder,
-    main,
-    run,
     write_stitch_view,
 )
+
+
+def main(argv: list[str]) -> int:
+    return cli_main(["inspect", *argv])
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "int4")
@@ -224,7 +227,7 @@ def test_stitch_view(precision, combined, sources, tmp_path):
     assert {"position_ids", "rope_deltas_out"} <= {v.name for v in graph.output}
 
     # structurally closed: every name read (subgraph references included) is made inside the view
-    from merge.inspect_cmd import _reads
+    from merge.inspection import _reads
 
     available = set(inputs) | {t.name for t in graph.initializer} | set(producers)
     for node in graph.node:
@@ -251,8 +254,9 @@ def test_no_torch_no_transformers(combined, tmp_path):
     """The command imports neither torch nor transformers (both made unimportable in a fresh interpreter)."""
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-        "from merge.inspect_cmd import main\n"
-        f"raise SystemExit(main([{str(combined('int4'))!r}, '--json', '--stitch', {str(tmp_path / 's.onnx')!r}]))\n"
+        "from merge.cli import main\n"
+        f"folder, view = {str(combined('int4'))!r}, {str(tmp_path / 's.onnx')!r}\n"
+        "raise SystemExit(main(['inspect', folder, '--json', '--stitch', view]))\n"
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from merge.cli import main as cli_main
 from merge.compare import compare
 from merge.preprocess import ImageProcessor, Preprocessor, TextStream
-from merge.run_cmd import main as run_main
 from merge.runtime import CombinedModel
 from merge.tokenizer_files import build_batch_inputs, build_inputs
 
@@ -38,6 +38,10 @@ TIMING = re.compile(
 )
 # PIL sizes (width, height): non-square both ways and square.
 IMAGE_SIZES = ((64, 96), (200, 120), (90, 90))
+
+
+def run_main(argv: list[str]) -> int:
+    return cli_main(["run", *argv])
 # Packages a deployment of a combined folder does not install.
 BUILD_ONLY = ("torch", "torchvision", "transformers", "onnx", "onnx_ir", "onnxscript", "safetensors",
               "onnxruntime_genai", "huggingface_hub")
@@ -140,8 +144,9 @@ def test_runs_without_torch_or_transformers(combined, png):
         import onnxruntime  # its own dependencies are allowed
         allowed = set(sys.stdlib_module_names) | {{m.split(".")[0] for m in sys.modules}} | set({RUNTIME_DEPS!r})
 
-        from merge.run_cmd import main
-        rc = main([{str(combined)!r}, "--image", {str(png)!r}, "--prompt", "Describe it.", "--max-new-tokens", "6"])
+        from merge.cli import main
+        rc = main(["run", {str(combined)!r}, "--image", {str(png)!r}, "--prompt", "Describe it.",
+                   "--max-new-tokens", "6"])
         assert rc == 0, rc
         from merge.runtime import CombinedModel
         texts = CombinedModel({str(combined)!r}).chat(["Hi", "Look:"], [[], [{str(png)!r}]], max_new_tokens=4)
