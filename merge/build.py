@@ -14,6 +14,7 @@ import onnx_ir as ir
 
 from . import __version__
 from .errors import MergeError
+from .ort_schemas import register_ort_default_domain_ops
 from .outdir import staged_output
 from .progress import tensor_writing_bar
 from .sources import ModelSource
@@ -149,39 +150,12 @@ def copy_preprocessing(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def _register_ort_default_domain_ops() -> None:
-    """ONNX Runtime registers ``SimplifiedLayerNormalization`` in the default domain, where the ONNX checker
-    knows no schema; give the checker ORT's schema so it checks those nodes instead of refusing the model."""
-    from onnx import defs
-
-    if defs.has("SimplifiedLayerNormalization"):
-        return
-    floats = ["tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)"]
-    schema = defs.OpSchema(
-        "SimplifiedLayerNormalization", "", 1,
-        inputs=[defs.OpSchema.FormalParameter("X", "T"), defs.OpSchema.FormalParameter("scale", "V")],
-        outputs=[
-            defs.OpSchema.FormalParameter("Y", "V"),
-            defs.OpSchema.FormalParameter(
-                "inv_std_var", "U", param_option=defs.OpSchema.FormalParameterOption.Optional
-            ),
-        ],
-        type_constraints=[("T", floats, ""), ("U", ["tensor(float)", "tensor(double)"], ""), ("V", floats, "")],
-        attributes=[
-            defs.OpSchema.Attribute("axis", defs.OpSchema.AttrType.INT, "", required=False),
-            defs.OpSchema.Attribute("epsilon", defs.OpSchema.AttrType.FLOAT, "", required=False),
-            defs.OpSchema.Attribute("stash_type", defs.OpSchema.AttrType.INT, "", required=False),
-        ],
-    )
-    defs.register_schema(schema)
-
-
 def check_onnx(path: Path) -> None:
     """Structural check by path (the checker cannot hold >2 GB models in memory) and session creation."""
     import onnx
     import onnxruntime as ort
 
-    _register_ort_default_domain_ops()
+    register_ort_default_domain_ops()
     try:
         onnx.checker.check_model(str(path), full_check=False)
     except Exception as exc:

@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    if not args.debug:  # libraries' own progress chatter; our steps log under "merge" and "export"
+        for name in ("onnx_ir", "onnxscript", "onnxruntime"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return args.func(args)
     except MergeError as exc:

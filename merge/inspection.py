@@ -24,8 +24,9 @@ import onnx
 import onnx_ir as ir
 
 from . import __version__
-from .build import COMBINED_MODEL, MANIFEST, _register_ort_default_domain_ops, file_sha256
+from .build import COMBINED_MODEL, MANIFEST, file_sha256
 from .errors import MergeError
+from .ort_schemas import register_ort_default_domain_ops
 
 log = logging.getLogger(__name__)
 
@@ -471,7 +472,7 @@ def write_stitch_view(folder: Path, out: Path) -> Path:
     """
     folder, out = Path(folder), Path(out)
     view = build_stitch_view(load_graph(folder), str(folder))
-    _register_ort_default_domain_ops()
+    register_ort_default_domain_ops()
     try:
         onnx.checker.check_model(view)
     except onnx.checker.ValidationError as exc:

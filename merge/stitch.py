@@ -29,6 +29,7 @@ import onnx_ir.passes.common as common_passes
 from graphs.builder import GraphBuilder
 
 from .errors import MergeError
+from .ort_schemas import register_ort_default_domain_ops
 
 log = logging.getLogger(__name__)
 
@@ -356,6 +357,7 @@ def stitch(parts: Parts, spec: StitchSpec, patch_dim: int, metadata: dict[str, s
     model = ir.Model(graph, ir_version=10, producer_name="qwen3vl-merge",
                      producer_version=metadata.get("tool_version", ""))
     # What the rewiring left behind (the builder's per-row sequence lengths) goes; then a topological order.
+    register_ort_default_domain_ops()  # lets the pass read SimplifiedLayerNormalization's optional outputs
     ir.passes.Sequential(
         common_passes.RemoveUnusedNodesPass(),
         common_passes.TopologicalSortPass(),

@@ -190,7 +190,7 @@ def test_text_report_and_json(combined, capsys):
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_stitch_view(precision, combined, sources, tmp_path):
-    from merge.build import _register_ort_default_domain_ops
+    from merge.ort_schemas import register_ort_default_domain_ops
 
     source = sources("tiny")
     levels = len(source.vision_config["deepstack_visual_indexes"])
@@ -198,7 +198,7 @@ def test_stitch_view(precision, combined, sources, tmp_path):
     path = write_stitch_view(combined(precision), tmp_path / "stitch.onnx")
     assert path.stat().st_size < MB
     view = onnx.load(str(path))
-    _register_ort_default_domain_ops()
+    register_ort_default_domain_ops()
     onnx.checker.check_model(view)
     graph = view.graph
 
