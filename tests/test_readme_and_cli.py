@@ -136,3 +136,22 @@ def test_readme_inspect_and_run_output_match(tmp_path):
     assert proc.stdout.strip().splitlines()[0] == pasted_lines[0]  # same tokens (seeded preset)
     assert re.sub(r"[\d.]+ ms|[\d.]+ tokens/s|[\d.]+ ms/token", "#", timing) == re.sub(
         r"[\d.]+ ms|[\d.]+ tokens/s|[\d.]+ ms/token", "#", pasted_lines[-1])
+
+
+def test_hub_id_goes_through_huggingface_hub(monkeypatch, sources, tmp_path):
+    """A hub id resolves through snapshot_download; without hub access the error says so in one sentence."""
+    import huggingface_hub
+
+    from merge.errors import MergeError
+    from merge.sources import resolve_model
+
+    local = sources("tiny").folder
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(local))
+    assert resolve_model("Qwen/Qwen3-VL-2B-Instruct").folder == local
+
+    def offline(repo_id, **kw):
+        raise OSError("We couldn't connect to the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(MergeError, match=r"Qwen/Qwen3-VL-2B-Instruct: could not download from the Hugging Face hub"):
+        resolve_model("Qwen/Qwen3-VL-2B-Instruct")
