@@ -53,6 +53,7 @@ class BuildResult:
     seconds: float = 0.0
     peak_rss_gib: float = 0.0  # this process: vision graph, stitch, quantization, writing
     export_peak_rss_gib: float = 0.0  # the decoder export's child process (the GenAI builder)
+    check_peak_rss_gib: float = 0.0  # the final check's child process (ONNX Runtime loads every weight)
 
 
 def peak_rss_gib() -> tuple[float, float]:
@@ -78,12 +79,12 @@ def build(source: ModelSource, out: Path, *, precision: str = "fp32", force: boo
         del model
         shutil.rmtree(work)
         copied = copy_preprocessing(source.folder, stage)
-        check_onnx(stage / COMBINED_MODEL)
+        export_peak = peak_rss_gib()[1]  # only the builder's child has finished so far
+        check_peak = check_onnx_in_child(stage / COMBINED_MODEL)
         parts = {"model": COMBINED_MODEL, "data": COMBINED_DATA}
         write_manifest(stage, source, precision, parts, copied)
-    own, children = peak_rss_gib()
-    return BuildResult(out=Path(out), parts=parts, seconds=time.perf_counter() - start, peak_rss_gib=own,
-                       export_peak_rss_gib=children)
+    return BuildResult(out=Path(out), parts=parts, seconds=time.perf_counter() - start,
+                       peak_rss_gib=peak_rss_gib()[0], export_peak_rss_gib=export_peak, check_peak_rss_gib=check_peak)
 
 
 def assemble(source: ModelSource, precision: str, work: Path) -> ir.Model:
@@ -164,6 +165,28 @@ def check_onnx(path: Path) -> None:
         ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise MergeError(f"{path.name}: ONNX Runtime could not create a session: {exc}") from exc
+
+
+def check_onnx_in_child(path: Path) -> float:
+    """:func:`check_onnx` in a child process, so that the session's copy of every weight never adds to the
+    merge's own memory; returns the child's peak resident memory in GiB."""
+    import os
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    code = "import sys; from pathlib import Path; from merge.build import check_onnx; check_onnx(Path(sys.argv[1]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], env=env, stderr=subprocess.PIPE, text=True)
+    err = proc.stderr.read()
+    proc.stderr.close()
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource usage
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        lines = [line for line in err.strip().splitlines() if line.strip()]
+        message = lines[-1].removeprefix("merge.errors.MergeError: ") if lines else "no output"
+        raise MergeError(f"the check of {path.name} failed: {message}")
+    return usage.ru_maxrss / 1024**2
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:

@@ -35,7 +35,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     print(f"model: {source.spec} ({source.folder})")
     result = build(source, Path(args.out), precision=args.precision, force=args.force)
     print(f"wrote {result.out}/ in {result.seconds:.1f} s (peak memory: decoder export "
-          f"{result.export_peak_rss_gib:.2f} GiB, merge {result.peak_rss_gib:.2f} GiB)")
+          f"{result.export_peak_rss_gib:.2f} GiB, merge {result.peak_rss_gib:.2f} GiB, "
+          f"session check {result.check_peak_rss_gib:.2f} GiB)")
     for part, path in result.parts.items():
         print(f"  {part}: {path}")
     return 0
