@@ -45,7 +45,12 @@ def output_names(num_levels: int) -> tuple[str, ...]:
     return ("inputs_embeds", "visual_mask", *(deepstack_output_name(k) for k in range(num_levels)))
 
 
-def build_embedding_merge(image_token_id: int, hidden_size: int, num_levels: int, prefix: str = "merge/") -> ir.Model:
+TABLE_LAYOUTS = ("vocab_major", "hidden_major")
+
+
+def build_embedding_merge(
+    image_token_id: int, hidden_size: int, num_levels: int, prefix: str = "merge/", table_layout: str = "vocab_major"
+) -> ir.Model:
     """A standalone model: ``input_ids`` int64 [batch, sequence], ``embed_tokens`` float [vocab, hidden],
     ``image_embeds`` float [num_image_tokens, hidden], ``deepstack_embeds`` float [levels, num_image_tokens,
     hidden] -> ``inputs_embeds`` float [batch, sequence, hidden], ``visual_mask`` bool [batch, sequence],
@@ -53,15 +58,19 @@ def build_embedding_merge(image_token_id: int, hidden_size: int, num_levels: int
 
     ``embed_tokens`` is an input here so the graph can be tested alone; the combined model binds it to the
     decoder's embedding table. With no images, feed 0 feature rows: the outputs are the plain token
-    embeddings and all-zero DeepStack terms.
+    embeddings and all-zero DeepStack terms. ``table_layout="hidden_major"`` takes the table as [hidden, vocab]:
+    a tied model's head weight as the decoder stores it, so the combined model does not store it twice.
     """
     if hidden_size < 1:
         raise ValueError(f"hidden_size must be a positive integer, got {hidden_size}")
+    if table_layout not in TABLE_LAYOUTS:
+        raise ValueError(f"table_layout must be one of {TABLE_LAYOUTS}, got {table_layout!r}")
     if num_levels < 1:
         raise ValueError(f"Qwen3-VL has at least one DeepStack level, got num_levels={num_levels}")
 
     input_ids = tensor_input("input_ids", INT64, ["batch", "sequence"])
-    embed_tokens = tensor_input("embed_tokens", FLOAT, ["vocab", hidden_size])
+    table_shape = ["vocab", hidden_size] if table_layout == "vocab_major" else [hidden_size, "vocab"]
+    embed_tokens = tensor_input("embed_tokens", FLOAT, table_shape)
     image_embeds = tensor_input("image_embeds", FLOAT, ["num_image_tokens", hidden_size])
     deepstack_embeds = tensor_input("deepstack_embeds", FLOAT, [num_levels, "num_image_tokens", hidden_size])
 
@@ -77,7 +86,11 @@ def build_embedding_merge(image_token_id: int, hidden_size: int, num_levels: int
         index = b.op("Reshape", [flat_index, b.op("Shape", [input_ids], name="ids_shape")], name="token_row")
 
     with b.scope("embeds"):
-        text = b.op("Gather", [embed_tokens, input_ids], {"axis": 0}, name="token_embeds")
+        if table_layout == "vocab_major":
+            text = b.op("Gather", [embed_tokens, input_ids], {"axis": 0}, name="token_embeds")
+        else:  # [hidden, vocab]: gather columns -> [hidden, batch, sequence] -> [batch, sequence, hidden]
+            columns = b.op("Gather", [embed_tokens, input_ids], {"axis": 1}, name="token_columns")
+            text = b.op("Transpose", [columns], {"perm": [1, 2, 0]}, name="token_embeds")
         image_table = b.op("Pad", [image_embeds, b.const([1, 0, 0, 0], "zero_row_first")], name="image_table")
         image = b.op("Gather", [image_table, index], {"axis": 0}, name="image_rows")
         mask3 = b.op("Unsqueeze", [visual_mask, b.const([-1], "axis_hidden")], name="mask3")

@@ -89,11 +89,9 @@ def build(source: ModelSource, out: Path, *, precision: str = "fp32", force: boo
 
 def assemble(source: ModelSource, precision: str, work: Path) -> ir.Model:
     """Export the parts and stitch them; the returned model's weights are still lazy."""
-    from export.checkpoint import Checkpoint
     from export.text import export_decoder
     from export.vision import build_vision_model
     from export.vision_spec import VisionSpec
-    from graphs.builder import FLOAT
     from graphs.embedding_merge import build_embedding_merge
     from graphs.rope_index import build_rope_index
 
@@ -115,17 +113,12 @@ def assemble(source: ModelSource, precision: str, work: Path) -> ir.Model:
         log.info("decoder: %d MatMuls to int4 (MatMulNBits, block %d), quantized while writing", count,
                  INT4_BLOCK_SIZE)
 
-    ckpt = Checkpoint(source.folder)
-    table_name = ckpt.find_prefix(TEXT_PREFIXES, "embed_tokens.weight") + "embed_tokens.weight"
-    vocab, hidden = ckpt.shape(table_name)
-    table = ir.Value(name="merge/embedding/embed_tokens", type=ir.TensorType(FLOAT), shape=ir.Shape([vocab, hidden]))
-    table.const_value = ir.LazyTensor(lambda: ir.tensor(ckpt.load(table_name), name=table.name), FLOAT,
-                                      ir.Shape([vocab, hidden]), name=table.name)
+    table, layout = embedding_table(source, decoder, precision)
     parts = Parts(
         decoder=decoder,
         vision=vision,
         embedding_merge=build_embedding_merge(spec.image_token_id, spec.hidden_size, spec.num_levels,
-                                              prefix="merge/embedding/"),
+                                              prefix="merge/embedding/", table_layout=layout),
         rope_index=build_rope_index(spec.image_token_id, spec.spatial_merge_size, opset=OPSET,
                                     prefix="merge/position/"),
         embed_tokens=table,
@@ -138,6 +131,42 @@ def assemble(source: ModelSource, precision: str, work: Path) -> ir.Model:
         "image_token_id": str(spec.image_token_id),
     }
     return stitch(parts, spec, vision_spec.patch_dim, metadata)
+
+
+def embedding_table(source: ModelSource, decoder: ir.Model, precision: str) -> tuple[ir.Value, str]:
+    """The token embedding table for the embedding merge, and its layout.
+
+    A tied fp32 model's head weight *is* the embedding table, transposed ([hidden, vocab]): the merge gathers
+    its columns, so the table is stored once. Otherwise (untied, or an int4 head) the table is read lazily
+    from the checkpoint.
+    """
+    from export.checkpoint import Checkpoint
+    from graphs.builder import FLOAT
+
+    if source.config.get("tie_word_embeddings") and precision == "fp32":
+        head = tied_head_weight(decoder, int(source.text_config["hidden_size"]))
+        if head is not None:
+            return head, "hidden_major"
+        log.warning("tied embeddings, but the decoder's head weight was not found; storing the table twice")
+    ckpt = Checkpoint(source.folder)
+    name = ckpt.find_prefix(TEXT_PREFIXES, "embed_tokens.weight") + "embed_tokens.weight"
+    shape = ir.Shape(list(ckpt.shape(name)))
+    table = ir.Value(name="merge/embedding/embed_tokens", type=ir.TensorType(FLOAT), shape=shape)
+    table.const_value = ir.LazyTensor(lambda: ir.tensor(ckpt.load(name), name=table.name), FLOAT, shape,
+                                      name=table.name)
+    return table, "vocab_major"
+
+
+def tied_head_weight(decoder: ir.Model, hidden: int) -> ir.Value | None:
+    """The fp32 [hidden, vocab] initializer of the MatMul that produces ``logits``, if there is one."""
+    logits = next((v for v in decoder.graph.outputs if v.name == "logits"), None)
+    node = logits.producer() if logits is not None else None
+    if node is None or node.op_type != "MatMul":
+        return None
+    weight = node.inputs[1]
+    if weight is None or weight.const_value is None or weight.shape is None or weight.shape[0] != hidden:
+        return None
+    return weight
 
 
 def copy_preprocessing(src: Path, dst: Path) -> list[str]:

@@ -88,7 +88,7 @@ class Parts:
     vision: ir.Model
     embedding_merge: ir.Model
     rope_index: ir.Model
-    embed_tokens: ir.Value  # the token embedding table, an initializer with a lazy tensor
+    embed_tokens: ir.Value  # the token embedding table: a lazy initializer, or the tied head's weight
 
 
 # -- small graph utilities -------------------------------------------------------------------------------
@@ -211,7 +211,8 @@ class WireEmbeddings:
     def __call__(self, graph: ir.Graph, parts: Parts, spec: StitchSpec, input_ids: ir.Value,
                  image_embeds: ir.Value, deepstack: ir.Value) -> list[ir.Value]:
         decoder_embeds = next(v for v in graph.inputs if v.name == "inputs_embeds")
-        graph.register_initializer(parts.embed_tokens)
+        if parts.embed_tokens.name not in graph.initializers:  # a tied head's weight is already there
+            graph.register_initializer(parts.embed_tokens)
         nodes, inits, outputs = _detach(parts.embedding_merge, {
             "input_ids": input_ids, "embed_tokens": parts.embed_tokens,
             "image_embeds": image_embeds, "deepstack_embeds": deepstack,

@@ -310,3 +310,16 @@ def test_default_prefix():
 def test_bad_arguments_are_refused(hidden: int, levels: int):
     with pytest.raises(ValueError):
         build_embedding_merge(7, hidden, levels)
+
+
+@pytest.mark.parametrize("case", ["one_row_three_images", "batch_padded_different_image_counts"])
+def test_hidden_major_table_is_bit_equal(ref: Reference, case: str):
+    """A tied model's head weight [hidden, vocab] serves as the table: same outputs, bit for bit."""
+    session = _session(build_embedding_merge(ref.image_token_id, ref.hidden_size, ref.num_levels,
+                                             table_layout="hidden_major"))
+    x = _make_inputs(ref, CASES[case], random.Random(3))
+    feeds = dict(zip(INPUT_NAMES, (x.input_ids, np.ascontiguousarray(ref.embed_tokens.T), x.image_embeds,
+                                   x.deepstack_embeds), strict=True))
+    names = output_names(ref.num_levels)
+    actual = dict(zip(names, session.run(list(names), feeds), strict=True))
+    _assert_bit_equal(_hf(ref, x), actual)
