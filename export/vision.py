@@ -283,7 +283,9 @@ class VisionGraph:
         with b.scope("deepstack"):
             if levels:
                 ax0 = b.const([0], "axes0")
-                stacked = [b.op("Unsqueeze", [v, ax0], name=f"level{k}") for k, v in sorted(levels)]
+                # HF stacks the levels in the order of the tower's layers, each through the merger at the
+                # layer's position in deepstack_visual_indexes (which need not be sorted)
+                stacked = [b.op("Unsqueeze", [v, ax0], name=f"level{j}") for j, (_, v) in enumerate(levels)]
                 deepstack = b.op("Concat", stacked, {"axis": 0}, name="stack")
             else:  # a config without DeepStack: an empty [0, tokens, out_hidden] tensor keeps the contract
                 tokens = b.op("Shape", [image_embeds])

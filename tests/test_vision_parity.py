@@ -179,3 +179,35 @@ def test_vision_graph_structure(preset, vision):
     assert {t.name for t in large} >= {"vision/patch_embed/weight", "vision/pos_embed/weight"}
     locations = {e.value for t in large for e in t.external_data if e.key == "location"}
     assert locations == {"vision.onnx.data"}
+
+
+def test_unusual_vision_config_matches_pytorch(tmp_path):
+    """Shapes no preset has: head dim 72 (as in the 8B tower), DeepStack indexes out of order, 2 taps on a
+    5x5 learned grid, quick_gelu, merge 2 with odd block counts."""
+    import onnxruntime as ort
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from export.vision import export_vision
+    from merge.presets import preset_config
+    from merge.random_weights import init_scaled_
+
+    config = preset_config("tiny")
+    config["vision_config"].update(hidden_size=144, num_heads=2, intermediate_size=96, depth=3,
+                                   deepstack_visual_indexes=[2, 0], num_position_embeddings=25,
+                                   hidden_act="quick_gelu", out_hidden_size=64)
+    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**config)).float().eval()
+    init_scaled_(model, seed=11)
+    folder = tmp_path / "hf"
+    model.save_pretrained(folder)
+    spec = VisionSpec.from_config(config["vision_config"])
+    path = export_vision(folder, config["vision_config"], tmp_path / "vision.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    pixels, grid_thw = _inputs(spec, [(1, 6, 10), (2, 2, 2), (1, 14, 6)], seed=4)
+    with torch.no_grad():
+        out = model.model.visual(torch.from_numpy(pixels), grid_thw=torch.from_numpy(grid_thw))
+    embeds, deep = _run(sess, pixels, grid_thw)
+    ref_deep = np.stack([d.numpy() for d in out.deepstack_features])
+    results = [compare("image_embeds", embeds, out.pooler_output.numpy()), compare("deepstack_embeds", deep, ref_deep)]
+    assert all(r.passed for r in results), "\n".join(r.line() for r in results)
+    assert not compare("deepstack_embeds", deep[::-1], ref_deep).passed  # levels come in the tower's layer order
