@@ -209,3 +209,38 @@ def test_bad_inputs_are_refused_before_running(change, message, combined, source
     with pytest.raises(MergeError) as info:
         _run(combined("tiny"), inputs)
     assert message in str(info.value)
+
+
+def test_unusual_config_end_to_end(tmp_path):
+    """A shape no preset has, end to end: text head_dim != hidden/heads with one KV head, MRoPE sections
+    [6, 5, 5], untied head, DeepStack indexes out of order, vision head dim 72."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from merge.build import build
+    from merge.presets import preset_config
+    from merge.random_weights import init_scaled_
+    from merge.sources import resolve_model
+    from merge.tokenizer_files import build_inputs, load_preprocessors, write_tokenizer_and_processor
+
+    config = preset_config("tiny")
+    config["tie_word_embeddings"] = False
+    config["vision_config"].update(hidden_size=144, num_heads=2, intermediate_size=96, depth=3,
+                                   deepstack_visual_indexes=[2, 0], out_hidden_size=48)
+    config["text_config"].update(hidden_size=48, num_attention_heads=3, num_key_value_heads=1, head_dim=32,
+                                 num_hidden_layers=3, intermediate_size=80)
+    config["text_config"]["rope_parameters"]["mrope_section"] = [6, 5, 5]
+    folder = tmp_path / "hf"
+    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**config)).float().eval()
+    init_scaled_(model, seed=5)
+    model.save_pretrained(folder)
+    write_tokenizer_and_processor(folder, config)
+    out = tmp_path / "combined"
+    build(resolve_model(str(folder)), out)
+
+    tok, proc = load_preprocessors(folder)
+    inputs = build_inputs(tok, proc, "Describe both.", _images([(64, 96), (120, 80)], 7), config)
+    ref_logits, ref_tokens = _reference(model, inputs)
+    gen = _run(out, inputs)
+    result = compare("prefill_logits", gen.prefill_logits, ref_logits)
+    assert result.passed, result.line()
+    assert (gen.tokens == ref_tokens).all()
