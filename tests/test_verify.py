@@ -80,3 +80,23 @@ def test_readme_verify_output_matches(good, reference, capsys):
 
     assert skeleton(pasted) == skeleton(real)
     capsys.readouterr()
+
+
+def test_checkpoint_with_transformers_4_config_layout(sources, tmp_path, capsys):
+    """Published checkpoints were saved by transformers 4.57: rope_scaling and rope_theta, torch_dtype."""
+    import shutil
+
+    folder = tmp_path / "old-layout"
+    shutil.copytree(sources("tiny").folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    text = config["text_config"]
+    rope = text.pop("rope_parameters")
+    text["rope_scaling"] = {"mrope_interleaved": True, "mrope_section": rope["mrope_section"], "rope_type": "default"}
+    text["rope_theta"] = rope["rope_theta"]
+    text["torch_dtype"] = text.pop("dtype")
+    config["torch_dtype"] = config.pop("dtype")
+    (folder / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "combined"
+    assert main(["build", "--model", str(folder), "--out", str(out)]) == 0
+    assert main(["verify", str(out), "--model", str(folder), "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("PASSED")
