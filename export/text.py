@@ -35,7 +35,7 @@ from merge.errors import MergeError
 if TYPE_CHECKING:
     import onnx
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("export.text")  # the same name when run as a child (python -m export.text)
 
 PRECISIONS = ("fp32", "int4")
 DECODER_FILENAME = "decoder.onnx"
@@ -102,6 +102,11 @@ def _run_builder_in_child(hf_folder: Path, out_dir: Path, precision: str, cache_
     cmd = [sys.executable, "-m", "export.text", str(hf_folder), str(out_dir), precision, str(cache_dir)]
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    if sys.stderr.isatty():  # a person is watching: the builder's own progress bars show as it works
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, env=env)
+        if proc.returncode != 0:
+            raise DecoderExportError(f"the decoder export of {hf_folder} failed in its child process (see above)")
+        return
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stderr.splitlines():
         log.debug("builder: %s", line)
