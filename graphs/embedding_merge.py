@@ -45,11 +45,17 @@ def output_names(num_levels: int) -> tuple[str, ...]:
     return ("inputs_embeds", "visual_mask", *(deepstack_output_name(k) for k in range(num_levels)))
 
 
-TABLE_LAYOUTS = ("vocab_major", "hidden_major")
+TABLE_LAYOUTS = ("vocab_major", "hidden_major", "int4_blocks")
+SCALES_INPUT = "embed_scales"  # only with table_layout="int4_blocks"
 
 
 def build_embedding_merge(
-    image_token_id: int, hidden_size: int, num_levels: int, prefix: str = "merge/", table_layout: str = "vocab_major"
+    image_token_id: int,
+    hidden_size: int,
+    num_levels: int,
+    prefix: str = "merge/",
+    table_layout: str = "vocab_major",
+    block_size: int = 32,
 ) -> ir.Model:
     """A standalone model: ``input_ids`` int64 [batch, sequence], ``embed_tokens`` float [vocab, hidden],
     ``image_embeds`` float [num_image_tokens, hidden], ``deepstack_embeds`` float [levels, num_image_tokens,
@@ -60,6 +66,9 @@ def build_embedding_merge(
     decoder's embedding table. With no images, feed 0 feature rows: the outputs are the plain token
     embeddings and all-zero DeepStack terms. ``table_layout="hidden_major"`` takes the table as [hidden, vocab]:
     a tied model's head weight as the decoder stores it, so the combined model does not store it twice.
+    ``table_layout="int4_blocks"`` takes a tied int4 head's own 4-bit blocks: ``embed_tokens`` uint8
+    [vocab, hidden/2] and ``embed_scales`` [vocab, hidden/block_size] (symmetric, as MatMulNBits stores them),
+    read by ``GatherBlockQuantized``.
     """
     if hidden_size < 1:
         raise ValueError(f"hidden_size must be a positive integer, got {hidden_size}")
@@ -69,8 +78,15 @@ def build_embedding_merge(
         raise ValueError(f"Qwen3-VL has at least one DeepStack level, got num_levels={num_levels}")
 
     input_ids = tensor_input("input_ids", INT64, ["batch", "sequence"])
-    table_shape = ["vocab", hidden_size] if table_layout == "vocab_major" else [hidden_size, "vocab"]
-    embed_tokens = tensor_input("embed_tokens", FLOAT, table_shape)
+    embed_scales = None
+    if table_layout == "int4_blocks":
+        if hidden_size % block_size:
+            raise ValueError(f"int4 blocks need hidden_size {hidden_size} divisible by block_size {block_size}")
+        embed_tokens = tensor_input("embed_tokens", ir.DataType.UINT8, ["vocab", hidden_size // 2])
+        embed_scales = tensor_input(SCALES_INPUT, FLOAT, ["vocab", hidden_size // block_size])
+    else:
+        table_shape = ["vocab", hidden_size] if table_layout == "vocab_major" else [hidden_size, "vocab"]
+        embed_tokens = tensor_input("embed_tokens", FLOAT, table_shape)
     image_embeds = tensor_input("image_embeds", FLOAT, ["num_image_tokens", hidden_size])
     deepstack_embeds = tensor_input("deepstack_embeds", FLOAT, [num_levels, "num_image_tokens", hidden_size])
 
@@ -86,7 +102,11 @@ def build_embedding_merge(
         index = b.op("Reshape", [flat_index, b.op("Shape", [input_ids], name="ids_shape")], name="token_row")
 
     with b.scope("embeds"):
-        if table_layout == "vocab_major":
+        if table_layout == "int4_blocks":
+            text = b.op("GatherBlockQuantized", [embed_tokens, input_ids, embed_scales],
+                        {"gather_axis": 0, "quantize_axis": 1, "block_size": block_size, "bits": 4},
+                        domain="com.microsoft", name="token_embeds")
+        elif table_layout == "vocab_major":
             text = b.op("Gather", [embed_tokens, input_ids], {"axis": 0}, name="token_embeds")
         else:  # [hidden, vocab]: gather columns -> [hidden, batch, sequence] -> [batch, sequence, hidden]
             columns = b.op("Gather", [embed_tokens, input_ids], {"axis": 1}, name="token_columns")
@@ -115,11 +135,13 @@ def build_embedding_merge(
 
     inputs = [input_ids, embed_tokens, image_embeds, deepstack_embeds]
     assert [v.name for v in inputs] == list(INPUT_NAMES)
+    if embed_scales is not None:
+        inputs.append(embed_scales)
     return make_model(
         b,
         inputs,
         outputs,
         name=f"{prefix}embedding_merge",
-        opset_imports={"": OPSET},
+        opset_imports={"": OPSET, "com.microsoft": 1} if embed_scales is not None else {"": OPSET},
         ir_version=IR_VERSION,
     )

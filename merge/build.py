@@ -82,7 +82,8 @@ def build(source: ModelSource, out: Path, *, precision: str = "fp32", force: boo
         export_peak = peak_rss_gib()[1]  # only the builder's child has finished so far
         check_peak = check_onnx_in_child(stage / COMBINED_MODEL)
         parts = {"model": COMBINED_MODEL, "data": COMBINED_DATA}
-        write_manifest(stage, source, precision, parts, copied)
+        layout = {p.key: p.value for p in model_metadata(stage / COMBINED_MODEL)}.get("embedding_table", "")
+        write_manifest(stage, source, precision, parts, copied, layout)
     return BuildResult(out=Path(out), parts=parts, seconds=time.perf_counter() - start,
                        peak_rss_gib=peak_rss_gib()[0], export_peak_rss_gib=export_peak, check_peak_rss_gib=check_peak)
 
@@ -113,15 +114,17 @@ def assemble(source: ModelSource, precision: str, work: Path) -> ir.Model:
         log.info("decoder: %d MatMuls to int4 (MatMulNBits, block %d), quantized while writing", count,
                  INT4_BLOCK_SIZE)
 
-    table, layout = embedding_table(source, decoder, precision)
+    table, layout, scales = embedding_table(source, decoder, precision)
     parts = Parts(
         decoder=decoder,
         vision=vision,
         embedding_merge=build_embedding_merge(spec.image_token_id, spec.hidden_size, spec.num_levels,
-                                              prefix="merge/embedding/", table_layout=layout),
+                                              prefix="merge/embedding/", table_layout=layout,
+                                              block_size=INT4_BLOCK_SIZE),
         rope_index=build_rope_index(spec.image_token_id, spec.spatial_merge_size, opset=OPSET,
                                     prefix="merge/position/"),
         embed_tokens=table,
+        embed_scales=scales,
     )
     metadata = {
         "source_model": source.spec,
@@ -129,24 +132,27 @@ def assemble(source: ModelSource, precision: str, work: Path) -> ir.Model:
         "tool": "qwen3vl-merge",
         "tool_version": __version__,
         "image_token_id": str(spec.image_token_id),
+        "embedding_table": layout,
     }
     return stitch(parts, spec, vision_spec.patch_dim, metadata)
 
 
-def embedding_table(source: ModelSource, decoder: ir.Model, precision: str) -> tuple[ir.Value, str]:
-    """The token embedding table for the embedding merge, and its layout.
+def embedding_table(source: ModelSource, decoder: ir.Model, precision: str) -> tuple[ir.Value, str, ir.Value | None]:
+    """The token embedding table for the embedding merge: (table, layout, int4 scales or None).
 
-    A tied fp32 model's head weight *is* the embedding table, transposed ([hidden, vocab]): the merge gathers
-    its columns, so the table is stored once. Otherwise (untied, or an int4 head) the table is read lazily
-    from the checkpoint.
+    A tied model's head weight *is* the embedding table: in fp32 the merge gathers columns of the head's
+    [hidden, vocab] weight; in int4 it reads the head's own 4-bit blocks with GatherBlockQuantized. Either way
+    the table is not stored a second time. Otherwise (untied) it is read lazily from the checkpoint.
     """
     from export.checkpoint import Checkpoint
     from graphs.builder import FLOAT
 
-    if source.config.get("tie_word_embeddings") and precision == "fp32":
-        head = tied_head_weight(decoder, int(source.text_config["hidden_size"]))
-        if head is not None:
-            return head, "hidden_major"
+    hidden = int(source.text_config["hidden_size"])
+    if source.config.get("tie_word_embeddings"):
+        if precision == "fp32" and (head := tied_head_weight(decoder, hidden)) is not None:
+            return head, "hidden_major", None
+        if precision == "int4" and (blocks := tied_head_int4_blocks(decoder, hidden)) is not None:
+            return (*blocks[:1], "int4_blocks", blocks[1])
         log.warning("tied embeddings, but the decoder's head weight was not found; storing the table twice")
     ckpt = Checkpoint(source.folder)
     name = ckpt.find_prefix(TEXT_PREFIXES, "embed_tokens.weight") + "embed_tokens.weight"
@@ -154,7 +160,31 @@ def embedding_table(source: ModelSource, decoder: ir.Model, precision: str) -> t
     table = ir.Value(name="merge/embedding/embed_tokens", type=ir.TensorType(FLOAT), shape=shape)
     table.const_value = ir.LazyTensor(lambda: ir.tensor(ckpt.load(name), name=table.name), FLOAT, shape,
                                       name=table.name)
-    return table, "vocab_major"
+    return table, "vocab_major", None
+
+
+def tied_head_int4_blocks(decoder: ir.Model, hidden: int) -> tuple[ir.Value, ir.Value] | None:
+    """A tied int4 head's 4-bit blocks as GatherBlockQuantized reads them: (uint8 [vocab, hidden/2], scales
+    [vocab, hidden/block]). Only for the symmetric layout without padding that merge build writes."""
+    logits = next((v for v in decoder.graph.outputs if v.name == "logits"), None)
+    node = logits.producer() if logits is not None else None
+    if node is None or node.op_type != "MatMulNBits" or (len(node.inputs) > 3 and node.inputs[3] is not None):
+        return None
+    attrs = {k: a.value for k, a in node.attributes.items()}
+    weight, scales = node.inputs[1], node.inputs[2]
+    if attrs.get("bits") != 4 or attrs.get("K") != hidden or hidden % attrs.get("block_size", hidden + 1):
+        return None
+    vocab, blocks = int(attrs["N"]), hidden // int(attrs["block_size"])
+    shape = ir.Shape([vocab, hidden // 2])
+    data = ir.Value(name="merge/embedding/embed_tokens_q4", type=ir.TensorType(ir.DataType.UINT8), shape=shape)
+    # The same bytes as the head's [vocab, blocks, block/2] weight, seen as rows of hidden/2 bytes.
+    data.const_value = ir.LazyTensor(
+        lambda: ir.tensor(weight.const_value.numpy().reshape(vocab, hidden // 2), name=data.name),
+        ir.DataType.UINT8, shape, name=data.name,
+    )
+    if scales.shape is None or list(scales.shape) != [vocab, blocks]:
+        return None
+    return data, scales
 
 
 def tied_head_weight(decoder: ir.Model, hidden: int) -> ir.Value | None:
@@ -167,6 +197,12 @@ def tied_head_weight(decoder: ir.Model, hidden: int) -> ir.Value | None:
     if weight is None or weight.const_value is None or weight.shape is None or weight.shape[0] != hidden:
         return None
     return weight
+
+
+def model_metadata(path: Path) -> list:
+    import onnx
+
+    return list(onnx.load(str(path), load_external_data=False).metadata_props)
 
 
 def copy_preprocessing(src: Path, dst: Path) -> list[str]:
@@ -226,7 +262,8 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: Path, source: ModelSource, precision: str, parts: dict[str, str], copied: list[str]) -> None:
+def write_manifest(folder: Path, source: ModelSource, precision: str, parts: dict[str, str], copied: list[str],
+                   embedding_layout: str) -> None:
     import onnx
 
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".onnx", ".data"))
@@ -252,7 +289,8 @@ def write_manifest(folder: Path, source: ModelSource, precision: str, parts: dic
         "outputs": describe(graph.output),
         "quantization": (
             {"bits": 4, "block_size": INT4_BLOCK_SIZE, "symmetric": True, "accuracy_level": INT4_ACCURACY_LEVEL,
-             "scope": "decoder MatMuls incl. lm_head; vision and embedding table fp32"}
+             "scope": "decoder MatMuls incl. lm_head; vision fp32",
+             "embedding_table": embedding_layout}
             if precision == "int4" else None
         ),
         "special_token_ids": {

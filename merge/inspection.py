@@ -38,6 +38,7 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 
 # com.microsoft MatMulNBits: inputs A, B (packed weight), scales, zero_points, g_idx, bias. B holds K*N
 # parameters; scales, zero points and g_idx are quantization metadata (bytes, no parameters).
+GATHER_BLOCK_QUANTIZED_OP = ("com.microsoft", "GatherBlockQuantized")
 NBITS_OP = ("com.microsoft", "MatMulNBits")
 NBITS_WEIGHT_INPUT = 1
 NBITS_METADATA_INPUTS = slice(2, 5)
@@ -261,6 +262,7 @@ def classify_initializers(graph: onnx.GraphProto) -> dict[str, tuple[str, int]]:
     as axes, shapes, token ids). Found by the ops that read them, except ``inv_freq``.
     """
     nbits_parameters: dict[str, int] = {}
+    packed_tables: dict[str, int] = {}  # initializer name -> values per byte
     quant_metadata: set[str] = set()
     rotary_tables: set[str] = set()
     for node, _ in _walk_nodes(graph):
@@ -269,6 +271,9 @@ def classify_initializers(graph: onnx.GraphProto) -> dict[str, tuple[str, int]]:
             attrs = {a.name: a.i for a in node.attribute}
             nbits_parameters[node.input[NBITS_WEIGHT_INPUT]] = attrs["K"] * attrs["N"]
             quant_metadata.update(name for name in node.input[NBITS_METADATA_INPUTS] if name)
+        elif key == GATHER_BLOCK_QUANTIZED_OP:  # a 4-bit table: [rows, cols / 2] bytes stand for rows x cols
+            packed_tables[node.input[0]] = 8 // next((a.i for a in node.attribute if a.name == "bits"), 4)
+            quant_metadata.update(name for name in node.input[2:] if name)
         elif key in ROTARY_CACHE_INPUTS:
             rotary_tables.update(node.input[i] for i in ROTARY_CACHE_INPUTS[key] if i < len(node.input))
 
@@ -277,6 +282,8 @@ def classify_initializers(graph: onnx.GraphProto) -> dict[str, tuple[str, int]]:
         name = tensor.name
         if name in nbits_parameters:
             kinds[name] = ("weight", nbits_parameters[name])
+        elif name in packed_tables:
+            kinds[name] = ("weight", _elements(tensor) * packed_tables[name])
         elif name in quant_metadata:
             kinds[name] = ("quantization", 0)
         elif (name in rotary_tables or name.rsplit("/", 1)[-1].endswith(DERIVED_BUFFER_SUFFIXES)

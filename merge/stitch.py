@@ -89,6 +89,7 @@ class Parts:
     embedding_merge: ir.Model
     rope_index: ir.Model
     embed_tokens: ir.Value  # the token embedding table: a lazy initializer, or the tied head's weight
+    embed_scales: ir.Value | None = None  # with a tied int4 head: its block scales
 
 
 # -- small graph utilities -------------------------------------------------------------------------------
@@ -211,12 +212,14 @@ class WireEmbeddings:
     def __call__(self, graph: ir.Graph, parts: Parts, spec: StitchSpec, input_ids: ir.Value,
                  image_embeds: ir.Value, deepstack: ir.Value) -> list[ir.Value]:
         decoder_embeds = next(v for v in graph.inputs if v.name == "inputs_embeds")
-        if parts.embed_tokens.name not in graph.initializers:  # a tied head's weight is already there
-            graph.register_initializer(parts.embed_tokens)
-        nodes, inits, outputs = _detach(parts.embedding_merge, {
-            "input_ids": input_ids, "embed_tokens": parts.embed_tokens,
-            "image_embeds": image_embeds, "deepstack_embeds": deepstack,
-        })
+        feeds = {"input_ids": input_ids, "embed_tokens": parts.embed_tokens,
+                 "image_embeds": image_embeds, "deepstack_embeds": deepstack}
+        if parts.embed_scales is not None:
+            feeds["embed_scales"] = parts.embed_scales
+        for table in (parts.embed_tokens, parts.embed_scales):
+            if table is not None and table.name not in graph.initializers:  # a tied head's are already there
+                graph.register_initializer(table)
+        nodes, inits, outputs = _detach(parts.embedding_merge, feeds)
         _absorb(graph, nodes, inits)
         ir.convenience.replace_all_uses_with(decoder_embeds, outputs["inputs_embeds"])
         graph.inputs.remove(decoder_embeds)

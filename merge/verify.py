@@ -99,8 +99,9 @@ def prepare_inputs(folder: Path, prompt: str, images) -> dict[str, np.ndarray]:
 
 # -- reference (PyTorch) --------------------------------------------------------------------------------------
 
-def use_int4_weights_(model, block_size: int, symmetric: bool) -> int:
-    """Give the text decoder's linear layers (and the head) the exact weights the int4 model holds."""
+def use_int4_weights_(model, block_size: int, symmetric: bool, shared_table: bool = False) -> int:
+    """Give the text decoder's linear layers (and the head) the exact weights the int4 model holds; with
+    ``shared_table`` the token embeddings too (a tied int4 model reads them from the head's 4-bit blocks)."""
     import torch
 
     from .quantize import dequantize_int4, quantize_weight_int4
@@ -116,8 +117,10 @@ def use_int4_weights_(model, block_size: int, symmetric: bool) -> int:
             if isinstance(module, torch.nn.Linear):
                 module.weight.copy_(requantized(module.weight))
                 count += 1
-        # The head is quantized on its own; a tied embedding table stays fp32 in the ONNX model.
+        # The head is quantized on its own; an untied (or unshared) embedding table stays fp32.
         model.lm_head.weight = torch.nn.Parameter(requantized(model.lm_head.weight))
+        if shared_table:
+            model.model.language_model.embed_tokens.weight = model.lm_head.weight
     return count + 1
 
 
@@ -130,7 +133,8 @@ def torch_reference(model_folder: Path, inputs: dict[str, np.ndarray], new_token
 
     model = Qwen3VLForConditionalGeneration.from_pretrained(model_folder, dtype=torch.float32).eval()
     if quantization:
-        count = use_int4_weights_(model, int(quantization["block_size"]), bool(quantization["symmetric"]))
+        count = use_int4_weights_(model, int(quantization["block_size"]), bool(quantization["symmetric"]),
+                                  shared_table=quantization.get("embedding_table") == "int4_blocks")
         log.info("reference: %d linear layers carry the int4 folder's weights", count)
     t = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
     has_images = inputs["image_grid_thw"].shape[0] > 0

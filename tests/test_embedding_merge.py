@@ -323,3 +323,21 @@ def test_hidden_major_table_is_bit_equal(ref: Reference, case: str):
     names = output_names(ref.num_levels)
     actual = dict(zip(names, session.run(list(names), feeds), strict=True))
     _assert_bit_equal(_hf(ref, x), actual)
+
+
+def test_int4_blocks_table_matches_dequantized_rows(ref: Reference):
+    """A tied int4 head's 4-bit blocks serve as the table (GatherBlockQuantized): rows equal the dequantized head."""
+    from merge.quantize import dequantize_int4, quantize_weight_int4
+
+    block = 16 if ref.hidden_size % 32 else 32
+    packed, scales, _ = quantize_weight_int4(np.ascontiguousarray(ref.embed_tokens.T), block, symmetric=True)
+    vocab = ref.embed_tokens.shape[0]
+    table = dequantize_int4(packed, scales, None, ref.hidden_size).T.astype(np.float32)
+    session = _session(build_embedding_merge(ref.image_token_id, ref.hidden_size, ref.num_levels,
+                                             table_layout="int4_blocks", block_size=block))
+    x = _make_inputs(ref, CASES["one_row_three_images"], random.Random(4))
+    feeds = {"input_ids": x.input_ids, "embed_tokens": packed.reshape(vocab, -1), "embed_scales": scales,
+             "image_embeds": x.image_embeds, "deepstack_embeds": x.deepstack_embeds}
+    out = session.run(["inputs_embeds"], feeds)[0]
+    mask = x.input_ids != ref.image_token_id
+    np.testing.assert_allclose(out[mask], table[x.input_ids[mask]], rtol=0, atol=1e-6)

@@ -108,8 +108,10 @@ def test_int4_bytes_as_stored(combined):
     # 4-bit matrices: well under a quarter of the fp32 bytes (the fp32 norms keep it above an eighth)
     assert int4["decoder"]["bytes_by_kind"]["weight"] < fp32["decoder"]["bytes_by_kind"]["weight"] / 4
     assert int4["vision"] == fp32["vision"]
-    # tied: the fp32 folder shares the head's weight; the int4 head is quantized, so int4 keeps an fp32 table
+    # tied: the fp32 folder gathers from the head's weight; the int4 one keeps a 4-bit view of the head's
+    # blocks (the same bytes, reshaped for GatherBlockQuantized), an eighth of an fp32 table
     assert fp32["merge"]["parameters"] == 0 and int4["merge"]["parameters"] > 0
+    assert int4["merge"]["bytes_by_kind"]["weight"] * 8 == int4["merge"]["parameters"] * 4
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -215,7 +217,7 @@ def test_stitch_view(precision, combined, sources, tmp_path):
     assert inputs["vision/image_embeds"] == ["num_image_tokens", hidden]
     assert inputs["vision/deepstack_embeds"] == [levels, "num_image_tokens", hidden]
     table_readers = [n for n in graph.node if n.name.startswith("merge/embedding/embeds/token_")
-                     and n.op_type == "Gather"]
+                     and n.op_type in ("Gather", "GatherBlockQuantized")]
     assert len(table_readers) == 1 and table_readers[0].input[0] in inputs  # the table is a weightless input
     assert not any(n.name.startswith("vision/") for n in graph.node)
 

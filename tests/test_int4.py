@@ -34,6 +34,14 @@ def test_int4_structure(int4_folder, sources):
     assert not decoder_matmuls
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["precision"] == "int4"
+    # tiny is tied: its embeddings are read from the head's own 4-bit blocks, not from an fp32 table
+    assert meta["embedding_table"] == "int4_blocks"
+    (gather,) = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    (head,) = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits"]
+    assert gather.input[2] == head.input[2]  # the same scales initializer
+    floats = {t.name: t.dims for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    vocab = sources("tiny").text_config["vocab_size"]
+    assert not [n for n, d in floats.items() if n.startswith("merge/") and vocab in d]
 
 
 @pytest.mark.parametrize("case", ["text", "one_image"])
