@@ -152,7 +152,8 @@ def embedding_table(source: ModelSource, decoder: ir.Model, precision: str) -> t
         if precision == "fp32" and (head := tied_head_weight(decoder, hidden)) is not None:
             return head, "hidden_major", None
         if precision == "int4" and (blocks := tied_head_int4_blocks(decoder, hidden)) is not None:
-            return (*blocks[:1], "int4_blocks", blocks[1])
+            data, scales = blocks
+            return data, "int4_blocks", scales
         log.warning("tied embeddings, but the decoder's head weight was not found; storing the table twice")
     ckpt = Checkpoint(source.folder)
     name = ckpt.find_prefix(TEXT_PREFIXES, "embed_tokens.weight") + "embed_tokens.weight"
@@ -163,11 +164,16 @@ def embedding_table(source: ModelSource, decoder: ir.Model, precision: str) -> t
     return table, "vocab_major", None
 
 
+def _head_node(decoder: ir.Model) -> ir.Node | None:
+    """The node that produces the decoder's ``logits`` (the head)."""
+    logits = next((v for v in decoder.graph.outputs if v.name == "logits"), None)
+    return logits.producer() if logits is not None else None
+
+
 def tied_head_int4_blocks(decoder: ir.Model, hidden: int) -> tuple[ir.Value, ir.Value] | None:
     """A tied int4 head's 4-bit blocks as GatherBlockQuantized reads them: (uint8 [vocab, hidden/2], scales
     [vocab, hidden/block]). Only for the symmetric layout without padding that merge build writes."""
-    logits = next((v for v in decoder.graph.outputs if v.name == "logits"), None)
-    node = logits.producer() if logits is not None else None
+    node = _head_node(decoder)
     if node is None or node.op_type != "MatMulNBits" or (len(node.inputs) > 3 and node.inputs[3] is not None):
         return None
     attrs = {k: a.value for k, a in node.attributes.items()}
@@ -175,6 +181,8 @@ def tied_head_int4_blocks(decoder: ir.Model, hidden: int) -> tuple[ir.Value, ir.
     if attrs.get("bits") != 4 or attrs.get("K") != hidden or hidden % attrs.get("block_size", hidden + 1):
         return None
     vocab, blocks = int(attrs["N"]), hidden // int(attrs["block_size"])
+    if scales.shape is None or list(scales.shape) != [vocab, blocks]:
+        return None
     shape = ir.Shape([vocab, hidden // 2])
     data = ir.Value(name="merge/embedding/embed_tokens_q4", type=ir.TensorType(ir.DataType.UINT8), shape=shape)
     # The same bytes as the head's [vocab, blocks, block/2] weight, seen as rows of hidden/2 bytes.
@@ -182,15 +190,12 @@ def tied_head_int4_blocks(decoder: ir.Model, hidden: int) -> tuple[ir.Value, ir.
         lambda: ir.tensor(weight.const_value.numpy().reshape(vocab, hidden // 2), name=data.name),
         ir.DataType.UINT8, shape, name=data.name,
     )
-    if scales.shape is None or list(scales.shape) != [vocab, blocks]:
-        return None
     return data, scales
 
 
 def tied_head_weight(decoder: ir.Model, hidden: int) -> ir.Value | None:
     """The fp32 [hidden, vocab] initializer of the MatMul that produces ``logits``, if there is one."""
-    logits = next((v for v in decoder.graph.outputs if v.name == "logits"), None)
-    node = logits.producer() if logits is not None else None
+    node = _head_node(decoder)
     if node is None or node.op_type != "MatMul":
         return None
     weight = node.inputs[1]
