@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -23,14 +24,7 @@ def sources(preset_cache):
     """``sources(name)`` -> resolved ModelSource, built on first use."""
     from merge.sources import resolve_model
 
-    cache: dict = {}
-
-    def get(name: str):
-        if name not in cache:
-            cache[name] = resolve_model(name, preset_cache)
-        return cache[name]
-
-    return get
+    return functools.cache(lambda name: resolve_model(name, preset_cache))
 
 
 @pytest.fixture(scope="session")
@@ -39,15 +33,9 @@ def hf_models(sources):
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
-    cache: dict = {}
-
-    def get(name: str):
-        if name not in cache:
-            folder = sources(name).folder
-            cache[name] = Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-        return cache[name]
-
-    return get
+    return functools.cache(
+        lambda name: Qwen3VLForConditionalGeneration.from_pretrained(sources(name).folder, dtype=torch.float32).eval()
+    )
 
 
 @pytest.fixture(scope="session")
@@ -55,11 +43,4 @@ def prep(sources):
     """``prep(name)`` -> (tokenizer, image processor) loaded from the preset folder, without torchvision."""
     from merge.tokenizer_files import load_preprocessors
 
-    cache: dict = {}
-
-    def get(name: str):
-        if name not in cache:
-            cache[name] = load_preprocessors(sources(name).folder)
-        return cache[name]
-
-    return get
+    return functools.cache(lambda name: load_preprocessors(sources(name).folder))

@@ -13,7 +13,6 @@ import dataclasses
 import random
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
@@ -23,6 +22,7 @@ import transformers
 from graphs.embedding_merge import INPUT_NAMES, build_embedding_merge, output_names
 from merge.compare import compare
 from merge.presets import preset_config
+from tests.onnx_session import checked_session
 
 PRESETS = ("tiny", "tiny-merge1")
 TEXT_VOCAB = 900  # text ids below the tiny presets' special tokens
@@ -42,12 +42,6 @@ class Reference:
     session: ort.InferenceSession
 
 
-def _session(model: ir.Model) -> ort.InferenceSession:
-    proto = ir.serde.serialize_model(model)
-    onnx.checker.check_model(proto, full_check=True)
-    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-
-
 @pytest.fixture(scope="module", params=PRESETS)
 def ref(request) -> Reference:
     config = transformers.Qwen3VLConfig(**preset_config(request.param))
@@ -56,7 +50,7 @@ def ref(request) -> Reference:
     hidden = config.text_config.hidden_size
     levels = len(config.vision_config.deepstack_visual_indexes)
     embed_tokens = model.get_input_embeddings().weight.detach().numpy().copy()
-    session = _session(build_embedding_merge(config.image_token_id, hidden, levels))
+    session = checked_session(build_embedding_merge(config.image_token_id, hidden, levels))
     return Reference(model, config.image_token_id, hidden, levels, embed_tokens, session)
 
 
@@ -250,7 +244,7 @@ def _twin_graph(ref: Reference, **cumsum_attributes: int) -> ort.InferenceSessio
     (cumsum,) = [n for n in model.graph if n.op_type == "CumSum"]
     for key, value in cumsum_attributes.items():
         cumsum.attributes[key] = ir.AttrInt64(key, value)
-    return _session(model)
+    return checked_session(model)
 
 
 @pytest.mark.parametrize("attribute", ["reverse", "exclusive"])
@@ -315,7 +309,7 @@ def test_bad_arguments_are_refused(hidden: int, levels: int):
 @pytest.mark.parametrize("case", ["one_row_three_images", "batch_padded_different_image_counts"])
 def test_hidden_major_table_is_bit_equal(ref: Reference, case: str):
     """A tied model's head weight [hidden, vocab] serves as the table: same outputs, bit for bit."""
-    session = _session(build_embedding_merge(ref.image_token_id, ref.hidden_size, ref.num_levels,
+    session = checked_session(build_embedding_merge(ref.image_token_id, ref.hidden_size, ref.num_levels,
                                              table_layout="hidden_major"))
     x = _make_inputs(ref, CASES[case], random.Random(3))
     feeds = dict(zip(INPUT_NAMES, (x.input_ids, np.ascontiguousarray(ref.embed_tokens.T), x.image_embeds,
@@ -333,7 +327,7 @@ def test_int4_blocks_table_matches_dequantized_rows(ref: Reference):
     packed, scales, _ = quantize_weight_int4(np.ascontiguousarray(ref.embed_tokens.T), block, symmetric=True)
     vocab = ref.embed_tokens.shape[0]
     table = dequantize_int4(packed, scales, None, ref.hidden_size).T.astype(np.float32)
-    session = _session(build_embedding_merge(ref.image_token_id, ref.hidden_size, ref.num_levels,
+    session = checked_session(build_embedding_merge(ref.image_token_id, ref.hidden_size, ref.num_levels,
                                              table_layout="int4_blocks", block_size=block))
     x = _make_inputs(ref, CASES["one_row_three_images"], random.Random(4))
     feeds = {"input_ids": x.input_ids, "embed_tokens": packed.reshape(vocab, -1), "embed_scales": scales,

@@ -12,7 +12,6 @@ import random
 import types
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
@@ -21,6 +20,7 @@ import transformers
 
 from graphs.rope_index import INPUT_NAMES, OUTPUT_NAMES, build_rope_index
 from merge.presets import preset_config
+from tests.onnx_session import checked_session
 
 PRESETS = ("tiny", "tiny-merge1")
 TEXT_VOCAB = 900  # text ids below the tiny presets' special tokens
@@ -45,19 +45,13 @@ class Reference:
     session: ort.InferenceSession
 
 
-def _session(model: ir.Model) -> ort.InferenceSession:
-    proto = ir.serde.serialize_model(model)
-    onnx.checker.check_model(proto, full_check=True)
-    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-
-
 @pytest.fixture(scope="module", params=PRESETS)
 def ref(request) -> Reference:
     config = transformers.Qwen3VLConfig(**preset_config(request.param))
     torch.manual_seed(0)
     model = transformers.Qwen3VLModel(config).eval()
     merge = config.vision_config.spatial_merge_size
-    session = _session(build_rope_index(config.image_token_id, merge))
+    session = checked_session(build_rope_index(config.image_token_id, merge))
     return Reference(model, config.image_token_id, merge, session)
 
 
@@ -281,7 +275,7 @@ def test_twin_swapped_h_and_w_fails(ref: Reference):
 def test_twin_wrong_merge_size_fails(ref: Reference):
     # A wrong merge size changes every image's token count: the graph must refuse, not invent positions.
     p = _make_prompt(CASES["one_image"], ref.image_token_id, ref.merge, random.Random(2))
-    wrong = _session(build_rope_index(ref.image_token_id, ref.merge + 1))
+    wrong = checked_session(build_rope_index(ref.image_token_id, ref.merge + 1))
     with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument, match="out of data bounds"):
         _check_first_call(ref, p, session=wrong)
 
@@ -342,7 +336,7 @@ def test_structure_names_and_domains():
 
 @pytest.mark.parametrize("opset", [18, 23])
 def test_other_opsets_build_and_run(opset: int):
-    session = _session(build_rope_index(1004, 2, opset=opset))
+    session = checked_session(build_rope_index(1004, 2, opset=opset))
     ids = np.array([[5, 1004, 1004, 6]], np.int64)
     feeds = dict(
         zip(INPUT_NAMES, (ids, np.ones_like(ids), np.array([[1, 2, 4]]), np.zeros((1, 1), np.int64)), strict=True)
