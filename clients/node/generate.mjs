@@ -1,0 +1,85 @@
+// Greedy generation with a qwen3vl-merge combined folder from Node.js: one InferenceSession, no host glue
+// beyond the loop (positions, image merge and DeepStack are inside the model).
+//
+//   node generate.mjs COMBINED_DIR INPUTS.json NEW_TOKENS
+//
+// INPUTS.json: {"input_ids": [[...]], "attention_mask": [[...]], "pixel_values": [[...], ...],
+//               "image_grid_thw": [[t, h, w], ...]}   (pixel_values and image_grid_thw may be empty lists)
+// Prints {"tokens": [[...]], "prefill_argmax": [[...]]} as JSON.
+import fs from "node:fs";
+import path from "node:path";
+import ort from "onnxruntime-node";
+
+const [folder, inputsPath, newTokensArg] = process.argv.slice(2);
+const newTokens = Number(newTokensArg ?? 8);
+const config = JSON.parse(fs.readFileSync(path.join(folder, "config.json"), "utf8"));
+const text = config.text_config;
+const kvHeads = text.num_key_value_heads;
+const headDim = text.head_dim ?? text.hidden_size / text.num_attention_heads;
+const inputs = JSON.parse(fs.readFileSync(inputsPath, "utf8"));
+
+const session = await ort.InferenceSession.create(path.join(folder, "model.onnx"));
+const pastNames = session.inputNames.filter((n) => n.startsWith("past_key_values."));
+const patchDim = inputs.pixel_values.length ? inputs.pixel_values[0].length : null;
+
+const int64 = (rows) => new ort.Tensor("int64", BigInt64Array.from(rows.flat().map(BigInt)), [rows.length, rows[0].length]);
+const batch = inputs.input_ids.length;
+let mask = inputs.attention_mask.map((r) => r.slice());
+
+function argmaxLast(logits) {
+  const [b, s, v] = logits.dims;
+  const out = [];
+  for (let i = 0; i < b; i++) {
+    const base = (i * s + (s - 1)) * v;
+    let best = 0;
+    for (let j = 1; j < v; j++) if (logits.data[base + j] > logits.data[base + best]) best = j;
+    out.push(best);
+  }
+  return out;
+}
+
+function argmaxAll(logits) {
+  const [b, s, v] = logits.dims;
+  const out = [];
+  for (let i = 0; i < b; i++) {
+    const row = [];
+    for (let p = 0; p < s; p++) {
+      const base = (i * s + p) * v;
+      let best = 0;
+      for (let j = 1; j < v; j++) if (logits.data[base + j] > logits.data[base + best]) best = j;
+      row.push(best);
+    }
+    out.push(row);
+  }
+  return out;
+}
+
+const pixelDim = patchDim ?? session.inputMetadata?.find?.((m) => m.name === "pixel_values")?.shape?.[1] ?? 1536;
+let feeds = {
+  input_ids: int64(inputs.input_ids),
+  attention_mask: int64(mask),
+  pixel_values: new ort.Tensor("float32", Float32Array.from(inputs.pixel_values.flat()), [inputs.pixel_values.length, pixelDim]),
+  image_grid_thw: new ort.Tensor("int64", BigInt64Array.from(inputs.image_grid_thw.flat().map(BigInt)), [inputs.image_grid_thw.length, 3]),
+  rope_deltas: new ort.Tensor("int64", new BigInt64Array(batch), [batch, 1]),
+};
+for (const name of pastNames) feeds[name] = new ort.Tensor("float32", new Float32Array(0), [batch, kvHeads, 0, headDim]);
+
+const tokens = Array.from({ length: batch }, () => []);
+let out = await session.run(feeds);
+const prefillArgmax = argmaxAll(out.logits);
+for (let step = 0; step < newTokens; step++) {
+  const next = argmaxLast(out.logits);
+  next.forEach((t, i) => tokens[i].push(t));
+  if (step === newTokens - 1) break;
+  mask = mask.map((r) => [...r, 1]);
+  feeds = {
+    input_ids: int64(next.map((t) => [t])),
+    attention_mask: int64(mask),
+    pixel_values: new ort.Tensor("float32", new Float32Array(0), [0, pixelDim]),
+    image_grid_thw: new ort.Tensor("int64", new BigInt64Array(0), [0, 3]),
+    rope_deltas: out.rope_deltas_out,
+  };
+  for (const name of pastNames) feeds[name] = out[name.replace("past_key_values.", "present.")];
+  out = await session.run(feeds);
+}
+process.stdout.write(JSON.stringify({ tokens, prefill_argmax: prefillArgmax }) + "\n");

@@ -1,0 +1,63 @@
+"""Another ONNX Runtime binding drives the combined model: Node.js (onnxruntime-node), a plain greedy loop.
+
+The JavaScript client has no glue beyond the loop: positions, the image merge and DeepStack are in the graph.
+Its prefill argmax at every position and its greedy tokens must equal the Python runtime's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from merge.runtime import CombinedModel
+from tests.test_combined_parity import _images
+
+from .test_readme_and_cli import ROOT
+
+CLIENT = ROOT / "clients" / "node"
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def node_client():
+    if not shutil.which("node") or not shutil.which("npm"):
+        pytest.skip("node and npm are not installed on this machine")
+    if not (CLIENT / "node_modules" / "onnxruntime-node").is_dir():
+        # the CPU binaries ship inside the package; its postinstall only fetches GPU extras from elsewhere
+        proc = subprocess.run(["npm", "install", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=CLIENT,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return CLIENT / "generate.mjs"
+
+
+@pytest.fixture(scope="module")
+def combined(sources, tmp_path_factory):
+    from merge.build import build
+
+    out = tmp_path_factory.mktemp("node") / "combined"
+    build(sources("tiny"), out)
+    return out
+
+
+@pytest.mark.parametrize("case", ["text", "two_images"])
+def test_node_matches_python(case, node_client, combined, sources, prep, tmp_path):
+    from merge.tokenizer_files import build_inputs
+
+    tok, proc = prep("tiny")
+    images = _images([(64, 96), (120, 80)], 9) if case == "two_images" else []
+    inputs = build_inputs(tok, proc, "Write a short poem about the sea and the sky.", images, sources("tiny").config)
+    feeds = {k: inputs[k].tolist() for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+    (tmp_path / "inputs.json").write_text(json.dumps(feeds))
+    proc_ = subprocess.run(["node", str(node_client), str(combined), str(tmp_path / "inputs.json"), str(NEW_TOKENS)],
+                           capture_output=True, text=True, timeout=300)
+    assert proc_.returncode == 0, proc_.stderr[-2000:]
+    js = json.loads(proc_.stdout)
+
+    gen = CombinedModel(combined).generate(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                                           inputs["image_grid_thw"], max_new_tokens=NEW_TOKENS)
+    np.testing.assert_array_equal(np.array(js["prefill_argmax"]), gen.prefill_logits.argmax(-1))
+    np.testing.assert_array_equal(np.array(js["tokens"]), gen.tokens)
