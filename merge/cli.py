@@ -121,6 +121,9 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help=_first_line(_cmd_presets), description=_cmd_presets.__doc__)
     p.set_defaults(func=_cmd_presets)
+    for command in sub.choices.values():  # --debug also after the command (SUPPRESS keeps the global default)
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show tracebacks and debug logs")
     return parser
 
 

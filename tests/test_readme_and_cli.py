@@ -161,3 +161,12 @@ def test_hub_id_goes_through_huggingface_hub(monkeypatch, sources, tmp_path):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(MergeError, match=r"Qwen/Qwen3-VL-2B-Instruct: could not download from the Hugging Face hub"):
         resolve_model("Qwen/Qwen3-VL-2B-Instruct")
+
+
+def test_debug_flag_before_or_after_the_command(tmp_path):
+    missing = tmp_path / "missing"
+    for argv in (f"--debug inspect {missing}", f"inspect {missing} --debug"):
+        proc = _run(f"{sys.executable} -m merge {argv}", tmp_path, check=False)
+        assert proc.returncode != 0 and "Traceback" in proc.stderr, argv
+    proc = _run(f"{sys.executable} -m merge inspect {missing}", tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
