@@ -76,13 +76,13 @@ def build(source: ModelSource, out: Path, *, precision: str = "fp32", force: boo
         log.info("writing %s (weights streamed into %s)", COMBINED_MODEL, COMBINED_DATA)
         with tensor_writing_bar(f"writing {COMBINED_DATA}") as callback:
             ir.save(model, stage / COMBINED_MODEL, external_data=COMBINED_DATA, callback=callback)
+        layout = model.metadata_props.get("embedding_table", "")
         del model
         shutil.rmtree(work)
         copied = copy_preprocessing(source.folder, stage)
         export_peak = peak_rss_gib()[1]  # only the builder's child has finished so far
         check_peak = check_onnx_in_child(stage / COMBINED_MODEL)
         parts = {"model": COMBINED_MODEL, "data": COMBINED_DATA}
-        layout = {p.key: p.value for p in model_metadata(stage / COMBINED_MODEL)}.get("embedding_table", "")
         write_manifest(stage, source, precision, parts, copied, layout)
     return BuildResult(out=Path(out), parts=parts, seconds=time.perf_counter() - start,
                        peak_rss_gib=peak_rss_gib()[0], export_peak_rss_gib=export_peak, check_peak_rss_gib=check_peak)
@@ -202,12 +202,6 @@ def tied_head_weight(decoder: ir.Model, hidden: int) -> ir.Value | None:
     if weight is None or weight.const_value is None or weight.shape is None or weight.shape[0] != hidden:
         return None
     return weight
-
-
-def model_metadata(path: Path) -> list:
-    import onnx
-
-    return list(onnx.load(str(path), load_external_data=False).metadata_props)
 
 
 def copy_preprocessing(src: Path, dst: Path) -> list[str]:
