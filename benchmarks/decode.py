@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from merge.runtime import CombinedModel
-from merge.sources import resolve_model
+from merge.sources.resolve import resolve_model
 
 
 def median_step(run, steps: int) -> float:
@@ -43,29 +43,31 @@ def main() -> int:
 
     import onnxruntime as ort
 
-    from export.text import export_decoder
+    from merge.build.decoder import export_decoder
 
     combined = CombinedModel(args.combined)
     source = resolve_model(args.model)
     precision = combined.session.get_modelmeta().custom_metadata_map.get("precision", "fp32")
     scratch = tempfile.TemporaryDirectory(prefix="decode-bench-")  # the fp32 decoder export is large: removed at exit
     work = Path(scratch.name)
-    bare_path = export_decoder(source.folder, work, precision="fp32", isolated=True)
+    model, _ = export_decoder(source.folder, work, source.config.text)
+    bare_path = work / "decoder.onnx"
     if precision == "int4":  # the same streaming quantization merge build uses (the builder's int4 holds all fp32)
         import onnx_ir as ir
 
-        from merge.build import INT4_ACCURACY_LEVEL, INT4_BLOCK_SIZE
-        from merge.quantize import quantize_matmuls_int4
+        from merge.build.passes.quantize_int4 import quantize_matmuls_int4
+        from merge.contract.quant import QuantSpec
 
-        model = ir.load(bare_path)
-        quantize_matmuls_int4(model, block_size=INT4_BLOCK_SIZE, accuracy_level=INT4_ACCURACY_LEVEL, symmetric=True)
+        spec = QuantSpec()
+        quantize_matmuls_int4(model, block_size=spec.block_size, accuracy_level=spec.accuracy_level,
+                              symmetric=spec.symmetric)
         bare_path = work / "int4" / "decoder.onnx"
         bare_path.parent.mkdir()
         ir.save(model, bare_path, external_data="decoder.onnx.data")
-        del model
+    del model
     bare = ort.InferenceSession(str(bare_path), providers=["CPUExecutionProvider"])
-    hidden = source.text_config["hidden_size"]
-    vocab = source.text_config["vocab_size"]
+    hidden = source.config.text.hidden_size
+    vocab = source.config.text.vocab_size
 
     rng = np.random.default_rng(0)
     ids = rng.integers(0, min(vocab, 700), (1, args.prompt_tokens)).astype(np.int64)

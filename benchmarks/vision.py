@@ -22,9 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.vision import export_vision
-from export.vision_spec import VisionSpec
-from merge.sources import resolve_model
+from merge.build.parts import export_vision
+from merge.contract.vision import VisionSpec
+from merge.sources.resolve import resolve_model
 
 
 def timed(fn, repeat: int, warmup: int = 1) -> float:
@@ -44,8 +44,8 @@ def load_torch_vision(folder: Path, vision_config: dict):
     from transformers import Qwen3VLVisionConfig
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
-    from export.checkpoint import Checkpoint
-    from export.vision import VISION_PREFIXES
+    from graphs.vision import VISION_PREFIXES
+    from merge.sources.checkpoint import Checkpoint
 
     ckpt = Checkpoint(folder)
     prefix = ckpt.find_prefix(VISION_PREFIXES, "patch_embed.proj.weight")
@@ -82,11 +82,11 @@ def main() -> int:
     import torch
 
     source = resolve_model(args.model)
-    spec = VisionSpec.from_config(source.vision_config)
+    spec = source.config.vision
     scratch = None if args.workdir else tempfile.TemporaryDirectory(prefix="vision-bench-")  # removed at exit
     work = args.workdir or Path(scratch.name)
     start = time.perf_counter()
-    path = export_vision(source.folder, source.vision_config, work / "vision.onnx")
+    path = export_vision(source.folder, source.config, work / "vision.onnx")
     print(f"model {args.model}: vision depth {spec.depth}, hidden {spec.hidden_size}; "
           f"export {time.perf_counter() - start:.1f} s; torch threads {torch.get_num_threads()}")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -102,7 +102,7 @@ def main() -> int:
     print(f"  1 image  16x16 patches: {t1 * 1e3:8.1f} ms")
     print(f"  8 images 16x16 patches: {t8 * 1e3:8.1f} ms   ratio {t8 / t1:.2f} (linear: 8)")
 
-    model = load_torch_vision(source.folder, source.vision_config)
+    model = load_torch_vision(source.folder, source.config.raw["vision_config"])
     rows = []
     for size in args.sizes:
         pv, grid = inputs(spec, [image_grid(spec, size)])

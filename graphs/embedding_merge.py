@@ -31,6 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphs.builder import BOOL, FLOAT, INT64, GraphBuilder, make_model, tensor_input
+from merge.contract.names import MS_DOMAIN
 
 INPUT_NAMES = ("input_ids", "embed_tokens", "image_embeds", "deepstack_embeds")
 OPSET = 21  # the combined model's default-domain opset (Pad's ``pads`` as an input needs 11)
@@ -47,6 +48,32 @@ def output_names(num_levels: int) -> tuple[str, ...]:
 
 TABLE_LAYOUTS = ("vocab_major", "hidden_major", "int4_blocks")
 SCALES_INPUT = "embed_scales"  # only with table_layout="int4_blocks"
+
+
+def token_embeddings(b: GraphBuilder, table: ir.Value, input_ids: ir.Value, layout: str, hidden_size: int,
+                     scales: ir.Value | None = None, block_size: int = 32) -> ir.Value:
+    """``table[input_ids]`` -> [batch, sequence, hidden] for each table layout; the node is ``token_embeds``.
+
+    ``vocab_major`` [vocab, hidden]: a Gather. ``hidden_major`` [hidden, vocab] (a tied fp32 head's weight):
+    Gather of columns, then a transpose (bit-equal). ``int4_blocks``: a tied int4 head's own MatMulNBits blocks,
+    uint8 [vocab, blocks, block_size / 2] with scales [vocab, blocks] (symmetric), read by
+    ``GatherBlockQuantized`` along the last axis, so the head's bytes are stored once.
+    """
+    if layout == "vocab_major":
+        return b.op("Gather", [table, input_ids], {"axis": 0}, name="token_embeds")
+    if layout == "hidden_major":  # [hidden, batch, sequence] -> [batch, sequence, hidden]
+        columns = b.op("Gather", [table, input_ids], {"axis": 1}, name="token_columns")
+        return b.op("Transpose", [columns], {"perm": [1, 2, 0]}, name="token_embeds")
+    if layout != "int4_blocks" or scales is None:
+        raise ValueError(f"table layout {layout!r} needs {'scales' if layout == 'int4_blocks' else 'a known layout'}")
+    # GatherBlockQuantized wants scales of the data's rank: [vocab, blocks] -> [vocab, blocks, 1]
+    scales3 = b.op("Unsqueeze", [scales, b.const([2], "scales_axis")], name="scales_3d")
+    rows = b.op("GatherBlockQuantized", [table, input_ids, scales3],
+                {"gather_axis": 0, "quantize_axis": 2, "block_size": block_size, "bits": 4},
+                domain=MS_DOMAIN, name="token_blocks")  # [batch, sequence, blocks, block_size]
+    shape = b.op("Concat", [b.op("Shape", [input_ids], name="ids_shape"), b.const([hidden_size], "hidden")],
+                 {"axis": 0}, name="embeds_shape")
+    return b.op("Reshape", [rows, shape], name="token_embeds")
 
 
 def build_embedding_merge(
@@ -66,9 +93,9 @@ def build_embedding_merge(
     decoder's embedding table. With no images, feed 0 feature rows: the outputs are the plain token
     embeddings and all-zero DeepStack terms. ``table_layout="hidden_major"`` takes the table as [hidden, vocab]:
     a tied model's head weight as the decoder stores it, so the combined model does not store it twice.
-    ``table_layout="int4_blocks"`` takes a tied int4 head's own 4-bit blocks: ``embed_tokens`` uint8
-    [vocab, hidden/2] and ``embed_scales`` [vocab, hidden/block_size] (symmetric, as MatMulNBits stores them),
-    read by ``GatherBlockQuantized``.
+    ``table_layout="int4_blocks"`` takes a tied int4 head's own 4-bit blocks as MatMulNBits stores them:
+    ``embed_tokens`` uint8 [vocab, hidden/block_size, block_size/2] and ``embed_scales`` [vocab,
+    hidden/block_size] (symmetric), read by ``GatherBlockQuantized`` (see :func:`token_embeddings`).
     """
     if hidden_size < 1:
         raise ValueError(f"hidden_size must be a positive integer, got {hidden_size}")
@@ -82,8 +109,9 @@ def build_embedding_merge(
     if table_layout == "int4_blocks":
         if hidden_size % block_size:
             raise ValueError(f"int4 blocks need hidden_size {hidden_size} divisible by block_size {block_size}")
-        embed_tokens = tensor_input("embed_tokens", ir.DataType.UINT8, ["vocab", hidden_size // 2])
-        embed_scales = tensor_input(SCALES_INPUT, FLOAT, ["vocab", hidden_size // block_size])
+        blocks = hidden_size // block_size
+        embed_tokens = tensor_input("embed_tokens", ir.DataType.UINT8, ["vocab", blocks, block_size // 2])
+        embed_scales = tensor_input(SCALES_INPUT, FLOAT, ["vocab", blocks])
     else:
         table_shape = ["vocab", hidden_size] if table_layout == "vocab_major" else [hidden_size, "vocab"]
         embed_tokens = tensor_input("embed_tokens", FLOAT, table_shape)
@@ -102,15 +130,7 @@ def build_embedding_merge(
         index = b.op("Reshape", [flat_index, b.op("Shape", [input_ids], name="ids_shape")], name="token_row")
 
     with b.scope("embeds"):
-        if table_layout == "int4_blocks":
-            text = b.op("GatherBlockQuantized", [embed_tokens, input_ids, embed_scales],
-                        {"gather_axis": 0, "quantize_axis": 1, "block_size": block_size, "bits": 4},
-                        domain="com.microsoft", name="token_embeds")
-        elif table_layout == "vocab_major":
-            text = b.op("Gather", [embed_tokens, input_ids], {"axis": 0}, name="token_embeds")
-        else:  # [hidden, vocab]: gather columns -> [hidden, batch, sequence] -> [batch, sequence, hidden]
-            columns = b.op("Gather", [embed_tokens, input_ids], {"axis": 1}, name="token_columns")
-            text = b.op("Transpose", [columns], {"perm": [1, 2, 0]}, name="token_embeds")
+        text = token_embeddings(b, embed_tokens, input_ids, table_layout, hidden_size, embed_scales, block_size)
         image_table = b.op("Pad", [image_embeds, b.const([1, 0, 0, 0], "zero_row_first")], name="image_table")
         image = b.op("Gather", [image_table, index], {"axis": 0}, name="image_rows")
         mask3 = b.op("Unsqueeze", [visual_mask, b.const([-1], "axis_hidden")], name="mask3")
@@ -142,6 +162,6 @@ def build_embedding_merge(
         inputs,
         outputs,
         name=f"{prefix}embedding_merge",
-        opset_imports={"": OPSET, "com.microsoft": 1} if embed_scales is not None else {"": OPSET},
+        opset_imports={"": OPSET, MS_DOMAIN: 1} if embed_scales is not None else {"": OPSET},
         ir_version=IR_VERSION,
     )

@@ -1,4 +1,4 @@
-"""Shared fixtures: presets built once per session into a temporary cache, reference models, sessions."""
+"""Shared fixtures: presets and combined folders built once per session into temporary folders."""
 
 from __future__ import annotations
 
@@ -22,9 +22,25 @@ def preset_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sources(preset_cache):
     """``sources(name)`` -> resolved ModelSource, built on first use."""
-    from merge.sources import resolve_model
+    from merge.sources.resolve import resolve_model
 
     return functools.cache(lambda name: resolve_model(name, preset_cache))
+
+
+@pytest.fixture(scope="session")
+def combined(sources, tmp_path_factory):
+    """``combined(name, precision="fp32")`` -> a built combined folder, built once per session. Tests that change
+    a folder work on a copy."""
+    from merge.build.pipeline import build
+    from merge.contract.quant import quant_spec_for
+
+    @functools.cache
+    def get(name: str, precision: str = "fp32") -> Path:
+        out = tmp_path_factory.mktemp(f"combined-{name}-{precision}") / "combined"
+        build(sources(name), out, quant=quant_spec_for(precision))
+        return out
+
+    return get
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +56,7 @@ def hf_models(sources):
 
 @pytest.fixture(scope="session")
 def prep(sources):
-    """``prep(name)`` -> (tokenizer, image processor) loaded from the preset folder, without torchvision."""
-    from merge.tokenizer_files import load_preprocessors
+    """``prep(name)`` -> transformers' (tokenizer, image processor) loaded from the preset folder."""
+    from tests.hf import load_preprocessors
 
     return functools.cache(lambda name: load_preprocessors(sources(name).folder))

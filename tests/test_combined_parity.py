@@ -10,27 +10,10 @@ import numpy as np
 import onnx
 import pytest
 
-from merge.compare import compare
 from merge.runtime import CombinedModel
+from merge.tools.compare import compare
 
 NEW_TOKENS = 32
-
-
-@pytest.fixture(scope="module")
-def combined(sources, tmp_path_factory):
-    """``combined(preset)`` -> path of a built combined folder (built once per module)."""
-    from merge.build import build
-
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            out = tmp_path_factory.mktemp(f"combined-{name}") / "combined"
-            build(sources(name), out)
-            cache[name] = out
-        return cache[name]
-
-    return get
 
 
 def _images(sizes, seed=0):
@@ -41,7 +24,7 @@ def _images(sizes, seed=0):
 
 
 def _case_inputs(name, preset, sources, prep):
-    from merge.tokenizer_files import build_batch_inputs, build_inputs
+    from merge.runtime.prompts import build_batch_inputs, build_inputs
 
     cfg = sources(preset).config
     tok, proc = prep(preset)
@@ -54,7 +37,7 @@ def _case_inputs(name, preset, sources, prep):
     if name == "image_first":
         inputs = build_inputs(tok, proc, "What is it?", _images([(96, 64)], 2), cfg)
         ids = inputs["input_ids"][0]
-        image = cfg["image_token_id"]
+        image = cfg.image_token_id
         first = int(np.argmax(ids == image))
         inputs["input_ids"] = ids[first:][None]  # the image tokens are now the very first tokens
         inputs["attention_mask"] = np.ones_like(inputs["input_ids"])
@@ -128,7 +111,7 @@ def test_combined_interface(combined, sources):
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
-    layers = sources("tiny").text_config["num_hidden_layers"]
+    layers = sources("tiny").config.text.num_layers
     assert inputs[:5] == ["input_ids", "attention_mask", "pixel_values", "image_grid_thw", "rope_deltas"]
     assert sorted(inputs[5:]) == sorted(f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value"))
     assert outputs[0] == "logits" and outputs[-1] == "rope_deltas_out"
@@ -170,7 +153,7 @@ def test_twin_broken_model_fails(kind, combined, hf_models, sources, prep, tmp_p
 
 def test_twin_images_swapped_fails(combined, hf_models, sources, prep):
     """Two images of the same size fed in swapped order: same tokens and grids, wrong answer."""
-    from merge.tokenizer_files import build_inputs
+    from merge.runtime.prompts import build_inputs
 
     tok, proc = prep("tiny")
     inputs = build_inputs(tok, proc, "Which is brighter?", _images([(64, 96), (64, 96)], 4), sources("tiny").config)
@@ -199,7 +182,7 @@ def test_bad_inputs_are_refused_before_running(change, message, combined, source
         inputs["pixel_values"] = inputs["pixel_values"][1:]
     elif change == "extra_image_token":
         ids = inputs["input_ids"].copy()
-        ids[0, 0] = sources("tiny").config["image_token_id"]
+        ids[0, 0] = sources("tiny").config.image_token_id
         inputs["input_ids"] = ids
     elif change == "odd_grid":
         t, h, w = inputs["image_grid_thw"][0]
@@ -216,11 +199,14 @@ def test_unusual_config_end_to_end(tmp_path):
     [6, 5, 5], untied head, DeepStack indexes out of order, vision head dim 72."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    from merge.build import build
-    from merge.presets import preset_config
-    from merge.random_weights import init_scaled_
-    from merge.sources import resolve_model
-    from merge.tokenizer_files import build_inputs, load_preprocessors, write_tokenizer_and_processor
+    from export.random_weights import init_scaled_
+    from merge.build.pipeline import build
+    from merge.contract.config import ModelConfig
+    from merge.presets.files import write_tokenizer_and_processor
+    from merge.presets.shapes import preset_config
+    from merge.runtime.prompts import build_inputs
+    from merge.sources.resolve import resolve_model
+    from tests.hf import load_preprocessors
 
     config = preset_config("tiny")
     config["tie_word_embeddings"] = False
@@ -238,7 +224,8 @@ def test_unusual_config_end_to_end(tmp_path):
     build(resolve_model(str(folder)), out)
 
     tok, proc = load_preprocessors(folder)
-    inputs = build_inputs(tok, proc, "Describe both.", _images([(64, 96), (120, 80)], 7), config)
+    inputs = build_inputs(tok, proc, "Describe both.", _images([(64, 96), (120, 80)], 7),
+                          ModelConfig.from_dict(config))
     ref_logits, ref_tokens = _reference(model, inputs)
     gen = _run(out, inputs)
     result = compare("prefill_logits", gen.prefill_logits, ref_logits)

@@ -20,8 +20,8 @@ import torch
 import transformers
 
 from graphs.embedding_merge import INPUT_NAMES, build_embedding_merge, output_names
-from merge.compare import compare
-from merge.presets import preset_config
+from merge.presets.shapes import preset_config
+from merge.tools.compare import compare
 from tests.onnx_session import checked_session
 
 PRESETS = ("tiny", "tiny-merge1")
@@ -321,7 +321,7 @@ def test_hidden_major_table_is_bit_equal(ref: Reference, case: str):
 
 def test_int4_blocks_table_matches_dequantized_rows(ref: Reference):
     """A tied int4 head's 4-bit blocks serve as the table (GatherBlockQuantized): rows equal the dequantized head."""
-    from merge.quantize import dequantize_int4, quantize_weight_int4
+    from merge.contract.quant import dequantize_int4, quantize_weight_int4
 
     block = 16 if ref.hidden_size % 32 else 32
     packed, scales, _ = quantize_weight_int4(np.ascontiguousarray(ref.embed_tokens.T), block, symmetric=True)
@@ -330,7 +330,8 @@ def test_int4_blocks_table_matches_dequantized_rows(ref: Reference):
     session = checked_session(build_embedding_merge(ref.image_token_id, ref.hidden_size, ref.num_levels,
                                              table_layout="int4_blocks", block_size=block))
     x = _make_inputs(ref, CASES["one_row_three_images"], random.Random(4))
-    feeds = {"input_ids": x.input_ids, "embed_tokens": packed.reshape(vocab, -1), "embed_scales": scales,
+    assert packed.shape[0] == vocab  # MatMulNBits' own [vocab, blocks, block / 2] bytes, as the head stores them
+    feeds = {"input_ids": x.input_ids, "embed_tokens": packed, "embed_scales": scales,
              "image_embeds": x.image_embeds, "deepstack_embeds": x.deepstack_embeds}
     out = session.run(["inputs_embeds"], feeds)[0]
     mask = x.input_ids != ref.image_token_id

@@ -16,15 +16,11 @@ import onnx
 import pytest
 
 from merge.cli import main as cli_main
+from merge.commands.inspect import add_parser, run
+from merge.contract.names import SCOPES
 from merge.errors import MergeError
-from merge.inspect_cmd import add_parser, run
-from merge.inspection import (
-    SCOPES,
-    STITCH_INLINE_MAX_ELEMENTS,
-    format_report,
-    inspect_folder,
-    write_stitch_view,
-)
+from merge.tools.inspect.report import format_report, inspect_folder
+from merge.tools.inspect.stitch_view import STITCH_INLINE_MAX_ELEMENTS, write_stitch_view
 
 
 def main(argv: list[str]) -> int:
@@ -36,20 +32,9 @@ MB = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def combined(sources, tmp_path_factory):
-    """``combined(precision)`` -> a tiny combined folder, built once per module."""
-    from merge.build import build
-
-    folders: dict[str, Path] = {}
-
-    def get(precision: str) -> Path:
-        if precision not in folders:
-            out = tmp_path_factory.mktemp(f"inspect-{precision}") / "combined"
-            build(sources("tiny"), out, precision=precision)
-            folders[precision] = out
-        return folders[precision]
-
-    return get
+def built(combined):
+    """``built(precision)`` -> the session's tiny combined folder of that precision."""
+    return lambda precision: combined("tiny", precision)
 
 
 @pytest.fixture(scope="module")
@@ -69,63 +54,61 @@ def checkpoint_sizes(sources) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_scopes_and_parameter_totals(precision, combined):
-    params = inspect_folder(combined(precision))["parameters"]
+def test_scopes_and_parameter_totals(precision, built):
+    params = inspect_folder(built(precision))["parameters"]
     scopes, total = params["scopes"], params["total"]
     assert list(scopes) == list(SCOPES)
     for scope, row in scopes.items():
         assert row["bytes"] > 0 and row["tensors"] > 0, scope
-        # a tied fp32 folder reads the embedding table from the decoder's head: merge then holds no weights
-        assert row["parameters"] > 0 or (scope == "merge" and precision == "fp32"), scope
+        # a tied folder reads the embedding table from the decoder's head: merge then holds no weights
+        assert row["parameters"] > 0 or scope == "merge", scope
         assert sum(row["bytes_by_kind"].values()) == row["bytes"], scope
     for key in ("tensors", "parameters", "bytes"):
         assert sum(row[key] for row in scopes.values()) == total[key], key
 
 
-def test_parameters_match_the_checkpoint(combined, checkpoint_sizes, sources):
+def test_parameters_match_the_checkpoint(built, checkpoint_sizes, sources):
     """Vision = model.visual.*; decoder = the text model without the embedding, with its head; merge = the
-    embedding table, except in a tied fp32 folder, whose merge reads the head's weight (stored once).
+    embedding table, except in a tied folder, whose merge reads the head's weight (fp32 or 4-bit: stored once).
     Rotary tables and integer constants are not parameters."""
     config = sources("tiny").config
     visual = sum(n for key, n in checkpoint_sizes.items() if key.startswith("model.visual."))
     text = sum(n for key, n in checkpoint_sizes.items() if key.startswith("model.language_model."))
     embed = checkpoint_sizes["model.language_model.embed_tokens.weight"]
-    head = embed if config["tie_word_embeddings"] else checkpoint_sizes["lm_head.weight"]
+    head = embed if config.tie_word_embeddings else checkpoint_sizes["lm_head.weight"]
     for precision in PRECISIONS:
-        scopes = inspect_folder(combined(precision))["parameters"]["scopes"]
+        scopes = inspect_folder(built(precision))["parameters"]["scopes"]
         assert scopes["vision"]["parameters"] == visual, precision
-        shared = config["tie_word_embeddings"] and precision == "fp32"
-        assert scopes["merge"]["parameters"] == (0 if shared else embed), precision
+        assert scopes["merge"]["parameters"] == (0 if config.tie_word_embeddings else embed), precision
         assert scopes["decoder"]["parameters"] == text - embed + head, precision
 
 
-def test_int4_bytes_as_stored(combined):
-    fp32 = inspect_folder(combined("fp32"))["parameters"]["scopes"]
-    int4 = inspect_folder(combined("int4"))["parameters"]["scopes"]
+def test_int4_bytes_as_stored(built):
+    fp32 = inspect_folder(built("fp32"))["parameters"]["scopes"]
+    int4 = inspect_folder(built("int4"))["parameters"]["scopes"]
     assert fp32["decoder"]["bytes_by_kind"]["weight"] == 4 * fp32["decoder"]["parameters"]
     assert fp32["decoder"]["bytes_by_kind"]["quantization"] == 0
     assert int4["decoder"]["bytes_by_kind"]["quantization"] > 0
     # 4-bit matrices: well under a quarter of the fp32 bytes (the fp32 norms keep it above an eighth)
     assert int4["decoder"]["bytes_by_kind"]["weight"] < fp32["decoder"]["bytes_by_kind"]["weight"] / 4
     assert int4["vision"] == fp32["vision"]
-    # tied: the fp32 folder gathers from the head's weight; the int4 one keeps a 4-bit view of the head's
-    # blocks (the same bytes, reshaped for GatherBlockQuantized), an eighth of an fp32 table
-    assert fp32["merge"]["parameters"] == 0 and int4["merge"]["parameters"] > 0
-    assert int4["merge"]["bytes_by_kind"]["weight"] * 8 == int4["merge"]["parameters"] * 4
+    # tied: both folders read the token table from the head's own weight (fp32 columns, or its 4-bit blocks)
+    assert fp32["merge"]["parameters"] == 0 and int4["merge"]["parameters"] == 0
+    assert int4["merge"]["bytes_by_kind"]["weight"] == 0
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_operator_counts_include_subgraphs(precision, combined, sources):
+def test_operator_counts_include_subgraphs(precision, built, sources):
     source = sources("tiny")
-    ops = inspect_folder(combined(precision))["operators"]
-    depth = source.vision_config["depth"]
-    layers = source.text_config["num_hidden_layers"]
+    ops = inspect_folder(built(precision))["operators"]
+    depth = source.config.vision.depth
+    layers = source.config.text.num_layers
     assert ops["overall"]["com.microsoft.MultiHeadAttention"] == depth  # inside the vision If's then-branch
     assert ops["per_scope"]["vision"]["com.microsoft.MultiHeadAttention"] == depth
     assert ops["overall"]["com.microsoft.GroupQueryAttention"] == layers
     assert ops["per_scope"]["decoder"]["com.microsoft.GroupQueryAttention"] == layers
     assert ops["overall"]["If"] == 2  # the vision guard and the position switch
-    assert ops["per_scope"]["merge"]["Add"] >= len(source.vision_config["deepstack_visual_indexes"])
+    assert ops["per_scope"]["merge"]["Add"] >= len(source.config.vision.deepstack_visual_indexes)
     if precision == "int4":
         assert ops["per_scope"]["decoder"]["com.microsoft.MatMulNBits"] == 7 * layers + 1
     else:
@@ -133,13 +116,13 @@ def test_operator_counts_include_subgraphs(precision, combined, sources):
     assert sum(ops["overall"].values()) == ops["nodes"]
     assert sum(sum(counts.values()) for counts in ops["per_scope"].values()) == ops["nodes"]
 
-    main_graph_nodes = len(onnx.load(str(combined(precision) / "model.onnx"), load_external_data=False).graph.node)
+    main_graph_nodes = len(onnx.load(str(built(precision) / "model.onnx"), load_external_data=False).graph.node)
     assert ops["nodes"] > main_graph_nodes  # the branches are counted
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_external_data_listing(precision, combined):
-    folder = combined(precision)
+def test_external_data_listing(precision, built):
+    folder = built(precision)
     data = inspect_folder(folder)
     ext = data["external_data"]
     assert [f["file"] for f in ext["files"]] == ["model.onnx.data"]
@@ -150,8 +133,8 @@ def test_external_data_listing(precision, combined):
     assert ext["model_file"]["bytes"] == (folder / "model.onnx").stat().st_size
 
 
-def test_metadata_io_and_checksums(combined):
-    folder = combined("int4")
+def test_metadata_io_and_checksums(built):
+    folder = built("int4")
     data = inspect_folder(folder, verify_checksums=True)
     meta = data["metadata"]
     assert meta["source_model"] == "tiny" and meta["precision"] == "int4" and meta["tool_version"]
@@ -164,9 +147,9 @@ def test_metadata_io_and_checksums(combined):
     assert data["outputs"][-1]["name"] == "rope_deltas_out"
 
 
-def test_checksum_mismatch_fails(combined, tmp_path, capsys):
+def test_checksum_mismatch_fails(built, tmp_path, capsys):
     folder = tmp_path / "copy"
-    shutil.copytree(combined("fp32"), folder)
+    shutil.copytree(built("fp32"), folder)
     with open(folder / "model.onnx.data", "r+b") as f:  # one flipped byte in the weights
         first = f.read(1)
         f.seek(0)
@@ -177,8 +160,8 @@ def test_checksum_mismatch_fails(combined, tmp_path, capsys):
     assert "model.onnx.data: MISMATCH" in out
 
 
-def test_text_report_and_json(combined, capsys):
-    folder = combined("fp32")
+def test_text_report_and_json(built, capsys):
+    folder = built("fp32")
     assert main([str(folder)]) == 0
     text = capsys.readouterr().out
     for heading in ("source model", "inputs (", "outputs (", "parameters by scope", "operators", "data files"):
@@ -197,13 +180,13 @@ def test_text_report_and_json(combined, capsys):
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_stitch_view(precision, combined, sources, tmp_path):
-    from merge.ort_schemas import register_ort_default_domain_ops
+def test_stitch_view(precision, built, sources, tmp_path):
+    from merge.build.ort_schemas import register_ort_default_domain_ops
 
     source = sources("tiny")
-    levels = len(source.vision_config["deepstack_visual_indexes"])
-    hidden = source.text_config["hidden_size"]
-    path = write_stitch_view(combined(precision), tmp_path / "stitch.onnx")
+    levels = len(source.config.vision.deepstack_visual_indexes)
+    hidden = source.config.text.hidden_size
+    path, _ = write_stitch_view(built(precision), tmp_path / "stitch.onnx")
     assert path.stat().st_size < MB
     view = onnx.load(str(path))
     register_ort_default_domain_ops()
@@ -216,8 +199,9 @@ def test_stitch_view(precision, combined, sources, tmp_path):
     inputs = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input}
     assert inputs["vision/image_embeds"] == ["num_image_tokens", hidden]
     assert inputs["vision/deepstack_embeds"] == [levels, "num_image_tokens", hidden]
-    table_readers = [n for n in graph.node if n.name.startswith("merge/embedding/embeds/token_")
-                     and n.op_type in ("Gather", "GatherBlockQuantized")]
+    table_readers = [n for n in graph.node if n.name.startswith("merge/embedding/embeds/")
+                     and n.op_type in ("Gather", "GatherBlockQuantized") and n.name.endswith(("_columns", "_blocks",
+                                                                                             "token_embeds"))]
     assert len(table_readers) == 1 and table_readers[0].input[0] in inputs  # the table is a weightless input
     assert not any(n.name.startswith("vision/") for n in graph.node)
 
@@ -237,11 +221,11 @@ def test_stitch_view(precision, combined, sources, tmp_path):
     assert {"position_ids", "rope_deltas_out"} <= {v.name for v in graph.output}
 
     # structurally closed: every name read (subgraph references included) is made inside the view
-    from merge.inspection import _reads
+    from merge.tools.inspect.walk import reads
 
     available = set(inputs) | {t.name for t in graph.initializer} | set(producers)
     for node in graph.node:
-        assert set(_reads(node)) <= available, node.name
+        assert set(reads(node)) <= available, node.name
 
     # ONNX Runtime accepts it as a model (its weights are inputs)
     import onnxruntime as ort
@@ -249,9 +233,9 @@ def test_stitch_view(precision, combined, sources, tmp_path):
     ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def test_stitch_view_from_the_command(combined, tmp_path, capsys):
+def test_stitch_view_from_the_command(built, tmp_path, capsys):
     out = tmp_path / "views" / "stitch.onnx"
-    assert main([str(combined("fp32")), "--stitch", str(out), "--json"]) == 0
+    assert main([str(built("fp32")), "--stitch", str(out), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["stitch_view"]["path"] == str(out) and out.is_file()
     assert data["stitch_view"]["bytes"] == out.stat().st_size
@@ -260,12 +244,12 @@ def test_stitch_view_from_the_command(combined, tmp_path, capsys):
 # -------------------------------------------------------------------------------------- interface, errors
 
 
-def test_no_torch_no_transformers(combined, tmp_path):
+def test_no_torch_no_transformers(built, tmp_path):
     """The command imports neither torch nor transformers (both made unimportable in a fresh interpreter)."""
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
         "from merge.cli import main\n"
-        f"folder, view = {str(combined('int4'))!r}, {str(tmp_path / 's.onnx')!r}\n"
+        f"folder, view = {str(built('int4'))!r}, {str(tmp_path / 's.onnx')!r}\n"
         "raise SystemExit(main(['inspect', folder, '--json', '--stitch', view]))\n"
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -279,13 +263,13 @@ def test_missing_model_is_one_clear_line(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     for folder in (empty, tmp_path / "does-not-exist"):
-        with pytest.raises(MergeError, match=r"no model\.onnx"):
+        with pytest.raises(MergeError, match=r"no model\.onnx|no such folder"):
             inspect_folder(folder)
         assert main([str(folder)]) == 2
         captured = capsys.readouterr()
         assert captured.out == ""
         (line,) = captured.err.strip().splitlines()
-        assert line.startswith(f"error: {folder}: no model.onnx")
+        assert line.startswith(f"error: {folder}") and ("no model.onnx" in line or "no such folder" in line)
 
 
 def test_parser_help_is_the_docstring():
@@ -314,10 +298,10 @@ class _FakeNetron(types.ModuleType):
         self.waited += 1
 
 
-def test_netron_serves_the_model_or_the_stitch_view(combined, tmp_path, monkeypatch, capsys):
+def test_netron_serves_the_model_or_the_stitch_view(built, tmp_path, monkeypatch, capsys):
     fake = _FakeNetron()
     monkeypatch.setitem(sys.modules, "netron", fake)
-    folder = combined("fp32")
+    folder = built("fp32")
     assert main([str(folder), "--netron", "--port", "8123"]) == 0
     assert fake.started == [(str(folder / "model.onnx"), ("localhost", 8123), False)] and fake.waited == 1
     assert "http://localhost:8123" in capsys.readouterr().err
@@ -327,9 +311,9 @@ def test_netron_serves_the_model_or_the_stitch_view(combined, tmp_path, monkeypa
     assert fake.started[-1] == (str(view), ("localhost", 8080), False)
 
 
-def test_netron_missing_is_a_clear_error(combined, monkeypatch, capsys):
+def test_netron_missing_is_a_clear_error(built, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "netron", None)  # import netron -> ImportError
-    assert main([str(combined("fp32")), "--netron"]) == 2
+    assert main([str(built("fp32")), "--netron"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""  # refused before any work
     assert "pip install netron" in captured.err

@@ -10,24 +10,20 @@ import numpy as np
 import onnx
 import pytest
 
-from merge.compare import compare
 from merge.runtime import CombinedModel
+from merge.tools.compare import compare
 from tests.test_combined_parity import _case_inputs, _masked, _reference
 
 
 @pytest.fixture(scope="module")
-def int4_folder(sources, tmp_path_factory):
-    from merge.build import build
-
-    out = tmp_path_factory.mktemp("int4") / "combined"
-    build(sources("tiny"), out, precision="int4")
-    return out
+def int4_folder(combined):
+    return combined("tiny", "int4")
 
 
 def test_int4_structure(int4_folder, sources):
     model = onnx.load(str(int4_folder / "model.onnx"), load_external_data=False)
     ops = [n.op_type for n in model.graph.node]
-    layers = sources("tiny").text_config["num_hidden_layers"]
+    layers = sources("tiny").config.text.num_layers
     # q, k, v, o, gate, up, down per layer, and the head; the vision part stays fp32
     assert ops.count("MatMulNBits") == 7 * layers + 1
     decoder_matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and n.name.startswith("decoder/")]
@@ -38,10 +34,13 @@ def test_int4_structure(int4_folder, sources):
     assert meta["embedding_table"] == "int4_blocks"
     (gather,) = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
     (head,) = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits"]
-    assert gather.input[2] == head.input[2]  # the same scales initializer
-    floats = {t.name: t.dims for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
-    vocab = sources("tiny").text_config["vocab_size"]
-    assert not [n for n, d in floats.items() if n.startswith("merge/") and vocab in d]
+    producers = {o: n for n in model.graph.node for o in n.output}
+    assert gather.input[0] == head.input[1]  # the head's own 4-bit bytes: stored once
+    scales = producers[gather.input[2]]
+    assert scales.op_type == "Unsqueeze" and scales.input[0] == head.input[2]  # and the same scales
+    vocab = sources("tiny").config.text.vocab_size
+    tables = [t.name for t in model.graph.initializer if vocab in t.dims]
+    assert sorted(tables) == sorted([head.input[1], head.input[2]]), tables  # no second copy of either
 
 
 @pytest.mark.parametrize("case", ["text", "one_image"])

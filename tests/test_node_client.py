@@ -34,18 +34,10 @@ def node_client():
     return CLIENT / "generate.mjs"
 
 
-@pytest.fixture(scope="module")
-def combined(sources, tmp_path_factory):
-    from merge.build import build
-
-    out = tmp_path_factory.mktemp("node") / "combined"
-    build(sources("tiny"), out)
-    return out
-
-
 @pytest.mark.parametrize("case", ["text", "two_images"])
 def test_node_matches_python(case, node_client, combined, sources, prep, tmp_path):
-    from merge.tokenizer_files import build_inputs
+    combined = combined("tiny")
+    from merge.runtime.prompts import build_inputs
 
     tok, proc = prep("tiny")
     images = _images([(64, 96), (64, 96)], 9) if case == "two_images" else []

@@ -119,19 +119,15 @@ def test_unknown_model_spec(tmp_path):
     assert proc.returncode == 2 and "neither a preset" in proc.stderr
 
 
-def test_readme_inspect_and_run_output_match(tmp_path):
+def test_readme_inspect_and_run_output_match(tmp_path, combined):
     """The README's pasted inspect table and run timing line match what the commands print now."""
-    from merge.build import build
-    from merge.sources import resolve_model
-
-    out = tmp_path / "combined"
-    build(resolve_model("tiny"), out)
+    out = combined("tiny")
     readme = README.read_text()
     pasted = re.search(r"Part of its real output:\n\n```\n(.*?)```", readme, flags=re.S).group(1).strip()
     proc = _run(f"{sys.executable} -m merge inspect {out}", tmp_path)
     assert pasted in proc.stdout
 
-    from merge.verify import default_images
+    from merge.tools.verify import default_images
 
     default_images(1)[0].save(tmp_path / "picture.png")
     proc = _run(f"{sys.executable} -m merge run {out} --image {tmp_path / 'picture.png'} "
@@ -149,7 +145,7 @@ def test_hub_id_goes_through_huggingface_hub(monkeypatch, sources, tmp_path):
     import huggingface_hub
 
     from merge.errors import MergeError
-    from merge.sources import resolve_model
+    from merge.sources.resolve import resolve_model
 
     local = sources("tiny").folder
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(local))
@@ -170,3 +166,23 @@ def test_debug_flag_before_or_after_the_command(tmp_path):
         assert proc.returncode != 0 and "Traceback" in proc.stderr, argv
     proc = _run(f"{sys.executable} -m merge inspect {missing}", tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_readme_layout_matches_the_tree():
+    """Every package of the project is a row of the README's layout table (or inside one), and every room the
+    table names exists."""
+    section = README.read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    named = {m.rstrip("/") for m in re.findall(r"^\| ((?:`[^`]+`(?:, )?)+) \|", section, flags=re.M)
+             for m in re.findall(r"`([^`]+)`", m)}
+    for room in named:
+        assert (ROOT / room).exists(), f"the README's layout names {room}, which does not exist"
+    packages = {str(p.parent.relative_to(ROOT)) for p in ROOT.glob("*/**/__init__.py")
+                if not any(part.startswith(".") or (part in ("build", "node_modules") and p.parent.parent == ROOT)
+                           for part in p.relative_to(ROOT).parts)}
+    for package in sorted(packages):
+        container = any(room.startswith(package + "/") for room in named)  # merge/ holds rooms
+        assert container or any(package == room or package.startswith(room + "/") for room in named), \
+            f"{package} is not in the README's layout table"
+    loose = {str(p.relative_to(ROOT)) for p in (ROOT / "merge").glob("*.py") if p.name not in ("__init__.py",
+                                                                                                 "__main__.py")}
+    assert loose <= named, f"modules at merge/'s top missing from the layout: {sorted(loose - named)}"

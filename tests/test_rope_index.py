@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from graphs.rope_index import INPUT_NAMES, OUTPUT_NAMES, build_rope_index
-from merge.presets import preset_config
+from merge.presets.shapes import preset_config
 from tests.onnx_session import checked_session
 
 PRESETS = ("tiny", "tiny-merge1")

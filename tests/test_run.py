@@ -21,14 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from merge.cli import main as cli_main
-from merge.compare import compare
-from merge.preprocess import ImageProcessor, Preprocessor, TextStream
 from merge.runtime import CombinedModel
-from merge.tokenizer_files import build_batch_inputs, build_inputs
-
-Image = pytest.importorskip("PIL.Image")
+from merge.runtime.images import ImageProcessor
+from merge.runtime.preprocess import Preprocessor
+from merge.runtime.prompts import build_batch_inputs, build_inputs
+from merge.runtime.text import TextStream
+from merge.tools.compare import compare
+from tests.hf import hf_inputs, hf_processor
 
 ROOT = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 12
@@ -42,21 +44,17 @@ IMAGE_SIZES = ((64, 96), (200, 120), (90, 90))
 
 def run_main(argv: list[str]) -> int:
     return cli_main(["run", *argv])
-# Packages a deployment of a combined folder does not install.
+# Packages a deployment of a combined folder does not install, and this project's rooms that need them.
 BUILD_ONLY = ("torch", "torchvision", "transformers", "onnx", "onnx_ir", "onnxscript", "safetensors",
-              "onnxruntime_genai", "huggingface_hub")
-# "export" only for export.vision_spec (numpy only: the input checks); export.vision needs onnx_ir, blocked here.
-RUNTIME_DEPS = ("numpy", "PIL", "tokenizers", "jinja2", "markupsafe", "onnxruntime", "merge", "export")
+              "onnxruntime_genai", "huggingface_hub", "export", "graphs")
+BUILD_ROOMS = ("merge.build", "merge.tools", "merge.presets", "merge.sources")  # merge.commands: argparse only
+RUNTIME_DEPS = ("numpy", "PIL", "tokenizers", "jinja2", "markupsafe", "onnxruntime", "merge")
 
 
 @pytest.fixture(scope="module")
-def combined(sources, tmp_path_factory) -> Path:
-    """A tiny combined folder, built once for the module."""
-    from merge.build import build
-
-    out = tmp_path_factory.mktemp("run") / "combined"
-    build(sources("tiny"), out)
-    return out
+def combined(combined) -> Path:
+    """The session's tiny combined folder."""
+    return combined("tiny")
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +97,7 @@ def test_cli_one_prompt_one_image(combined, model, png, capsys):
     assert rc == 0
     text, timing = _split_output(out)
     grid = model.preprocessor.build_inputs("x", [Image.open(png)])["image_grid_thw"]
-    merge = model.config["vision_config"]["spatial_merge_size"]
+    merge = model.config.vision.spatial_merge_size
     assert int(timing.group(2)) == int(np.prod(grid)) // merge**2 and timing.group(3) == "1"
     # What was streamed is what chat() returns for the same prompt and image.
     (expected,) = model.chat("Describe the image.", [png], max_new_tokens=NEW_TOKENS)
@@ -124,7 +122,7 @@ def test_cli_text_only_and_batch(combined, png, capsys):
 def test_image_syntax_in_help():
     import argparse
 
-    from merge.run_cmd import add_parser
+    from merge.commands.run import add_parser
 
     sub = argparse.ArgumentParser().add_subparsers()
     parser = add_parser(sub)
@@ -154,6 +152,8 @@ def test_runs_without_torch_or_transformers(combined, png):
 
         loaded = {{m.split(".")[0] for m, mod in sys.modules.items() if mod is not None}}
         assert not loaded & set({BUILD_ONLY!r}), loaded & set({BUILD_ONLY!r})
+        rooms = [m for m in sys.modules if m.startswith({BUILD_ROOMS!r})]
+        assert not rooms, f"the runtime imported build rooms: {{rooms}}"
         extra = sorted(loaded - allowed - {{"__main__", "_distutils_hack"}})
         assert not extra, f"imported beyond the runtime dependencies: {{extra}}"
         print("TORCH-FREE OK")
@@ -177,31 +177,49 @@ def _check_same_inputs(ours: dict, theirs: dict) -> None:
     assert result.passed, result.line()
 
 
+def _processor_inputs(processor, prompt: str, images: list, patch_dim: int) -> dict:
+    """transformers' Qwen3VLProcessor for one turn, with the empty image arrays it leaves out when there are none."""
+    out = hf_inputs(processor, prompt, images)
+    out.setdefault("pixel_values", np.zeros((0, patch_dim), np.float32))
+    out.setdefault("image_grid_thw", np.zeros((0, 3), np.int64))
+    return out
+
+
 @pytest.mark.parametrize("preset", ["tiny", "tiny-merge1"])
 def test_preprocessing_matches_transformers(preset, sources, prep):
+    """The runtime's preprocessing (no transformers) against transformers' own Qwen3VLProcessor: its chat template,
+    its placeholder expansion, its image processor; no code shared between the two sides."""
     source = sources(preset)
-    tok, proc = prep(preset)
+    tok, _ = prep(preset)
+    processor = hf_processor(source.folder)
+    patch_dim = source.config.vision.patch_dim
     ours = Preprocessor(source.folder)
     prompt = "Compare these, please: héllo wörld 😀 日本\nsecond line."
-    for size in IMAGE_SIZES:
-        image = _images([size])
-        _check_same_inputs(ours.build_inputs(prompt, image), build_inputs(tok, proc, prompt, image, source.config))
-    for mode in ("RGBA", "L"):  # transparency composited onto white; grey to RGB
-        image = _images([(70, 50)], seed=1, mode=mode)
-        _check_same_inputs(ours.build_inputs(prompt, image), build_inputs(tok, proc, prompt, image, source.config))
-    images = _images(seed=2)
-    _check_same_inputs(ours.build_inputs(prompt, images), build_inputs(tok, proc, prompt, images, source.config))
-    _check_same_inputs(ours.build_inputs("text only", []), build_inputs(tok, proc, "text only", [], source.config))
-    prompts, per_prompt = ["Hi", "Describe both pictures in detail."], [[], images[:2]]
-    _check_same_inputs(ours.build_batch_inputs(prompts, per_prompt),
-                       build_batch_inputs(tok, proc, prompts, per_prompt, source.config))
+    cases = [(prompt, _images([size])) for size in IMAGE_SIZES]
+    cases += [(prompt, _images([(70, 50)], seed=1, mode=mode)) for mode in ("RGBA", "L")]  # alpha on white; grey
+    cases += [(prompt, _images(seed=2)), ("text only", [])]
+    for text, images in cases:
+        _check_same_inputs(ours.build_inputs(text, images), _processor_inputs(processor, text, images, patch_dim))
+
+    # a left-padded batch is each row's own inputs, padded on the left with the pad id
+    prompts, per_prompt = ["Hi", "Describe both pictures in detail."], [[], _images(seed=2)[:2]]
+    batch = ours.build_batch_inputs(prompts, per_prompt)
+    rows = [_processor_inputs(processor, p, i, patch_dim) for p, i in zip(prompts, per_prompt, strict=True)]
+    length = batch["input_ids"].shape[1]
+    assert length == max(r["input_ids"].shape[1] for r in rows)
+    for row, single in enumerate(rows):
+        n = single["input_ids"].shape[1]
+        np.testing.assert_array_equal(batch["input_ids"][row, length - n:], single["input_ids"][0])
+        assert (batch["input_ids"][row, :length - n] == tok.pad_token_id).all()
+        np.testing.assert_array_equal(batch["attention_mask"][row], np.r_[np.zeros(length - n), np.ones(n)])
+    np.testing.assert_array_equal(batch["image_grid_thw"], rows[1]["image_grid_thw"])
 
     conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                     {"role": "assistant", "content": "Hello"}]
     for generation_prompt in (False, True):
         assert ours.tokenizer.apply_chat_template(conversation, add_generation_prompt=generation_prompt) == \
-            tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation_prompt)
-    ids = list(np.random.default_rng(0).integers(0, source.config["text_config"]["vocab_size"], 300))
+            processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation_prompt)
+    ids = list(np.random.default_rng(0).integers(0, source.config.text.vocab_size, 300))
     ids = [int(i) for i in ids if tok.convert_ids_to_tokens(int(i)) is not None]
     assert ours.decode(ids) == tok.decode(ids, skip_special_tokens=True)
     assert ours.eos_token_ids == [tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id]
@@ -232,7 +250,7 @@ def test_image_processor_size_bounds_match_transformers(pixels, sources, tmp_pat
 
 @pytest.mark.parametrize("twin", ["bilinear", "raster_order"])
 def test_twin_broken_image_processor_fails(twin, sources, prep, monkeypatch):
-    import merge.preprocess as pre
+    import merge.runtime.images as pre
 
     source = sources("tiny")
     _, proc = prep("tiny")
@@ -292,7 +310,7 @@ def test_bad_input_is_one_line_and_exit_2(case, combined, png, tmp_path, capsys)
         expected = f"{folder} is not a combined folder: no model.onnx"
     elif case == "not_a_folder":
         folder = str(tmp_path / "nowhere")
-        expected = f"{folder} is not a folder"
+        expected = f"{folder}: no such folder"
     elif case == "image_index":
         image = f"1:{png}"
         expected = "names prompt 1, but there is 1 --prompt"
@@ -339,7 +357,7 @@ def test_chat_generates_what_generate_does(case, model, sources, prep):
                                 stream=lambda row, piece: streamed.setdefault(row, []).append(piece))
     np.testing.assert_array_equal(completion.generation.tokens, reference.tokens)
     np.testing.assert_array_equal(completion.inputs["input_ids"], inputs["input_ids"])
-    assert completion.image_tokens == int((inputs["input_ids"] == source.config["image_token_id"]).sum())
+    assert completion.image_tokens == int((inputs["input_ids"] == source.config.image_token_id).sum())
     for row, tokens in enumerate(reference.tokens.tolist()):
         end = next((i for i, t in enumerate(tokens) if t in eos), len(tokens))
         expected = tok.decode(tokens[:end], skip_special_tokens=True)

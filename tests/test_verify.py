@@ -11,12 +11,8 @@ from tests.sabotage import broken_copy
 
 
 @pytest.fixture(scope="module")
-def good(sources, tmp_path_factory):
-    from merge.build import build
-
-    out = tmp_path_factory.mktemp("verify") / "combined"
-    build(sources("tiny"), out)
-    return out
+def good(combined):
+    return combined("tiny")
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +64,15 @@ def test_readme_verify_output_matches(good, reference, capsys):
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = re.search(r"Real output \(`python -m merge verify.*?```\n(.*?)```", readme, flags=re.S).group(1)
-    from merge.verify import default_images, format_table, verify
+    from merge.tools.verify import default_images, format_table, verify
 
     stages = verify(good, model_folder=None, prompt="", images=default_images(), new_tokens=4, reference=reference)
     real = format_table(stages).splitlines()
     pasted = block.strip().splitlines()
-    assert pasted[0] == real[0] and pasted[-1] == real[-1]
+    assert pasted[0].split() == real[0].split() and pasted[-1] == real[-1]
 
-    def skeleton(lines):
-        return [(line[:26].strip(), line.split()[-1]) for line in lines[2:-1]]
+    def skeleton(lines):  # stage name and status; the figures differ from run to run
+        return [(re.split(r"\s{2,}", line)[0], line.split()[-1]) for line in lines[2:-1]]
 
     assert skeleton(pasted) == skeleton(real)
     capsys.readouterr()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from export.vision_spec import VisionSpec, check_vision_inputs
+from merge.contract.vision import VisionSpec, check_vision_inputs
 from merge.errors import MergeError
-from merge.presets import preset_config
+from merge.presets.shapes import preset_config
 
 SPEC = VisionSpec.from_config(preset_config("tiny")["vision_config"])
 

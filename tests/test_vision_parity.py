@@ -6,12 +6,14 @@ family has a twin that feeds a deliberate mistake and must FAIL through the same
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import onnx
 import pytest
 
-from export.vision_spec import VisionSpec
-from merge.compare import compare
+from merge.contract.vision import VisionSpec
+from merge.tools.compare import compare
 
 PRESETS = ["tiny", "tiny-merge1"]
 
@@ -36,16 +38,16 @@ def vision(sources, tmp_path_factory):
     """``vision(name)`` -> (ONNX session, torch vision model, VisionSpec)."""
     import onnxruntime as ort
 
-    from export.vision import export_vision
+    from merge.build.parts import export_vision
 
     cache = {}
 
     def get(name: str, hf_models=None):
         if name not in cache:
             src = sources(name)
-            path = export_vision(src.folder, src.vision_config, tmp_path_factory.mktemp(name) / "vision.onnx")
+            path = export_vision(src.folder, src.config, tmp_path_factory.mktemp(name) / "vision.onnx")
             sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            cache[name] = (sess, path, VisionSpec.from_config(src.vision_config))
+            cache[name] = (sess, path, src.config.vision)
         return cache[name]
 
     return get
@@ -77,7 +79,7 @@ def _run(sess, pixels, grid_thw):
 def test_vision_matches_pytorch(preset, case, vision, hf_models):
     sess, _, spec = vision(preset)
     grid = _grids(spec.spatial_merge_size)[case]
-    pixels, grid_thw = _inputs(spec, grid, seed=hash(case) % 1000)
+    pixels, grid_thw = _inputs(spec, grid, seed=zlib.crc32(case.encode()))  # the same inputs in every run
     ref_embeds, ref_deep = _torch_vision(hf_models(preset), pixels, grid_thw)
     embeds, deep = _run(sess, pixels, grid_thw)
 
@@ -188,9 +190,10 @@ def test_unusual_vision_config_matches_pytorch(tmp_path):
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    from export.vision import export_vision
-    from merge.presets import preset_config
-    from merge.random_weights import init_scaled_
+    from export.random_weights import init_scaled_
+    from merge.build.parts import export_vision
+    from merge.contract.config import ModelConfig
+    from merge.presets.shapes import preset_config
 
     config = preset_config("tiny")
     config["vision_config"].update(hidden_size=144, num_heads=2, intermediate_size=96, depth=3,
@@ -201,7 +204,7 @@ def test_unusual_vision_config_matches_pytorch(tmp_path):
     folder = tmp_path / "hf"
     model.save_pretrained(folder)
     spec = VisionSpec.from_config(config["vision_config"])
-    path = export_vision(folder, config["vision_config"], tmp_path / "vision.onnx")
+    path = export_vision(folder, ModelConfig.from_dict(config), tmp_path / "vision.onnx")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     pixels, grid_thw = _inputs(spec, [(1, 6, 10), (2, 2, 2), (1, 14, 6)], seed=4)
     with torch.no_grad():

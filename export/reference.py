@@ -1,0 +1,85 @@
+"""``verify``'s PyTorch side: every stage's reference values from ``Qwen3VLForConditionalGeneration``.
+
+For int4 folders the reference carries the *same* 4-bit weights (quantized and dequantized with the format's
+own functions, :mod:`merge.contract.quant`), so quantization error is not mistaken for a graph error.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from merge.contract.names import VISION_DEEPSTACK_EMBEDS, VISION_IMAGE_EMBEDS
+from merge.contract.quant import QuantSpec, dequantize_int4, quantize_weight_int4
+
+log = logging.getLogger(__name__)
+
+INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+
+
+def use_int4_weights_(model, quant: QuantSpec, shared_table: bool = False) -> int:
+    """Give the text decoder's linear layers (and the head) the exact weights the int4 model holds; with
+    ``shared_table`` the token embeddings too (a tied int4 model reads them from the head's 4-bit blocks)."""
+    import torch
+
+    def requantized(weight: torch.Tensor) -> torch.Tensor:
+        w = weight.detach().float().numpy().T  # [in, out] as MatMulNBits sees it
+        packed, scales, zero_points = quantize_weight_int4(np.ascontiguousarray(w), quant.block_size, quant.symmetric)
+        return torch.from_numpy(dequantize_int4(packed, scales, zero_points, w.shape[0]).T.astype(np.float32))
+
+    count = 0
+    with torch.no_grad():
+        for module in model.model.language_model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(requantized(module.weight))
+                count += 1
+        # The head is quantized on its own; an untied (or unshared) embedding table stays fp32.
+        model.lm_head.weight = torch.nn.Parameter(requantized(model.lm_head.weight))
+        if shared_table:
+            model.model.language_model.embed_tokens.weight = model.lm_head.weight
+    return count + 1
+
+
+def load_model(model_folder: Path, quant: QuantSpec | None = None, shared_table: bool = False):
+    """``Qwen3VLForConditionalGeneration`` in fp32, eval mode (with the int4 folder's weights when ``quant``)."""
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    model = Qwen3VLForConditionalGeneration.from_pretrained(model_folder, dtype=torch.float32).eval()
+    if quant is not None:
+        count = use_int4_weights_(model, quant, shared_table=shared_table)
+        log.info("reference: %d linear layers carry the int4 folder's weights", count)
+    return model
+
+
+def torch_reference(model, inputs: dict[str, np.ndarray], new_tokens: int) -> dict[str, np.ndarray]:
+    """Every stage's reference values for ``inputs`` (the processor's output): vision, DeepStack, merged
+    embeddings, 3-D positions, prefill logits, the greedy tokens and each decode step's logits."""
+    import torch
+
+    t = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
+    has_images = inputs["image_grid_thw"].shape[0] > 0
+    ref: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        embeds = model.model.get_input_embeddings()(t["input_ids"])
+        if has_images:
+            vision = model.model.visual(t["pixel_values"], grid_thw=t["image_grid_thw"])
+            ref[VISION_IMAGE_EMBEDS] = vision.pooler_output.numpy()
+            ref[VISION_DEEPSTACK_EMBEDS] = np.stack([d.numpy() for d in vision.deepstack_features])
+            mask = (t["input_ids"] == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+            embeds = embeds.masked_scatter(mask, vision.pooler_output)
+        ref["inputs_embeds"] = embeds.numpy()
+        positions, _ = model.model.get_rope_index(
+            t["input_ids"], t["mm_token_type_ids"], t["image_grid_thw"] if has_images else None,
+            attention_mask=t["attention_mask"],
+        )
+        ref["position_ids"] = positions.numpy()
+        kwargs = {k: t[k] for k in INPUT_KEYS if has_images or k not in ("pixel_values", "image_grid_thw")}
+        ref["prefill_logits"] = model(**kwargs).logits.numpy()
+        gen = model.generate(**kwargs, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    ref["tokens"] = gen.sequences[:, inputs["input_ids"].shape[1]:].numpy()
+    ref["step_logits"] = np.stack([x.numpy() for x in gen.logits[1:]]) if len(gen.logits) > 1 else np.zeros(0)
+    return ref

@@ -1,0 +1,324 @@
+"""Export Qwen3-VL's vision tower to ONNX, dynamic in every dimension, with DeepStack outputs.
+
+The graph is written op by op from the checkpoint's tensors (no tracing), so nothing depends on an
+example image: everything that HF computes from ``grid_thw`` in Python (``.tolist()``) is computed here
+in the graph from ``image_grid_thw``:
+
+* ``vision/grid``: for every patch, its image, frame, row and column (patches arrive in spatial-merge
+  block order, as the image processor emits them);
+* ``vision/pos_embed``: bilinear interpolation (align_corners) of the learned square position grid to
+  each image's h x w, as 4 gathered taps and their weights;
+* ``vision/rotary``: the 2-D rotary angles from each patch's (row, column);
+* ``vision/attention_layout``: every frame of every image is one attention segment. Segments are laid
+  into a padded batch [segments, longest, hidden] and attention runs per segment with a key padding mask,
+  so cost grows with the number of images, not with the square of all patches in the call.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import numpy as np
+import onnx_ir as ir
+
+from merge.contract.names import MS_DOMAIN
+from merge.contract.vision import VISION_INPUTS, VISION_OUTPUTS, VisionSpec
+from merge.errors import MergeError
+
+from .builder import FLOAT, INT64, GraphBuilder, make_model, tensor_input
+
+log = logging.getLogger(__name__)
+
+OPSET = 21
+VISION_PREFIXES = ("model.visual.", "visual.", "vision_tower.")
+_LN_EPS = 1e-6
+
+
+class Weights(Protocol):
+    """What the graph needs of a checkpoint (``merge.sources.checkpoint.Checkpoint`` is one)."""
+
+    def __contains__(self, name: str) -> bool: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def load(self, name: str) -> np.ndarray: ...
+    def find_prefix(self, candidates: tuple[str, ...], probe: str) -> str: ...
+
+
+class VisionGraph:
+    """Builds the vision graph into a :class:`GraphBuilder`; one method per part of the tower."""
+
+    def __init__(self, spec: VisionSpec, ckpt: Weights, prefix: str, b: GraphBuilder) -> None:
+        self.spec = spec
+        self.ckpt = ckpt
+        self.prefix = prefix
+        self.b = b
+
+    # -- weights -----------------------------------------------------------------------------------
+    def _param(self, hf_name: str, name: str, transform=None, shape=None) -> ir.Value:
+        full = self.prefix + hf_name
+        shape = shape or self.ckpt.shape(full)
+
+        def load() -> np.ndarray:
+            array = self.ckpt.load(full)
+            return transform(array) if transform else array
+
+        return self.b.weight(name, shape, load)
+
+    def linear(self, x: ir.Value, hf_module: str, name: str) -> ir.Value:
+        b = self.b
+        out_dim, in_dim = self.ckpt.shape(self.prefix + hf_module + ".weight")
+        with b.scope(name):
+            w = self._param(hf_module + ".weight", "weight", lambda a: a.T, shape=(in_dim, out_dim))
+            y = b.op("MatMul", [x, w])
+            if self.prefix + hf_module + ".bias" in self.ckpt:
+                y = b.op("Add", [y, self._param(hf_module + ".bias", "bias")], name="BiasAdd")
+        return y
+
+    def layer_norm(self, x: ir.Value, hf_module: str, name: str) -> ir.Value:
+        b = self.b
+        with b.scope(name):
+            gamma = self._param(hf_module + ".weight", "weight")
+            beta = self._param(hf_module + ".bias", "bias")
+            return b.op("LayerNormalization", [x, gamma, beta], {"axis": -1, "epsilon": _LN_EPS})
+
+    def activation(self, x: ir.Value, kind: str) -> ir.Value:
+        b = self.b
+        if kind == "gelu":
+            return b.op("Gelu", [x])
+        if kind in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
+            return b.op("Gelu", [x], {"approximate": "tanh"})
+        if kind == "silu":
+            return b.op("Mul", [x, b.op("Sigmoid", [x])], name="SiLU")
+        if kind == "quick_gelu":
+            scaled = b.op("Mul", [x, b.const(np.float32(1.702), "quick_gelu_scale")])
+            return b.op("Mul", [x, b.op("Sigmoid", [scaled])], name="QuickGELU")
+        raise AssertionError(kind)  # VisionSpec.validate refuses other activations
+
+    # -- grid-dependent tensors --------------------------------------------------------------------
+    def grid(self, pixel_values: ir.Value, grid_thw: ir.Value) -> dict[str, ir.Value]:
+        """Per-patch image, frame, position inside the frame, row and column; per-image sizes."""
+        b, m = self.b, self.spec.spatial_merge_size
+        c = {}
+        with b.scope("grid"):
+            axis0 = b.const(np.int64(0), "axis0")
+            t, h, w = (b.op("Gather", [grid_thw, b.const(np.int64(i), f"col{i}")], {"axis": 1}, name=f"{n}")
+                       for i, n in enumerate("thw"))
+            hw = b.op("Mul", [h, w], name="frame_patches")
+            counts = b.op("Mul", [t, hw], name="image_patches")
+            ends = b.op("CumSum", [counts, axis0], name="image_ends")
+            starts = b.op("Sub", [ends, counts], name="image_starts")
+            num_patches = b.op("Shape", [pixel_values], {"start": 0, "end": 1}, name="num_patches")
+            patch = b.op("Range", [b.const(np.int64(0), "zero"), b.op("Squeeze", [num_patches, b.const([0], "axes0")]),
+                                   b.const(np.int64(1), "one")], name="patch_index")
+            # repeat_interleave(arange(num_images), counts) without a loop: a patch belongs to the number
+            # of images that end at or before it.
+            after_end = b.op("GreaterOrEqual", [b.op("Unsqueeze", [patch, b.const([1], "axes1")]),
+                                                b.op("Unsqueeze", [ends, b.const([0], "axes0")])])
+            image = b.op("ReduceSum", [b.op("Cast", [after_end], {"to": INT64}), b.const([1], "reduce_axes")],
+                         {"keepdims": 0}, name="patch_image")
+            rel = b.op("Sub", [patch, b.op("Gather", [starts, image], name="patch_image_start")])
+            p_hw = b.op("Gather", [hw, image], name="patch_frame_patches")
+            p_w = b.op("Gather", [w, image], name="patch_width")
+            within = b.op("Mod", [rel, p_hw], name="index_in_frame")
+            frame = b.op("Div", [rel, p_hw], name="frame_in_image")
+            # Patches come in merge-block order: (block_row, block_col, row_in_block, col_in_block).
+            mc, mm = b.const(np.int64(m), "merge"), b.const(np.int64(m * m), "merge_unit")
+            col_in = b.op("Mod", [within, mc], name="col_in_block")
+            row_in = b.op("Mod", [b.op("Div", [within, mc]), mc], name="row_in_block")
+            blocks_w = b.op("Div", [p_w, mc], name="blocks_per_row")
+            block = b.op("Div", [within, mm], name="block_index")
+            block_col = b.op("Mod", [block, blocks_w], name="block_col")
+            block_row = b.op("Div", [block, blocks_w], name="block_row")
+            c["row"] = b.op("Add", [b.op("Mul", [block_row, mc]), row_in], name="row")
+            c["col"] = b.op("Add", [b.op("Mul", [block_col, mc]), col_in], name="col")
+            c["height"] = b.op("Gather", [h, image], name="patch_height")
+            c["width"] = p_w
+            c.update(patch=patch, image=image, within=within, frame=frame, t=t, hw=hw, num_patches=num_patches)
+        return c
+
+    def interpolated_pos_embed(self, g: dict[str, ir.Value]) -> ir.Value:
+        """Bilinear (align_corners) resampling of the learned position grid to each image's grid."""
+        b, side = self.b, self.spec.grid_side
+        with b.scope("pos_embed"):
+            table = self._param("pos_embed.weight", "weight")
+            taps_h, weights_h = self._axis_taps(g["row"], g["height"], side, "rows")
+            taps_w, weights_w = self._axis_taps(g["col"], g["width"], side, "cols")
+            side_c = b.const(np.int64(side), "side")
+            idx, wts = [], []
+            for i in range(2):
+                for j in range(2):
+                    idx.append(b.op("Add", [b.op("Mul", [taps_h[i], side_c]), taps_w[j]], name=f"tap{i}{j}"))
+                    wts.append(b.op("Mul", [weights_h[i], weights_w[j]], name=f"weight{i}{j}"))
+            ax1 = b.const([1], "axes1")
+            index = b.op("Concat", [b.op("Unsqueeze", [x, ax1]) for x in idx], {"axis": 1}, name="taps")
+            weight = b.op("Concat", [b.op("Unsqueeze", [x, ax1]) for x in wts], {"axis": 1}, name="weights")
+            gathered = b.op("Gather", [table, index], name="gather_taps")  # [N, 4, hidden]
+            weighted = b.op("Mul", [gathered, b.op("Unsqueeze", [weight, b.const([2], "axes2")])])
+            return b.op("ReduceSum", [weighted, ax1], {"keepdims": 0}, name="sum_taps")
+
+    def _axis_taps(self, index: ir.Value, size: ir.Value, side: int, name: str):
+        b = self.b
+        with b.scope(name):
+            one_i = b.const(np.int64(1), "one")
+            denom = b.op("Cast", [b.op("Max", [b.op("Sub", [size, one_i]), one_i])], {"to": FLOAT})
+            scaled = b.op("Mul", [b.op("Cast", [index], {"to": FLOAT}), b.const(np.float32(side - 1), "side_m1")])
+            src = b.op("Div", [scaled, denom], name="source")
+            floor = b.op("Floor", [src])
+            frac = b.op("Sub", [src, floor], name="frac")
+            one_f = b.const(np.float32(1), "one_f")
+            w0 = b.op("Sub", [one_f, frac], name="weight0")
+            w1 = b.op("Sub", [one_f, b.op("Abs", [b.op("Sub", [frac, one_f])])], name="weight1")
+            t0 = b.op("Cast", [floor], {"to": INT64}, name="tap0")
+            lo, hi = b.const(np.int64(0), "lo"), b.const(np.int64(side - 1), "hi")
+            taps = [b.op("Min", [b.op("Max", [t, lo]), hi], name=f"clamp{k}")
+                    for k, t in enumerate((t0, b.op("Add", [t0, one_i], name="tap1")))]
+            return taps, (w0, w1)
+
+    def rotary(self, g: dict[str, ir.Value]) -> tuple[ir.Value, ir.Value]:
+        """cos/sin shaped [N, 3, 1, head_dim] for the packed (q, k, v) layout; v gets cos 1, sin 0."""
+        b, hd = self.b, self.spec.head_dim
+        spatial = hd // 2
+        inv_freq = 1.0 / (self.spec.rope_theta ** (np.arange(0, spatial, 2, dtype=np.float32) / spatial))
+        with b.scope("rotary"):
+            inv = b.const(inv_freq.astype(np.float32), "inv_freq")
+            ax1 = b.const([1], "axes1")
+            freqs = [b.op("Mul", [b.op("Unsqueeze", [b.op("Cast", [g[k]], {"to": FLOAT}), ax1]), inv], name=k)
+                     for k in ("row", "col")]
+            half = b.op("Concat", freqs, {"axis": 1}, name="freqs")
+            angles = b.op("Concat", [half, half], {"axis": 1}, name="angles")
+            ax12 = b.const([1, 2], "axes12")
+            cos = b.op("Unsqueeze", [b.op("Cos", [angles]), ax12])
+            sin = b.op("Unsqueeze", [b.op("Sin", [angles]), ax12])
+            shape = b.op("Shape", [cos])
+            ones = b.op("ConstantOfShape", [shape], {"value": ir.tensor(np.ones(1, np.float32))})
+            zeros = b.op("ConstantOfShape", [shape], {"value": ir.tensor(np.zeros(1, np.float32))})
+            cos3 = b.op("Concat", [cos, cos, ones], {"axis": 1}, name="cos_qkv")
+            sin3 = b.op("Concat", [sin, sin, zeros], {"axis": 1}, name="sin_qkv")
+        return cos3, sin3
+
+    def attention_layout(self, g: dict[str, ir.Value]) -> dict[str, ir.Value]:
+        """Where each patch sits in the padded [segments, longest, ...] batch, and the key padding mask."""
+        b = self.b
+        with b.scope("attention_layout"):
+            axis0 = b.const(np.int64(0), "axis0")
+            frames = b.op("Sub", [b.op("CumSum", [g["t"], axis0]), g["t"]], name="image_first_segment")
+            segment = b.op("Add", [b.op("Gather", [frames, g["image"]]), g["frame"]], name="patch_segment")
+            num_segments = b.op("ReduceSum", [g["t"], b.const([0], "axes0")], {"keepdims": 1},
+                                name="num_segments")
+            # The longest segment; the appended 1 keeps it defined when there are no images.
+            longest = b.op("ReduceMax", [b.op("Concat", [g["hw"], b.const([1], "one")], {"axis": 0})],
+                           {"keepdims": 1}, name="longest_segment")
+            slot = b.op("Add", [b.op("Mul", [segment, longest]), g["within"]], name="patch_slot")
+            slots = b.op("Mul", [num_segments, longest], name="num_slots")
+            zeros64 = b.op("ConstantOfShape", [slots], {"value": ir.tensor(np.zeros(1, np.int64))})
+            slot_patch = b.op("ScatterElements", [zeros64, slot, g["patch"]], {"axis": 0}, name="slot_patch")
+            zeros32 = b.op("ConstantOfShape", [slots], {"value": ir.tensor(np.zeros(1, np.int32))})
+            ones32 = b.op("ConstantOfShape", [g["num_patches"]], {"value": ir.tensor(np.ones(1, np.int32))})
+            valid = b.op("ScatterElements", [zeros32, slot, ones32], {"axis": 0}, name="slot_valid")
+            batch_shape = b.op("Concat", [num_segments, longest], {"axis": 0}, name="batch_shape")
+            key_padding_mask = b.op("Reshape", [valid, batch_shape], name="key_padding_mask")
+            qkv_shape = b.op("Concat", [num_segments, longest, b.const([3 * self.spec.hidden_size], "qkv_width")],
+                             {"axis": 0}, name="padded_qkv_shape")
+        return {"slot": slot, "slot_patch": slot_patch, "key_padding_mask": key_padding_mask,
+                "padded_qkv_shape": qkv_shape}
+
+    # -- blocks ------------------------------------------------------------------------------------
+    def attention(self, x: ir.Value, i: int, rot: tuple[ir.Value, ir.Value], lay: dict[str, ir.Value]) -> ir.Value:
+        b, s = self.b, self.spec
+        hf = f"blocks.{i}.attn"
+        with b.scope("attn"):
+            qkv = self.linear(x, f"{hf}.qkv", "qkv")
+            qkv = b.op("Reshape", [qkv, b.const([-1, 3, s.num_heads, s.head_dim], "split_heads_shape")])
+            with b.scope("rotary"):
+                first, second = b.op_multi("Split", [qkv], {"axis": -1, "num_outputs": 2}, num_outputs=2)
+                rotated = b.op("Concat", [b.op("Neg", [second]), first], {"axis": -1}, name="rotate_half")
+                cos, sin = rot
+                qkv = b.op("Add", [b.op("Mul", [qkv, cos]), b.op("Mul", [rotated, sin])], name="apply")
+            qkv = b.op("Reshape", [qkv, b.const([-1, 3 * s.hidden_size], "merge_heads_shape")])
+            padded = b.op("Gather", [qkv, lay["slot_patch"]], name="to_segments")
+            padded = b.op("Reshape", [padded, lay["padded_qkv_shape"]])
+            q, k, v = b.op_multi("Split", [padded], {"axis": 2, "num_outputs": 3}, num_outputs=3, name="split_qkv")
+            out = b.op("MultiHeadAttention", [q, k, v, None, lay["key_padding_mask"]],
+                       {"num_heads": s.num_heads}, domain=MS_DOMAIN, name="MultiHeadAttention")
+            out = b.op("Reshape", [out, b.const([-1, s.hidden_size], "flatten_shape")])
+            out = b.op("Gather", [out, lay["slot"]], name="from_segments")
+            return self.linear(out, f"{hf}.proj", "proj")
+
+    def block(self, x: ir.Value, i: int, rot, lay) -> ir.Value:
+        b = self.b
+        with b.scope(f"blocks.{i}"):
+            h = self.attention(self.layer_norm(x, f"blocks.{i}.norm1", "norm1"), i, rot, lay)
+            x = b.op("Add", [x, h], name="attn_residual")
+            with b.scope("mlp"):
+                h = self.layer_norm(x, f"blocks.{i}.norm2", "norm2")
+                h = self.linear(h, f"blocks.{i}.mlp.linear_fc1", "linear_fc1")
+                h = self.activation(h, self.spec.hidden_act)
+                h = self.linear(h, f"blocks.{i}.mlp.linear_fc2", "linear_fc2")
+            return b.op("Add", [x, h], name="mlp_residual")
+
+    def merger(self, x: ir.Value, hf: str, name: str, postshuffle: bool) -> ir.Value:
+        b, s = self.b, self.spec
+        with b.scope(name):
+            shuffle = b.const([-1, s.hidden_size * s.merge_unit], "shuffle_shape")
+            if postshuffle:
+                x = self.layer_norm(b.op("Reshape", [x, shuffle], name="shuffle"), f"{hf}.norm", "norm")
+            else:
+                x = b.op("Reshape", [self.layer_norm(x, f"{hf}.norm", "norm"), shuffle], name="shuffle")
+            x = self.linear(x, f"{hf}.linear_fc1", "linear_fc1")
+            x = b.op("Gelu", [x])
+            return self.linear(x, f"{hf}.linear_fc2", "linear_fc2")
+
+    def build(self, pixel_values: ir.Value, grid_thw: ir.Value) -> tuple[ir.Value, ir.Value]:
+        b, s = self.b, self.spec
+        g = self.grid(pixel_values, grid_thw)
+        with b.scope("patch_embed"):
+            conv = self.prefix + "patch_embed.proj.weight"
+            w = self._param("patch_embed.proj.weight", "weight",
+                            lambda a: a.reshape(a.shape[0], -1).T, shape=(s.patch_dim, s.hidden_size))
+            if self.ckpt.shape(conv)[1:] != (s.in_channels, s.temporal_patch_size, s.patch_size, s.patch_size):
+                raise MergeError(f"{conv}: shape {self.ckpt.shape(conv)} does not match the vision config "
+                                 f"({s.in_channels}, {s.temporal_patch_size}, {s.patch_size}, {s.patch_size})")
+            x = b.op("MatMul", [pixel_values, w], name="proj")
+            x = b.op("Add", [x, self._param("patch_embed.proj.bias", "bias")], name="BiasAdd")
+        x = b.op("Add", [x, self.interpolated_pos_embed(g)], name="add_pos_embed")
+        rot = self.rotary(g)
+        lay = self.attention_layout(g)
+        levels = []
+        for i in range(s.depth):
+            x = self.block(x, i, rot, lay)
+            if i in s.deepstack_visual_indexes:
+                k = s.deepstack_visual_indexes.index(i)
+                levels.append((k, self.merger(x, f"deepstack_merger_list.{k}", f"deepstack_merger.{k}", True)))
+        image_embeds = self.merger(x, "merger", "merger", postshuffle=False)
+        with b.scope("deepstack"):
+            if levels:
+                ax0 = b.const([0], "axes0")
+                # HF stacks the levels in the order of the tower's layers, each through the merger at the
+                # layer's position in deepstack_visual_indexes (which need not be sorted)
+                stacked = [b.op("Unsqueeze", [v, ax0], name=f"level{j}") for j, (_, v) in enumerate(levels)]
+                deepstack = b.op("Concat", stacked, {"axis": 0}, name="stack")
+            else:  # a config without DeepStack: an empty [0, tokens, out_hidden] tensor keeps the contract
+                tokens = b.op("Shape", [image_embeds])
+                shape = b.op("Concat", [b.const([0], "no_levels"), tokens], {"axis": 0})
+                deepstack = b.op("ConstantOfShape", [shape], {"value": ir.tensor(np.zeros(1, np.float32))})
+        return image_embeds, deepstack
+
+
+def build_vision_model(weights: Weights, spec: VisionSpec, scope: str = "vision") -> ir.Model:
+    """The vision part as an onnx_ir model whose weights load lazily from ``weights`` when it is written."""
+    prefix = weights.find_prefix(VISION_PREFIXES, "patch_embed.proj.weight")
+    b = GraphBuilder(scope)
+    pixel_values = tensor_input("pixel_values", FLOAT, ["num_patches", spec.patch_dim])
+    grid_thw = tensor_input("image_grid_thw", INT64, ["num_images", 3])
+    image_embeds, deepstack = VisionGraph(spec, weights, prefix, b).build(pixel_values, grid_thw)
+    image_embeds = b.op("Identity", [image_embeds], name="image_embeds")
+    deepstack = b.op("Identity", [deepstack], name="deepstack_embeds")
+    image_embeds.name, deepstack.name = "image_embeds", "deepstack_embeds"
+    image_embeds.type, deepstack.type = ir.TensorType(FLOAT), ir.TensorType(FLOAT)
+    image_embeds.shape = ir.Shape([ir.SymbolicDim("num_image_tokens"), spec.out_hidden_size])
+    deepstack.shape = ir.Shape([len(spec.deepstack_visual_indexes), ir.SymbolicDim("num_image_tokens"),
+                                spec.out_hidden_size])
+    assert [v.name for v in (pixel_values, grid_thw)] == list(VISION_INPUTS)
+    assert [v.name for v in (image_embeds, deepstack)] == list(VISION_OUTPUTS)
+    return make_model(b, [pixel_values, grid_thw], [image_embeds, deepstack], name="qwen3vl_vision",
+                      opset_imports={"": OPSET, MS_DOMAIN: 1})

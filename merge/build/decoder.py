@@ -1,0 +1,98 @@
+"""The decoder part: the GenAI builder's export (in a child process, see :mod:`export.text`) and the check of
+what it wrote against what the stitch relies on."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import onnx_ir as ir
+
+from merge.contract.config import TextSpec
+from merge.contract.names import (
+    ATTENTION_MASK,
+    DECODER_INPUTS_EMBEDS,
+    DECODER_POSITION_IDS,
+    LOGITS,
+    past_name,
+    present_name,
+)
+from merge.errors import MergeError
+
+from .child import run_python
+from .passes.inject_deepstack import RESIDUAL_NORM, deepstack_anchors
+
+log = logging.getLogger(__name__)
+
+DECODER_FILENAME = "decoder.onnx"  # export.text writes this name
+
+
+class DecoderExportError(MergeError):
+    """The builder failed, or its decoder lacks the inputs and outputs the stitching relies on."""
+
+
+def export_decoder(hf_folder: Path, out_dir: Path, text: TextSpec, *, precision: str = "fp32",
+                   cache_dir: Path | None = None) -> tuple[ir.Model, float]:
+    """Run the GenAI builder on ``hf_folder`` in a child process; return its checked decoder (weights lazy) and
+    the child's peak memory in GiB.
+
+    ``out_dir`` should be a folder of its own (the builder writes genai_config.json and more beside the model).
+    On a terminal the builder's own progress shows as it works.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
+    tty = sys.stderr.isatty()
+    result = run_python(["-m", "export.text", str(Path(hf_folder).resolve()), str(out_dir), precision,
+                         str(cache_dir)], capture=not tty)
+    for line in result.stderr.splitlines():
+        log.debug("builder: %s", line)
+    if result.returncode != 0:
+        detail = "see above" if tty else result.last_line().removeprefix("error: ")
+        raise DecoderExportError(f"the decoder export of {hf_folder} failed in its child process: {detail}")
+    path = out_dir / DECODER_FILENAME
+    data = path.with_name(path.name + ".data")
+    if not path.is_file() or not data.is_file():
+        raise DecoderExportError(f"the GenAI model builder did not write {path.name} and {data.name} in {out_dir}")
+    model = ir.load(path)
+    check_decoder(model, text, path.name)
+    return model, result.peak_rss_gib
+
+
+def check_decoder(model: ir.Model, text: TextSpec, where: str = "decoder") -> None:
+    """The builder's decoder has the I/O and the residual anchors the stitching relies on; raise if not."""
+    f32, i64 = ir.DataType.FLOAT, ir.DataType.INT64
+    expected_in = {DECODER_INPUTS_EMBEDS: (f32, 3, text.hidden_size), ATTENTION_MASK: (i64, 2, None),
+                   DECODER_POSITION_IDS: (i64, 3, None)}
+    expected_out = {LOGITS: (f32, 3, text.vocab_size)}
+    for i in range(text.num_layers):
+        for kind in ("key", "value"):
+            expected_in[past_name(i, kind)] = (f32, 4, None)  # the builder names the last dim kv_cache_dim
+            expected_out[present_name(past_name(i, kind))] = (f32, 4, None)
+    _check_io(where, "input", model.graph.inputs, expected_in)
+    _check_io(where, "output", model.graph.outputs, expected_out)
+    positions = next(v for v in model.graph.inputs if v.name == DECODER_POSITION_IDS)
+    if positions.shape[0] != 3:
+        raise DecoderExportError(f"{where}: position_ids is not [3, batch, sequence]; MRoPE positions are missing")
+    anchors = deepstack_anchors(model.graph)
+    if len(anchors) != text.num_layers:
+        raise DecoderExportError(
+            f"{where}: {len(anchors)} of {text.num_layers} layers end with an MLP output feeding a {RESIDUAL_NORM}; "
+            "the builder's graph layout changed and DeepStack cannot be injected"
+        )
+
+
+def _check_io(where: str, kind: str, values, expected: dict[str, tuple[ir.DataType, int, int | None]]) -> None:
+    found = {v.name: v for v in values}
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise DecoderExportError(f"{where} lacks the {kind}(s) {', '.join(missing)} (it has {', '.join(found)})")
+    for name, (dtype, rank, last) in expected.items():
+        value = found[name]
+        shape = value.shape
+        if value.dtype != dtype or shape is None or len(shape) != rank or (last is not None and shape[-1] != last):
+            raise DecoderExportError(
+                f"{where}: {kind} {name} has type {value.dtype} and shape {shape}, not {dtype}, rank {rank}"
+                + (f", last dimension {last}" if last is not None else "")
+            )

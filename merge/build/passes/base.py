@@ -1,0 +1,149 @@
+"""What every stitch pass shares: a common signature, contracts stated as sentences, values found by name.
+
+A pass is an ``onnx_ir`` in-place pass: ``pass_(model)`` checks :meth:`StitchPass.requires`, rewrites the
+model in :meth:`StitchPass.apply`, then checks :meth:`StitchPass.ensures`. A contract that does not hold
+raises :class:`StitchError` (a :class:`merge.errors.MergeError`: one sentence for the user) before the graph
+is touched. Passes take nothing from each other by hand: each finds the values it works on in the model by
+their names (:mod:`merge.contract.names`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from merge.errors import MergeError
+
+log = logging.getLogger("merge.build.passes")
+
+
+class StitchError(MergeError):
+    """A part does not have the structure a pass relies on."""
+
+
+class StitchPass(ir.passes.InPlacePass):
+    """An in-place pass with its contracts; subclasses implement :meth:`apply` (and the checks they need)."""
+
+    #: one line for ``merge build --debug``
+    summary = ""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.apply(model)
+        return ir.passes.PassResult(model, modified=True)
+
+    def apply(self, model: ir.Model) -> None:
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return type(self).__name__
+
+
+def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> ir.Model:
+    """Run ``passes`` in order, logging each; a broken contract surfaces as the pass's own sentence."""
+    for i, pass_ in enumerate(passes, start=1):
+        summary = getattr(pass_, "summary", "") or (type(pass_).__doc__ or "").strip().splitlines()[0]
+        log.debug("pass %d/%d: %s: %s", i, len(passes), type(pass_).__name__, summary)
+        try:
+            model = pass_(model).model
+        except (ir.passes.PreconditionError, ir.passes.PostconditionError) as exc:
+            cause = exc.__cause__
+            if isinstance(cause, MergeError):
+                raise StitchError(f"{pass_}: {cause}") from cause
+            raise
+    return model
+
+
+# -- finding things by name ---------------------------------------------------------------------------------------
+
+def graph_input(graph: ir.Graph, name: str, who: str) -> ir.Value:
+    for value in graph.inputs:
+        if value.name == name:
+            return value
+    raise StitchError(f"{who}: the model has no input {name!r} (inputs: {[v.name for v in graph.inputs]})")
+
+
+def has_input(graph: ir.Graph, name: str) -> bool:
+    return any(v.name == name for v in graph.inputs)
+
+
+def find_value(graph: ir.Graph, name: str) -> ir.Value | None:
+    """The value called ``name`` in the main graph: an input, an initializer, or a node's output."""
+    for value in graph.inputs:
+        if value.name == name:
+            return value
+    if name in graph.initializers:
+        return graph.initializers[name]
+    for node in graph:
+        for out in node.outputs:
+            if out.name == name:
+                return out
+    return None
+
+
+def require_value(graph: ir.Graph, name: str, who: str) -> ir.Value:
+    value = find_value(graph, name)
+    if value is None:
+        raise StitchError(f"{who}: the model has no value {name!r}; an earlier pass did not run")
+    return value
+
+
+def find_node(graph: ir.Graph, name: str) -> ir.Node | None:
+    return next((n for n in graph if n.name == name), None)
+
+
+def producer_op(value: ir.Value | None) -> str | None:
+    node = value.producer() if value is not None else None
+    return node.op_type if node is not None else None
+
+
+# -- small builders -------------------------------------------------------------------------------------------------
+
+def tensor_value(name: str, dtype: ir.DataType, shape: Sequence[int | str]) -> ir.Value:
+    dims = [ir.SymbolicDim(d) if isinstance(d, str) else d for d in shape]
+    return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(dims))
+
+
+def constant_node(name: str, array: np.ndarray) -> ir.Node:
+    node = ir.node("Constant", [], {"value": ir.tensor(array, name=name)}, name=name)
+    node.outputs[0].name = name
+    return node
+
+
+def named_node(op: str, inputs: Sequence[ir.Value | None], name: str, attrs: dict | None = None,
+               domain: str = "") -> ir.Node:
+    node = ir.node(op, list(inputs), attrs or {}, domain=domain, name=name)
+    node.outputs[0].name = name
+    return node
+
+
+def inline_part(target: ir.Graph, part: ir.Model, feeds: dict[str, ir.Value], who: str,
+                weights_to: ir.Graph | None = None) -> dict[str, ir.Value]:
+    """Move a part's nodes into ``target`` and its initializers into ``weights_to`` (default ``target``: a
+    subgraph reads the main graph's initializers by name), with its inputs bound to ``feeds``; returns its
+    outputs by name. The part's graph is left empty."""
+    graph = part.graph
+    names = [v.name for v in graph.inputs]
+    if set(names) != set(feeds):
+        raise StitchError(f"{who}: the part's inputs {names} do not match the values wired to them {sorted(feeds)}")
+    outputs = {v.name: v for v in graph.outputs}
+    for inp in list(graph.inputs):
+        ir.convenience.replace_all_uses_with(inp, feeds[inp.name])
+    nodes = list(graph)
+    graph.remove(nodes, safe=False)
+    graph.outputs.clear()
+    inits = list(graph.initializers.values())
+    graph.initializers.clear()
+    target.extend(nodes)
+    for init in inits:
+        (weights_to or target).register_initializer(init)
+    return outputs
+
+
+def register_builder(graph: ir.Graph, builder) -> None:
+    """Add a :class:`graphs.builder.GraphBuilder`'s nodes and initializers to ``graph``."""
+    graph.extend(builder.nodes)
+    for init in builder.initializers.values():
+        graph.register_initializer(init)

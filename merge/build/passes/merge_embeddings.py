@@ -1,0 +1,68 @@
+"""The decoder's ``inputs_embeds`` now come from the embedding merge: token embeddings with the image features
+put in place at the image tokens, and one dense DeepStack term per level."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from merge.contract.names import (
+    DECODER_INPUTS_EMBEDS,
+    EMBEDDING_PREFIX,
+    INPUT_IDS,
+    VISION_DEEPSTACK_EMBEDS,
+    VISION_IMAGE_EMBEDS,
+)
+
+from .base import StitchError, StitchPass, graph_input, has_input, inline_part, require_value, tensor_value
+
+TOKEN_TABLE = EMBEDDING_PREFIX + "embed_tokens"
+TOKEN_EMBEDS_NODE = EMBEDDING_PREFIX + "embeds/token_embeds"
+
+
+def deepstack_term(level: int) -> str:
+    """The dense [batch, sequence, hidden] DeepStack term of ``level`` (zeros away from image tokens)."""
+    return f"{EMBEDDING_PREFIX}deepstack_{level}"
+
+
+class MergeEmbeddings(StitchPass):
+    """Adds the input ``input_ids``; ``inputs_embeds`` stops being an input. ``table`` is the token embedding
+    table [vocab, hidden] (a lazy initializer); :class:`~merge.build.passes.share_tied_table.ShareTiedTable`
+    may later point the token lookup at a tied head instead."""
+
+    summary = "embedding merge: input_ids -> inputs_embeds with image features and DeepStack terms"
+
+    def __init__(self, embedding_merge: ir.Model, table: ir.Value, num_levels: int) -> None:
+        self.part = embedding_merge
+        self.table = table
+        self.num_levels = num_levels
+
+    def requires(self, model: ir.Model) -> None:
+        graph = model.graph
+        graph_input(graph, DECODER_INPUTS_EMBEDS, str(self))
+        require_value(graph, VISION_IMAGE_EMBEDS, str(self))
+        if has_input(graph, INPUT_IDS):
+            raise StitchError(f"the model already has an input {INPUT_IDS!r}")
+        expected = {"inputs_embeds", "visual_mask", *(f"deepstack_{k}" for k in range(self.num_levels))}
+        found = {v.name for v in self.part.graph.outputs}
+        if found != expected:
+            raise StitchError(f"the embedding merge's outputs are {sorted(found)}, expected {sorted(expected)}")
+
+    def apply(self, model: ir.Model) -> None:
+        graph = model.graph
+        decoder_embeds = graph_input(graph, DECODER_INPUTS_EMBEDS, str(self))
+        input_ids = tensor_value(INPUT_IDS, ir.DataType.INT64, ["batch_size", "sequence_length"])
+        graph.inputs.append(input_ids)
+        graph.register_initializer(self.table)
+        feeds = {"input_ids": input_ids, "embed_tokens": self.table,
+                 "image_embeds": require_value(graph, VISION_IMAGE_EMBEDS, str(self)),
+                 "deepstack_embeds": require_value(graph, VISION_DEEPSTACK_EMBEDS, str(self))}
+        outputs = inline_part(graph, self.part, feeds, str(self))
+        ir.convenience.replace_all_uses_with(decoder_embeds, outputs["inputs_embeds"])
+        graph.inputs.remove(decoder_embeds)
+        for k in range(self.num_levels):
+            outputs[f"deepstack_{k}"].name = deepstack_term(k)
+        outputs["visual_mask"].name = EMBEDDING_PREFIX + "visual_mask"
+
+    def ensures(self, model: ir.Model) -> None:
+        if has_input(model.graph, DECODER_INPUTS_EMBEDS):
+            raise StitchError(f"{DECODER_INPUTS_EMBEDS} is still an input")

@@ -1,0 +1,280 @@
+"""Block-wise INT4 weight quantization of MatMuls into ``com.microsoft::MatMulNBits``, streamed at save time.
+
+The GenAI model builder's own INT4 path holds every weight in fp32 in memory (a 4B build needs ~27 GiB), so
+the decoder is exported in fp32 and quantized here, one tensor at a time. :func:`quantize_matmuls_int4`
+only rewrites the graph: each quantized initializer is an ``ir.LazyTensor`` whose function reads the fp32
+source (usually a memory-mapped ``ir.ExternalTensor`` from ``ir.load``) when ``ir.save`` writes it,
+quantizes it with numpy or ONNX Runtime's C++ routine (:mod:`merge.contract.quant`: the format and its
+numbers), and unmaps the source again. Saving a model with many large MatMuls therefore holds about one
+weight's fp32 copy plus its packed form at a time. :class:`QuantizeInt4` is the build's pass: the decoder's
+MatMuls only (the vision part stays fp32).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from merge.contract import quant
+from merge.contract.names import DECODER_SCOPE, MS_DOMAIN
+from merge.contract.quant import BITS, QuantSpec, check_block_size
+
+from .base import StitchError, StitchPass
+
+log = logging.getLogger(__name__)
+
+
+class _QuantJob:
+    """One weight's quantization, shared by the lazy tensors of its parts (B, scales, zero points).
+
+    The first part asked for computes all parts and keeps the others until they are asked for once, so a
+    serial ``ir.save`` (which writes a weight's parts one after the other) quantizes each weight once. At most
+    ``_MAX_CACHED_JOBS`` weights keep parts waiting; older ones drop theirs and recompute if asked again.
+    The source's memory map is released after every run.
+    """
+
+    def __init__(self, source: ir.TensorProtocol, block_size: int, symmetric: bool, name: str) -> None:
+        self.source = source
+        self.block_size = block_size
+        self.symmetric = symmetric
+        self.name = name
+        self._pending: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def _compute(self) -> dict[str, np.ndarray]:
+        log.debug("quantizing %s %s to int4", self.name, tuple(self.source.shape))
+        try:
+            weight = self.source.numpy()
+            packed, scales, zero_points = quant.quantize_weight_int4(weight, self.block_size, self.symmetric)
+            del weight  # drop the view on the memory map before it is closed
+        finally:
+            release = getattr(self.source, "release", None)
+            if callable(release):
+                release()
+        parts = {"B": packed, "scales": scales}
+        if zero_points is not None:
+            parts["zero_points"] = zero_points
+        return parts
+
+    def drop_pending(self) -> None:
+        self._pending = {}
+
+    def part(self, key: str) -> ir.Tensor:
+        with self._lock:
+            array = self._pending.pop(key, None)
+            if array is None:
+                parts = self._compute()
+                array = parts.pop(key)
+                self._pending = parts
+                _remember(self)
+            if not self._pending:
+                _forget(self)
+        return ir.Tensor(array, name=f"{self.name}:{key}")
+
+    def lazy(self, key: str, dtype: ir.DataType, shape: tuple[int, ...], name: str) -> ir.LazyTensor:
+        # bind key as a default argument: no late-binding closure over a loop variable
+        def load(job: _QuantJob = self, part_key: str = key) -> ir.TensorProtocol:
+            return job.part(part_key)
+
+        return ir.LazyTensor(load, dtype=dtype, shape=ir.Shape(shape), name=name)
+
+
+# Jobs holding computed parts not yet asked for, oldest first (bounded: parallel saves interleave a few).
+_MAX_CACHED_JOBS = 4
+_cached_jobs: OrderedDict[int, _QuantJob] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _remember(job: _QuantJob) -> None:
+    with _cache_lock:
+        _cached_jobs[id(job)] = job
+        _cached_jobs.move_to_end(id(job))
+        while len(_cached_jobs) > _MAX_CACHED_JOBS:
+            _, old = _cached_jobs.popitem(last=False)
+            old.drop_pending()
+
+
+def _forget(job: _QuantJob) -> None:
+    with _cache_lock:
+        _cached_jobs.pop(id(job), None)
+
+
+def _all_value_names(graph: ir.Graph) -> set[str]:
+    names: set[str] = set(graph.initializers)
+    names.update(v.name for v in graph.inputs if v.name)
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for value in (*node.inputs, *node.outputs):
+            if value is not None and value.name:
+                names.add(value.name)
+    return names
+
+
+def _unique(base: str, taken: set[str]) -> str:
+    name, i = base, 1
+    while name in taken:
+        name = f"{base}_{i}"
+        i += 1
+    taken.add(name)
+    return name
+
+
+def _candidate_weight(node: ir.Node) -> ir.Value | None:
+    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    if a is None or b is None or not b.is_initializer() or b.is_graph_input() or b.const_value is None:
+        return None
+    tensor = b.const_value
+    if tensor.dtype != ir.DataType.FLOAT or len(tensor.shape) != 2 or not tensor.shape.is_static():
+        return None
+    if a.dtype is not None and a.dtype != ir.DataType.FLOAT:
+        return None
+    return b
+
+
+def _rewrite_initializers(graph: ir.Graph, replaced: dict[str, list[ir.Value]]) -> None:
+    """Drop the fp32 weights nothing uses any more and put each weight's quantized parts where it was, so a
+    layer's weights stay adjacent in the data file (runtimes page them in in execution order)."""
+    new_parts = {id(v) for parts in replaced.values() for v in parts}
+    order: list[ir.Value] = []
+    for name, value in list(graph.initializers.items()):
+        if id(value) in new_parts:
+            continue
+        if name not in replaced or value.uses() or value.is_graph_output():
+            order.append(value)
+        order.extend(replaced.get(name, ()))
+    for name in list(graph.initializers):
+        graph.initializers.pop(name)
+    for value in order:
+        graph.register_initializer(value)
+
+
+def quantize_matmuls_int4(
+    model: ir.Model,
+    *,
+    block_size: int = 32,
+    accuracy_level: int = 4,
+    symmetric: bool = False,
+    min_elements: int = 0,
+    include: Callable[[ir.Node], bool] | None = None,
+) -> int:
+    """Replace every MatMul whose second input is a 2-D float32 initializer [K, N] by com.microsoft MatMulNBits
+    (bits=4), in place. Returns the number replaced.
+
+    Each node is changed in place: it keeps its name, its A input and its output Value (so consumers and
+    graph outputs need no rewiring); only op type, domain, inputs and attributes change. MatMuls in
+    subgraphs are included; the new initializers go to the graph that owns the fp32 weight. A weight shared
+    by several MatMuls is quantized once; its fp32 initializer is removed once nothing else uses it.
+
+    Nothing is quantized here: the new initializers are lazy and compute when the model is saved (see the
+    module docstring). Save to a data file other than the one the fp32 sources live in: ``ir.save`` replaces
+    its destination, and a source read after that would read the new file. With ``ir.save(max_workers=n)``
+    up to n weights are quantized at once.
+
+    Args:
+        block_size: quantization block along K (power of two >= 16).
+        accuracy_level: MatMulNBits' minimum compute precision of A (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8);
+            4 quantizes A to int8 at run time, the fast CPU path; 0 leaves the attribute out.
+        symmetric: no zero points (the kernel uses 8); asymmetric blocks use the full 16 levels.
+        min_elements: skip weights with fewer than this many elements (K * N).
+        include: further filter on the MatMul node.
+    """
+    check_block_size(block_size)
+    jobs: dict[int, tuple[ir.Value, ...]] = {}  # id(fp32 weight value) -> (B, scales[, zero_points]) values
+    replaced_by_graph: dict[int, tuple[ir.Graph, dict[str, list[ir.Value]]]] = {}
+    taken: dict[int, set[str]] = {}
+    count = 0
+
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        weight = _candidate_weight(node)
+        if weight is None:
+            continue
+        k, n = (int(d) for d in weight.const_value.shape)
+        if k * n < min_elements or (include is not None and not include(node)):
+            continue
+        owner = weight.graph
+        assert owner is not None, "an initializer belongs to a graph"
+        if id(weight) not in jobs:
+            names = taken.setdefault(id(owner), _all_value_names(owner))
+            job = _QuantJob(weight.const_value, block_size, symmetric, weight.name or node.name or "weight")
+            kb = -(-k // block_size)
+            specs = [("B", ir.DataType.UINT8, (n, kb, block_size // 2), f"_Q{BITS}")]
+            specs.append(("scales", ir.DataType.FLOAT, (n, kb), "_scales"))
+            if not symmetric:
+                specs.append(("zero_points", ir.DataType.UINT8, (n, (kb + 1) // 2), "_zero_points"))
+            values = []
+            for key, dtype, shape, suffix in specs:
+                name = _unique(f"{weight.name or node.name}{suffix}", names)
+                value = ir.Value(
+                    name=name,
+                    shape=ir.Shape(shape),
+                    type=ir.TensorType(dtype),
+                    const_value=job.lazy(key, dtype, shape, name),
+                )
+                owner.register_initializer(value)
+                values.append(value)
+            jobs[id(weight)] = tuple(values)
+            replaced_by_graph.setdefault(id(owner), (owner, {}))[1][weight.name] = values
+
+        quantized = jobs[id(weight)]
+        node.op_type = "MatMulNBits"
+        node.domain = MS_DOMAIN
+        node.version = None
+        node.resize_inputs(1 + len(quantized))
+        for i, value in enumerate(quantized, start=1):
+            node.replace_input_with(i, value)
+        for attr_name in list(node.attributes):
+            del node.attributes[attr_name]
+        attrs = [
+            ir.AttrInt64("K", k),
+            ir.AttrInt64("N", n),
+            ir.AttrInt64("bits", BITS),
+            ir.AttrInt64("block_size", block_size),
+        ]
+        if accuracy_level:
+            attrs.append(ir.AttrInt64("accuracy_level", accuracy_level))
+        for attr in attrs:
+            node.attributes[attr.name] = attr
+        count += 1
+
+    for owner, replaced in replaced_by_graph.values():
+        _rewrite_initializers(owner, replaced)
+    if count:
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+    log.info(
+        "int4: %d MatMul(s) -> MatMulNBits (%d weight(s), block %d, %s)",
+        count,
+        len(jobs),
+        block_size,
+        "symmetric" if symmetric else "asymmetric",
+    )
+    return count
+
+
+class QuantizeInt4(StitchPass):
+    """The decoder's MatMuls (head included) become MatMulNBits with ``spec``'s settings, quantized at save time."""
+
+    summary = "decoder MatMuls -> MatMulNBits (4 bits), quantized while the model is written"
+
+    def __init__(self, spec: QuantSpec) -> None:
+        self.spec = spec
+        self.count = 0
+
+    def requires(self, model: ir.Model) -> None:
+        if self.spec.scope != DECODER_SCOPE:
+            raise StitchError(f"quantization scope {self.spec.scope!r} is not supported (only {DECODER_SCOPE!r})")
+
+    def apply(self, model: ir.Model) -> None:
+        self.count = quantize_matmuls_int4(
+            model, block_size=self.spec.block_size, accuracy_level=self.spec.accuracy_level,
+            symmetric=self.spec.symmetric, include=lambda node: (node.name or "").startswith(f"{DECODER_SCOPE}/"),
+        )
+
+    def ensures(self, model: ir.Model) -> None:
+        if not self.count:
+            raise StitchError("no decoder MatMul was quantized")

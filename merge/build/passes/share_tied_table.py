@@ -1,0 +1,88 @@
+"""A tied model's token embedding table *is* its head's weight: read it there, and store it once.
+
+- fp32 head (``MatMul`` with a [hidden, vocab] weight): the token lookup gathers columns of that weight
+  (bit-equal to the table).
+- int4 head (``MatMulNBits``, symmetric, no padding): the lookup reads the head's own 4-bit blocks
+  [vocab, blocks, block/2] and scales with ``GatherBlockQuantized``, so neither the bytes nor the scales are
+  stored a second time, and no fp32 table is kept.
+
+The checkpoint's own table, no longer read, is dropped by the clean-up (it was never loaded: it is lazy).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx_ir as ir
+
+from graphs.builder import GraphBuilder
+from graphs.embedding_merge import token_embeddings
+from merge.contract.names import EMBEDDING_PREFIX, INPUT_IDS, LOGITS
+
+from .base import StitchError, StitchPass, find_node, graph_input, register_builder
+from .merge_embeddings import TOKEN_EMBEDS_NODE
+
+log = logging.getLogger(__name__)
+
+
+def head_node(graph: ir.Graph) -> ir.Node | None:
+    """The node that produces ``logits`` (the head)."""
+    logits = next((v for v in graph.outputs if v.name == LOGITS), None)
+    return logits.producer() if logits is not None else None
+
+
+class ShareTiedTable(StitchPass):
+    """Sets ``layout`` to the table layout it leaves: vocab_major (untouched), hidden_major or int4_blocks."""
+
+    summary = "a tied head's weight (fp32 or 4-bit blocks) serves as the token embedding table"
+
+    def __init__(self, tied: bool, hidden_size: int) -> None:
+        self.tied = tied
+        self.hidden_size = hidden_size
+        self.layout = "vocab_major"
+
+    def requires(self, model: ir.Model) -> None:
+        if self.tied and find_node(model.graph, TOKEN_EMBEDS_NODE) is None:
+            raise StitchError(f"no token embedding lookup {TOKEN_EMBEDS_NODE!r} to point at the head")
+
+    def apply(self, model: ir.Model) -> None:
+        if not self.tied:
+            return
+        graph = model.graph
+        head = head_node(graph)
+        source = self._fp32_weight(head) or self._int4_blocks(head)
+        if source is None:
+            log.warning("tied embeddings, but the head (%s) is not a layout the embedding can read; the table is "
+                        "stored twice", head.op_type if head is not None else "none")
+            return
+        layout, table, scales, block_size = source
+        old = find_node(graph, TOKEN_EMBEDS_NODE)
+        b = GraphBuilder(EMBEDDING_PREFIX + "embeds/tied")
+        embeds = token_embeddings(b, table, graph_input(graph, INPUT_IDS, str(self)), layout, self.hidden_size,
+                                  scales, block_size)
+        register_builder(graph, b)
+        ir.convenience.replace_all_uses_with(old.outputs[0], embeds)
+        graph.remove(old, safe=True)
+        self.layout = layout
+
+    def _fp32_weight(self, head: ir.Node | None):
+        if head is None or head.op_type != "MatMul":
+            return None
+        weight = head.inputs[1]
+        if weight is None or weight.const_value is None or weight.shape is None or weight.shape[0] != self.hidden_size:
+            return None
+        return "hidden_major", weight, None, 0
+
+    def _int4_blocks(self, head: ir.Node | None):
+        if head is None or head.op_type != "MatMulNBits" or (len(head.inputs) > 3 and head.inputs[3] is not None):
+            return None  # asymmetric (zero points) is not a layout GatherBlockQuantized reads the same way
+        attrs = {k: a.value for k, a in head.attributes.items()}
+        block = int(attrs.get("block_size", 0))
+        if attrs.get("bits") != 4 or attrs.get("K") != self.hidden_size or not block or self.hidden_size % block:
+            return None
+        weight, scales = head.inputs[1], head.inputs[2]
+        vocab, blocks = int(attrs["N"]), self.hidden_size // block
+        if (weight.shape is None or list(weight.shape) != [vocab, blocks, block // 2]
+                or scales.shape is None or list(scales.shape) != [vocab, blocks]):
+            return None
+        return "int4_blocks", weight, scales, block

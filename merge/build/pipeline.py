@@ -1,0 +1,121 @@
+"""``merge build``: export the parts, stitch them with the passes, write one self-contained folder.
+
+Steps, each named in the log:
+
+1. the decoder: the GenAI builder in a child process (fp32; its memory is returned when it ends);
+2. the parts: the vision graph written op by op from the checkpoint, the embedding merge and rope index
+   subgraphs, the token table (all weights lazy: nothing is read yet);
+3. the stitch (:mod:`merge.build.passes`), int4 quantization and tied-table sharing among its passes;
+4. writing ``model.onnx`` + ``model.onnx.data``, weights streamed one tensor at a time (int4 quantized then);
+5. the preprocessing files, the check in a child process (ONNX checker, session), and ``merge.json`` last.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+
+from merge import __version__
+from merge.contract.folder import file_sha256
+from merge.contract.manifest import Manifest, TensorInfo
+from merge.contract.names import DATA_FILE, MODEL_FILE, PREPROCESSING_FILES, TOOL_NAME
+from merge.contract.quant import QuantSpec, precision_of
+from merge.sources.source import ModelSource
+
+from .check import check_onnx_in_child
+from .decoder import export_decoder
+from .outdir import staged_output
+from .parts import make_parts
+from .passes import stitch
+from .progress import tensor_writing_bar
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class BuildResult:
+    out: Path
+    parts: dict[str, str] = field(default_factory=lambda: {"model": MODEL_FILE, "data": DATA_FILE})
+    seconds: float = 0.0
+    peak_rss_gib: float = 0.0  # this process: vision graph, stitch, quantization, writing
+    export_peak_rss_gib: float = 0.0  # the decoder export's child process (the GenAI builder)
+    check_peak_rss_gib: float = 0.0  # the final check's child process (ONNX Runtime loads every weight)
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process, in GiB (Linux: ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def build(source: ModelSource, out: Path, *, quant: QuantSpec | None = None, force: bool = False) -> BuildResult:
+    """Build ``out``: one ``model.onnx`` (+ ``model.onnx.data``), preprocessing files and ``merge.json``."""
+    start = time.perf_counter()
+    result = BuildResult(out=Path(out))
+    with staged_output(out, force) as stage:
+        work = stage / ".work"
+        log.info("decoder: running the ONNX Runtime GenAI model builder (fp32, child process)")
+        decoder, result.export_peak_rss_gib = export_decoder(source.folder, work / "decoder", source.config.text)
+        log.info("parts: vision graph from %s, embedding merge, rope index", source.folder)
+        parts = make_parts(source)
+        log.info("stitch: %s", "passes (run with --debug to list them)")
+        model, layout = stitch(decoder, source.config, parts, quant)
+        model.producer_name, model.producer_version = TOOL_NAME, __version__
+        model.metadata_props.update({"source_model": source.spec, "precision": precision_of(quant),
+                                     "tool": TOOL_NAME, "tool_version": __version__,
+                                     "image_token_id": str(source.config.image_token_id),
+                                     "embedding_table": layout})
+        log.info("writing %s (weights streamed into %s%s)", MODEL_FILE, DATA_FILE,
+                 ", quantized one tensor at a time" if quant else "")
+        with tensor_writing_bar(f"writing {DATA_FILE}") as callback:
+            ir.save(model, stage / MODEL_FILE, external_data=DATA_FILE, callback=callback)
+        manifest = describe(model, source, quant, layout)
+        del model, decoder, parts
+        shutil.rmtree(work)
+        copied = copy_preprocessing(source.folder, stage)
+        log.info("checking %s (ONNX checker and a session, child process)", MODEL_FILE)
+        result.check_peak_rss_gib = check_onnx_in_child(stage / MODEL_FILE)
+        files = [stage / MODEL_FILE, stage / DATA_FILE]
+        manifest = Manifest(**{**manifest.__dict__, "preprocessing_files": copied,
+                               "checksums": {p.name: file_sha256(p) for p in files},
+                               "sizes": {p.name: p.stat().st_size for p in files}})
+        manifest.write(stage)
+    result.seconds = time.perf_counter() - start
+    result.peak_rss_gib = peak_rss_gib()
+    return result
+
+
+def describe(model: ir.Model, source: ModelSource, quant: QuantSpec | None, layout: str) -> Manifest:
+    """The manifest's description of the model (files and checksums are added once they are written)."""
+
+    def info(value: ir.Value) -> TensorInfo:
+        dims = [(d.value or "?") if isinstance(d, ir.SymbolicDim) else int(d) for d in value.shape]
+        return TensorInfo(value.name, value.dtype.numpy().name, dims)
+
+    return Manifest(
+        tool_version=__version__,
+        source_model=source.spec,
+        precision=precision_of(quant),
+        quantization=quant,
+        embedding_table=layout,
+        inputs=[info(v) for v in model.graph.inputs],
+        outputs=[info(v) for v in model.graph.outputs],
+        special_token_ids=source.config.special_token_ids,
+        preprocessing_files=[],
+    )
+
+
+def copy_preprocessing(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in PREPROCESSING_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    if "tokenizer.json" not in copied and "vocab.json" not in copied:
+        log.warning("%s has no tokenizer files; the output folder cannot tokenize prompts", src)
+    return copied

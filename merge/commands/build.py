@@ -1,0 +1,45 @@
+"""``merge build``'s command line (light: the pipeline is imported when the command runs)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from merge.contract.quant import PRECISIONS
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export Qwen3-VL to ONNX into --out (a new folder; --force replaces an existing one).
+
+    --model takes a preset name (default: tiny), a local Hugging Face folder, or a hub id. --debug lists the
+    stitch passes as they run.
+    """
+    from .extras import BUILD_MODULES, require
+
+    require("build", BUILD_MODULES)
+
+    from merge.build.pipeline import build
+    from merge.contract.quant import quant_spec_for
+    from merge.sources.resolve import resolve_model
+
+    quant = quant_spec_for(args.precision)
+    source = resolve_model(args.model, args.cache_dir)
+    print(f"model: {source.spec} ({source.folder})")
+    result = build(source, Path(args.out), quant=quant, force=args.force)
+    print(f"wrote {result.out}/ in {result.seconds:.1f} s (peak memory: decoder export "
+          f"{result.export_peak_rss_gib:.2f} GiB, merge {result.peak_rss_gib:.2f} GiB, "
+          f"session check {result.check_peak_rss_gib:.2f} GiB)")
+    for part, path in result.parts.items():
+        print(f"  {part}: {path}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("build", help=run.__doc__.strip().splitlines()[0], description=run.__doc__)
+    p.add_argument("--model", default="tiny", help="preset name, local HF folder or hub id (default: tiny)")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="decoder weights: fp32, or int4 (MatMulNBits, block 32) for the CPU")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder when the build succeeds")
+    p.add_argument("--cache-dir", type=Path, default=None, help="where presets are built (default ~/.cache)")
+    p.set_defaults(func=run)

@@ -1,0 +1,119 @@
+"""``python -m merge run``: generate from a combined folder with ONNX Runtime, its own preprocessing and no torch.
+
+Imports stay light: onnxruntime, numpy, Pillow, ``tokenizers`` and ``jinja2``; neither torch, transformers nor
+onnx is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+
+from merge.errors import MergeError
+
+log = logging.getLogger(__name__)
+
+# ``--image N:PATH``: the image goes with prompt N (0-based); a plain PATH goes with prompt 0.
+IMAGE_SPEC = re.compile(r"^(\d+):(.+)$")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generate text from a combined folder: prompts and images in, streamed text and timings out.
+
+    Greedy decoding with the folder's own chat template, tokenizer and image processor (no torch, no
+    transformers); stops at the EOS ids of generation_config.json or after --max-new-tokens.
+
+    Images: --image PATH shows PATH with the first prompt; --image N:PATH with prompt N (counted from 0, in the
+    order of the --prompt options). Repeat --image for several images; each prompt sees its own images in the
+    order given, before its text. Write ./N:name for a file whose name itself starts with digits and a colon.
+
+    One --prompt streams its answer as the tokens arrive. Several --prompt run as one left-padded batch; each
+    answer is printed under a header when the batch is done. The last line gives the timings: vision and prefill
+    together (the vision tower runs inside the first call), the prompt and image token counts, and decoding speed.
+    """
+    from merge.runtime.images import load_image
+    from merge.runtime.model import CombinedModel
+
+    folder = Path(args.combined)
+    if args.max_new_tokens < 1:
+        raise MergeError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.threads is not None and args.threads < 1:
+        raise MergeError(f"--threads must be at least 1, got {args.threads}")
+    prompts = list(args.prompt)
+    images = [[load_image(path) for path in paths] for paths in _assign_images(args.image or [], len(prompts))]
+
+    model = CombinedModel(folder, threads=args.threads)
+    out = sys.stdout
+    if len(prompts) == 1:
+        shown: list[str] = []
+
+        def stream(_row: int, piece: str) -> None:
+            shown.append(piece)
+            out.write(piece)
+            out.flush()
+
+        completion = model.complete(prompts[0], images[0], max_new_tokens=args.max_new_tokens, stream=stream)
+        if not "".join(shown).endswith("\n"):
+            out.write("\n")
+    else:
+        completion = model.complete(prompts, images, max_new_tokens=args.max_new_tokens)
+        for row, (prompt, text) in enumerate(zip(prompts, completion.texts, strict=True)):
+            out.write(f"--- [{row}] {prompt}\n{text}\n")
+    out.write(timing_line(completion) + "\n")
+    out.flush()
+    return 0
+
+
+def _assign_images(specs: list[str], num_prompts: int) -> list[list[str]]:
+    """``--image`` values -> one list of paths per prompt."""
+    per_prompt: list[list[str]] = [[] for _ in range(num_prompts)]
+    for spec in specs:
+        match = IMAGE_SPEC.match(spec)
+        row, path = (int(match.group(1)), match.group(2)) if match else (0, spec)
+        if row >= num_prompts:
+            raise MergeError(f"--image {spec} names prompt {row}, but there {'is' if num_prompts == 1 else 'are'} "
+                             f"{num_prompts} --prompt (prompts count from 0)")
+        per_prompt[row].append(path)
+    return per_prompt
+
+
+def timing_line(completion) -> str:
+    """One line: vision+prefill time and speed with the token counts, then decode time per step and speed."""
+    gen = completion.generation
+    batch, new_tokens = gen.tokens.shape
+    prefill_ms = gen.prefill_seconds * 1e3
+    prefill_rate = completion.prompt_tokens / gen.prefill_seconds if gen.prefill_seconds > 0 else float("nan")
+    images = f"{completion.num_images} image{'' if completion.num_images == 1 else 's'}"
+    line = (f"vision+prefill {prefill_ms:.1f} ms for {completion.prompt_tokens} prompt tokens "
+            f"({completion.image_tokens} image tokens, {images}): {prefill_rate:.1f} tokens/s")
+    steps = new_tokens - 1  # the first new token comes from the prefill call
+    if steps < 1:
+        return f"{line} | decode: no steps ({new_tokens} new token)"
+    step_ms = gen.decode_seconds * 1e3 / steps
+    rows = "" if batch == 1 else f" x {batch} rows"
+    unit = "token" if batch == 1 else "step"
+    return (f"{line} | decode {steps} steps{rows}: {step_ms:.2f} ms/{unit}, "
+            f"{gen.decode_tokens_per_second:.1f} tokens/s")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("combined", help="a combined folder written by `python -m merge build`")
+    parser.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                        help="the user's text; repeat for a batch (prompt 0, 1, ...)")
+    parser.add_argument("--image", action="append", metavar="[N:]PATH",
+                        help="an image for prompt N (default 0); repeat for several images")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many tokens (default 128)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``run`` on ``python -m merge``'s subparsers."""
+    parser = subparsers.add_parser("run", help=run.__doc__.strip().splitlines()[0], description=run.__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser

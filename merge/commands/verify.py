@@ -1,0 +1,55 @@
+"""``merge verify``'s command line (light: PyTorch is imported only when the reference is computed)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compare a combined folder with PyTorch, stage by stage; exit 1 if any stage fails.
+
+    Runs the same processor output through PyTorch (--model, by default the model the folder was built from)
+    and the combined model and prints one table: vision image_embeds, each DeepStack level, merged input
+    embeddings, 3-D position ids, prefill logits, each decode step's logits and the greedy tokens. With no
+    --image, a few test images of different sizes are generated. --save-reference stores the reference so that
+    --reference can check again without PyTorch.
+    """
+    from .extras import BUILD_MODULES, INSPECT_MODULES, require
+
+    require("verify", INSPECT_MODULES if args.reference else BUILD_MODULES)  # a saved reference needs no PyTorch
+
+    from merge.contract.folder import CombinedFolder
+    from merge.tools.verify import check_writable, default_images, format_table, load_images, report_json, verify
+
+    combined = CombinedFolder.open(args.combined)
+    for path in (args.json, args.save_reference):
+        if path is not None:
+            check_writable(path, combined)  # before the long PyTorch run, not after it
+    model_folder = None
+    if args.reference is None:
+        from merge.sources.resolve import resolve_model
+
+        model_folder = resolve_model(args.model or combined.manifest.source_model, args.cache_dir).folder
+    images = load_images(args.image) if args.image else default_images()
+    stages = verify(combined.path, model_folder=model_folder, prompt=args.prompt, images=images,
+                    new_tokens=args.max_new_tokens, reference=args.reference, save_to=args.save_reference)
+    print(format_table(stages))
+    if args.json:
+        Path(args.json).write_text(report_json(stages) + "\n")
+    return 0 if all(s.passed or not s.counted for s in stages) else 1
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("verify", help=run.__doc__.strip().splitlines()[0], description=run.__doc__)
+    p.add_argument("combined", help="a folder written by merge build")
+    p.add_argument("--model", default=None,
+                   help="the PyTorch reference: preset, HF folder or hub id (default: the folder's source model)")
+    p.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
+    p.add_argument("--prompt", default="Describe these images.", help="the user prompt")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="decode steps to compare")
+    p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    p.add_argument("--save-reference", type=Path, default=None, help="save the PyTorch reference (.npz)")
+    p.add_argument("--reference", type=Path, default=None, help="use a saved reference instead of PyTorch")
+    p.add_argument("--cache-dir", type=Path, default=None, help="where presets are built")
+    p.set_defaults(func=run)

@@ -1,0 +1,142 @@
+"""The one parse of a Qwen3-VL ``config.json``: every command reads the model's shape through :class:`ModelConfig`.
+
+It checks what the rest of the tool relies on and says, in one sentence naming the file and the key, what
+is wrong: a model type other than Qwen3-VL, a missing section, a value that is not a positive integer, a
+special token outside the vocabulary, vision features that cannot replace token embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from merge.errors import MergeError
+
+from .names import CONFIG_FILE
+from .vision import VisionSpec
+
+SUPPORTED_MODEL_TYPES = ("qwen3_vl",)
+# Sizes no Qwen3-VL config comes near; a value past them is a corrupt or hostile file, refused before any
+# allocation depends on it.
+MAX_VOCAB = 1 << 24
+MAX_HIDDEN = 1 << 16
+MAX_LAYERS = 1024
+
+
+def _int(section: dict, key: str, where: str, *, low: int = 1, high: int | None = None, default: Any = None) -> int:
+    value = section.get(key, default)
+    if value is None:
+        raise MergeError(f"{where} has no {key!r}; is this a complete Qwen3-VL config?")
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+        raise MergeError(f"{where}: {key} = {value!r} is not an integer")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise MergeError(f"{where}: {key} = {value} must be {bound}")
+    return value
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """The decoder's shape."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    mrope_section: tuple[int, ...]
+
+    @classmethod
+    def from_config(cls, text: dict, where: str) -> TextSpec:
+        hidden = _int(text, "hidden_size", where, high=MAX_HIDDEN)
+        heads = _int(text, "num_attention_heads", where, high=MAX_HIDDEN)
+        kv_heads = _int(text, "num_key_value_heads", where, high=heads, default=heads)
+        if heads % kv_heads:
+            raise MergeError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads "
+                             f"{kv_heads}")
+        head_dim = text.get("head_dim")
+        head_dim = _int(text, "head_dim", where, high=MAX_HIDDEN) if head_dim is not None else hidden // heads
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        section = rope.get("mrope_section") or ()
+        return cls(
+            vocab_size=_int(text, "vocab_size", where, high=MAX_VOCAB),
+            hidden_size=hidden,
+            num_layers=_int(text, "num_hidden_layers", where, high=MAX_LAYERS),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=_int(text, "max_position_embeddings", where, high=1 << 31, default=1 << 18),
+            mrope_section=tuple(int(s) for s in section),
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A checked Qwen3-VL config: the text and vision shapes and the special token ids, plus the raw dict."""
+
+    raw: dict
+    text: TextSpec
+    vision: VisionSpec
+    image_token_id: int
+    video_token_id: int
+    vision_start_token_id: int | None
+    vision_end_token_id: int | None
+    tie_word_embeddings: bool
+    where: str = CONFIG_FILE
+
+    @classmethod
+    def from_dict(cls, config: Any, where: str = CONFIG_FILE) -> ModelConfig:
+        if not isinstance(config, dict):
+            raise MergeError(f"{where}: expected a JSON object, found {type(config).__name__}")
+        model_type = config.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise MergeError(
+                f"{where}: model_type is {model_type!r} (architectures {config.get('architectures')}); this tool "
+                f"supports Qwen3-VL (model_type {' or '.join(map(repr, SUPPORTED_MODEL_TYPES))})"
+            )
+        for key in ("vision_config", "text_config"):
+            if not isinstance(config.get(key), dict):
+                raise MergeError(f"{where}: {key} is missing; a Qwen3-VL config has vision_config and text_config")
+        text = TextSpec.from_config(config["text_config"], f"{where} text_config")
+        vision = VisionSpec.from_config(config["vision_config"], f"{where} vision_config")
+        if vision.out_hidden_size != text.hidden_size:
+            raise MergeError(
+                f"{where}: vision_config.out_hidden_size {vision.out_hidden_size} != text_config.hidden_size "
+                f"{text.hidden_size}: image features cannot replace token embeddings"
+            )
+        if len(vision.deepstack_visual_indexes) > text.num_layers:
+            raise MergeError(
+                f"{where}: {len(vision.deepstack_visual_indexes)} DeepStack levels but only {text.num_layers} decoder "
+                "layers to add them to"
+            )
+        ids = {}
+        for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            if key in ("image_token_id", "video_token_id") or config.get(key) is not None:
+                ids[key] = _int(config, key, where, low=0, high=text.vocab_size - 1)
+            else:
+                ids[key] = None
+        tie = config.get("tie_word_embeddings", config["text_config"].get("tie_word_embeddings", False))
+        return cls(raw=config, text=text, vision=vision, tie_word_embeddings=bool(tie), where=where, **ids)
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> ModelConfig:
+        """``folder/config.json``, read and checked."""
+        path = Path(folder) / CONFIG_FILE
+        if not path.is_file():
+            raise MergeError(f"{folder}: no {CONFIG_FILE}; a Hugging Face Qwen3-VL folder is expected")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MergeError(f"{path}: not valid JSON ({exc})") from None
+        return cls.from_dict(raw, str(path))
+
+    @property
+    def special_token_ids(self) -> dict[str, int]:
+        """The vision token ids the config names (for the manifest)."""
+        keys = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}

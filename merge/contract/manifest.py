@@ -1,0 +1,158 @@
+"""``merge.json``: what a build wrote, and the schema every reader checks it against.
+
+The build writes it last (after the model is checked), so a folder with a well-formed manifest is a
+complete one. Readers parse it with :meth:`Manifest.from_json`: every field is typed, unknown fields and
+wrong types are refused with a sentence naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from merge.errors import MergeError
+
+from .names import DATA_FILE, MANIFEST_FILE, MODEL_FILE, TOOL_NAME
+from .quant import PRECISIONS, QuantSpec
+
+EMBEDDING_LAYOUTS = ("vocab_major", "hidden_major", "int4_blocks")
+MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a few KiB; a bigger file is not ours
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    type: str
+    shape: list[int | str]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "type": self.type, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    tool_version: str
+    source_model: str
+    precision: str
+    quantization: QuantSpec | None
+    embedding_table: str
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    special_token_ids: dict[str, int]
+    preprocessing_files: list[str]
+    checksums: dict[str, str] = field(default_factory=dict)  # SHA-256 of model.onnx and model.onnx.data
+    sizes: dict[str, int] = field(default_factory=dict)  # their sizes in bytes
+    parts: dict[str, str] = field(default_factory=lambda: {"model": MODEL_FILE, "data": DATA_FILE})
+    tool: str = TOOL_NAME
+
+    def to_json(self) -> dict:
+        return {
+            "tool": self.tool,
+            "tool_version": self.tool_version,
+            "source_model": self.source_model,
+            "precision": self.precision,
+            "quantization": self.quantization.to_json() if self.quantization else None,
+            "embedding_table": self.embedding_table,
+            "parts": dict(self.parts),
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "special_token_ids": dict(self.special_token_ids),
+            "preprocessing_files": list(self.preprocessing_files),
+            "checksums": dict(self.checksums),
+            "sizes": dict(self.sizes),
+        }
+
+    def write(self, folder: Path) -> Path:
+        path = Path(folder) / MANIFEST_FILE
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        """``folder/merge.json``, parsed and checked (a missing or malformed file is a MergeError)."""
+        path = Path(folder) / MANIFEST_FILE
+        if not path.is_file():
+            raise MergeError(f"{folder}: no {MANIFEST_FILE}; not a folder written by `python -m merge build` "
+                             "(or its build did not finish)")
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise MergeError(f"{path}: {path.stat().st_size} bytes, larger than any manifest ({MAX_MANIFEST_BYTES})")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MergeError(f"{path}: not valid JSON ({exc})") from None
+        return cls.from_json(data, str(path))
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = MANIFEST_FILE) -> Manifest:
+        if not isinstance(data, dict):
+            raise MergeError(f"{where}: expected a JSON object, found {type(data).__name__}")
+        known = {"tool", "tool_version", "source_model", "precision", "quantization", "embedding_table", "parts",
+                 "inputs", "outputs", "special_token_ids", "preprocessing_files", "checksums", "sizes"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise MergeError(f"{where}: unknown field(s) {unknown}")
+
+        def get(key: str, kind: type | tuple[type, ...]) -> Any:
+            if key not in data:
+                raise MergeError(f"{where}: no {key!r}")
+            value = data[key]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+                raise MergeError(f"{where}: {key} = {value!r} is not a {names}")
+            return value
+
+        def mapping(key: str, value_kind: type) -> dict:
+            value = get(key, dict)
+            for k, v in value.items():
+                if not isinstance(v, value_kind) or (value_kind is int and isinstance(v, bool)):
+                    raise MergeError(f"{where}: {key}[{k!r}] = {v!r} is not a {value_kind.__name__}")
+            return value
+
+        def strings(key: str) -> list[str]:
+            value = get(key, list)
+            if not all(isinstance(v, str) for v in value):
+                raise MergeError(f"{where}: {key} must be a list of strings")
+            return value
+
+        def tensors(key: str) -> list[TensorInfo]:
+            out = []
+            for i, item in enumerate(get(key, list)):
+                if (not isinstance(item, dict) or set(item) != {"name", "type", "shape"}
+                        or not isinstance(item["name"], str) or not isinstance(item["type"], str)
+                        or not isinstance(item["shape"], list)
+                        or not all(isinstance(d, int | str) and not isinstance(d, bool) for d in item["shape"])):
+                    raise MergeError(f"{where}: {key}[{i}] is not a {{name, type, shape}} description")
+                out.append(TensorInfo(item["name"], item["type"], list(item["shape"])))
+            return out
+
+        if get("tool", str) != TOOL_NAME:
+            raise MergeError(f"{where}: tool is {data['tool']!r}, not {TOOL_NAME!r}")
+        precision = get("precision", str)
+        if precision not in PRECISIONS:
+            raise MergeError(f"{where}: precision {precision!r} is not one of {PRECISIONS}")
+        quant_data = data.get("quantization")
+        quantization = None if quant_data is None else QuantSpec.from_json(quant_data, where)
+        if (quantization.precision if quantization else "fp32") != precision:
+            raise MergeError(f"{where}: precision {precision} but quantization {quant_data}")
+        layout = get("embedding_table", str)
+        if layout not in EMBEDDING_LAYOUTS:
+            raise MergeError(f"{where}: embedding_table {layout!r} is not one of {EMBEDDING_LAYOUTS}")
+        parts = mapping("parts", str)
+        if parts != {"model": MODEL_FILE, "data": DATA_FILE}:
+            raise MergeError(f"{where}: parts {parts} are not {{model: {MODEL_FILE}, data: {DATA_FILE}}}")
+        return cls(
+            tool_version=get("tool_version", str),
+            source_model=get("source_model", str),
+            precision=precision,
+            quantization=quantization,
+            embedding_table=layout,
+            inputs=tensors("inputs"),
+            outputs=tensors("outputs"),
+            special_token_ids=mapping("special_token_ids", int),
+            preprocessing_files=strings("preprocessing_files"),
+            checksums=mapping("checksums", str),
+            sizes=mapping("sizes", int),
+            parts=parts,
+        )

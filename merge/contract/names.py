@@ -1,0 +1,95 @@
+"""Every name the combined folder and its model are known by: files, inputs and outputs, scopes, domains.
+
+One table, read by the build (which writes these names), the runtime (which feeds them), and the tools
+(which look for them). Nothing here imports anything beyond the standard library.
+"""
+
+from __future__ import annotations
+
+# -- files of a combined folder ------------------------------------------------------------------------------
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+MANIFEST_FILE = "merge.json"
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_JSON_FILE = "chat_template.json"
+PREPROCESSOR_CONFIG_FILE = "preprocessor_config.json"
+VIDEO_PREPROCESSOR_CONFIG_FILE = "video_preprocessor_config.json"
+
+# Copied from the checkpoint, so that the same preprocessing loads from the combined folder alone.
+PREPROCESSING_FILES = (
+    CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+    TOKENIZER_FILE,
+    TOKENIZER_CONFIG_FILE,
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    CHAT_TEMPLATE_FILE,
+    CHAT_TEMPLATE_JSON_FILE,
+    PREPROCESSOR_CONFIG_FILE,
+    VIDEO_PREPROCESSOR_CONFIG_FILE,
+    "processor_config.json",
+)
+
+TOOL_NAME = "qwen3vl-merge"
+
+# -- the combined model's interface ---------------------------------------------------------------------------
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+PIXEL_VALUES = "pixel_values"
+IMAGE_GRID_THW = "image_grid_thw"
+ROPE_DELTAS = "rope_deltas"
+LOGITS = "logits"
+ROPE_DELTAS_OUT = "rope_deltas_out"  # ONNX forbids an output with an input's name
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
+
+# The combined model's inputs before the cache, in the contract's order.
+COMBINED_INPUTS = (INPUT_IDS, ATTENTION_MASK, PIXEL_VALUES, IMAGE_GRID_THW, ROPE_DELTAS)
+
+# The decoder part's own inputs (the GenAI builder's, with exclude_embeds).
+DECODER_INPUTS_EMBEDS = "inputs_embeds"
+DECODER_POSITION_IDS = "position_ids"
+
+
+def past_name(layer: int, kind: str) -> str:
+    """``past_key_values.{layer}.{key|value}``."""
+    return f"{PAST_PREFIX}{layer}.{kind}"
+
+
+def present_name(past: str) -> str:
+    """The output that feeds ``past`` on the next call."""
+    return PRESENT_PREFIX + past.removeprefix(PAST_PREFIX)
+
+
+# -- scopes (the first component of every node, value and initializer name) -----------------------------------
+VISION_SCOPE = "vision"
+MERGE_SCOPE = "merge"
+DECODER_SCOPE = "decoder"
+SCOPES = (VISION_SCOPE, MERGE_SCOPE, DECODER_SCOPE)
+
+# Values inside the combined graph that the tools read (verify's debug outputs, inspect's stitch view).
+VISION_IMAGE_EMBEDS = "vision/image_embeds"
+VISION_DEEPSTACK_EMBEDS = "vision/deepstack_embeds"
+MERGED_INPUTS_EMBEDS = DECODER_INPUTS_EMBEDS  # the embedding merge's output keeps the decoder's input name
+MERGED_POSITION_IDS = DECODER_POSITION_IDS
+EMBEDDING_PREFIX = "merge/embedding/"
+DEEPSTACK_PREFIX = "merge/deepstack/"
+POSITION_PREFIX = "merge/position/"
+PADDING_PREFIX = "merge/padding/"
+
+# -- operator domains and opsets ------------------------------------------------------------------------------
+MS_DOMAIN = "com.microsoft"
+OPSET = 22  # the combined model's default-domain opset (the GenAI builder's)
+IR_VERSION = 10
+
+# -- special tokens --------------------------------------------------------------------------------------------
+IMAGE_TOKEN = "<|image_pad|>"
+VIDEO_TOKEN = "<|video_pad|>"
+VISION_START_TOKEN = "<|vision_start|>"
+VISION_END_TOKEN = "<|vision_end|>"

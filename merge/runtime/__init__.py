@@ -1,0 +1,8 @@
+"""Running a combined folder: ONNX Runtime, numpy, Pillow, tokenizers and jinja2; no torch, transformers or onnx.
+
+``from merge.runtime import CombinedModel`` is the Python entry point (see the README).
+"""
+
+from .model import CombinedModel, Completion, Generation
+
+__all__ = ["CombinedModel", "Completion", "Generation"]

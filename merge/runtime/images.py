@@ -1,0 +1,197 @@
+"""Qwen2-VL / Qwen3-VL image preprocessing from ``preprocessor_config.json`` with numpy and Pillow only.
+
+As transformers' PIL backend does it: RGB (transparency composited onto white), resize with
+:func:`smart_resize` (sides multiples of patch * merge, pixel count within the configured bounds) using the
+configured Pillow filter on uint8, rescale in float64 then float32, normalize in float32, then cut into
+patches in merge-block order with each image repeated ``temporal_patch_size`` times. ``tests/test_run.py``
+holds it equal to transformers' own image processor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from merge.contract.names import PREPROCESSOR_CONFIG_FILE
+from merge.errors import MergeError
+
+from .files import read_json, required_file
+
+# Qwen2VLImageProcessor's defaults, used where preprocessor_config.json leaves a value out.
+DEFAULT_MIN_PIXELS = 56 * 56
+DEFAULT_MAX_PIXELS = 28 * 28 * 1280
+DEFAULT_PATCH_SIZE = 14
+DEFAULT_TEMPORAL_PATCH_SIZE = 2
+DEFAULT_MERGE_SIZE = 2
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PIL_BICUBIC = 3
+MAX_ASPECT_RATIO = 200
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's target size: both sides multiples of ``factor``, about the same aspect ratio, and
+    ``min_pixels <= h * w <= max_pixels`` (the formula of transformers' ``smart_resize``, rounding included)."""
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise MergeError(
+            f"an image of {width}x{height} pixels has an aspect ratio above {MAX_ASPECT_RATIO}, which Qwen-VL refuses"
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def to_rgb(image) -> np.ndarray:
+    """[H, W, 3] uint8; an alpha channel (or a palette transparency) is composited onto white."""
+    from PIL import Image
+
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return np.asarray(image.convert("RGB"))
+
+
+def patchify(image: np.ndarray, patch_size: int, merge_size: int, temporal_patch_size: int) -> np.ndarray:
+    """[C, H, W] -> [grid_h * grid_w, C * T * P * P] rows in merge-block order.
+
+    Rows run over merge blocks (block row, block column), then over the merge x merge patches inside a block;
+    each row holds channel, then time (the one frame repeated T times), then the P x P pixels.
+    """
+    channels, height, width = image.shape
+    grid_h, grid_w = height // patch_size, width // patch_size
+    if grid_h * patch_size != height or grid_w * patch_size != width or grid_h % merge_size or grid_w % merge_size:
+        raise MergeError(
+            f"an image of {width}x{height} pixels does not split into {patch_size}-pixel patches in "
+            f"{merge_size}x{merge_size} blocks (preprocessor_config.json has do_resize false?)"
+        )
+    blocks = image.reshape(channels, grid_h // merge_size, merge_size, patch_size, grid_w // merge_size, merge_size,
+                           patch_size)
+    blocks = blocks.transpose(1, 4, 2, 5, 0, 3, 6)  # (bh, bw, mh, mw, C, ph, pw)
+    frames = np.broadcast_to(blocks[:, :, :, :, :, None], (*blocks.shape[:5], temporal_patch_size, *blocks.shape[5:]))
+    return frames.reshape(grid_h * grid_w, channels * temporal_patch_size * patch_size * patch_size)
+
+
+@dataclass
+class ImageProcessor:
+    """Qwen2-VL / Qwen3-VL image preprocessing (``preprocessor_config.json``) without transformers.
+
+    Called like transformers' image processor: ``processor(images=[...], return_tensors="np")`` gives
+    ``pixel_values`` float32 [sum grid_h * grid_w, C * T * P * P] and ``image_grid_thw`` int64 [n, 3].
+    """
+
+    patch_size: int = DEFAULT_PATCH_SIZE
+    temporal_patch_size: int = DEFAULT_TEMPORAL_PATCH_SIZE
+    merge_size: int = DEFAULT_MERGE_SIZE
+    min_pixels: int = DEFAULT_MIN_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    do_convert_rgb: bool = True
+    do_resize: bool = True
+    resample: int = PIL_BICUBIC
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, ...] = OPENAI_CLIP_STD
+
+    @classmethod
+    def from_config(cls, config: dict) -> ImageProcessor:
+        """From a ``preprocessor_config.json`` dictionary; ``min_pixels`` / ``max_pixels`` override ``size``
+        (shortest_edge / longest_edge), as in transformers."""
+        size = dict(config.get("size") or {})
+        min_pixels = config.get("min_pixels") or size.get("shortest_edge") or size.get("min_pixels")
+        max_pixels = config.get("max_pixels") or size.get("longest_edge") or size.get("max_pixels")
+        known = {k: config[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "do_convert_rgb",
+                                         "do_resize", "resample", "do_rescale", "rescale_factor", "do_normalize")
+                 if config.get(k) is not None}
+        for key in ("image_mean", "image_std"):
+            if config.get(key) is not None:
+                value = config[key]
+                known[key] = tuple(float(v) for v in (value if isinstance(value, list | tuple) else [value] * 3))
+        return cls(min_pixels=int(min_pixels or DEFAULT_MIN_PIXELS), max_pixels=int(max_pixels or DEFAULT_MAX_PIXELS),
+                   **known)
+
+    @classmethod
+    def from_folder(cls, folder: Path | str, *, min_pixels: int | None = None,
+                    max_pixels: int | None = None) -> ImageProcessor:
+        """The folder's ``preprocessor_config.json``; ``min_pixels`` / ``max_pixels`` given here override it."""
+        config = read_json(required_file(Path(folder), PREPROCESSOR_CONFIG_FILE))
+        processor = cls.from_config(config)
+        if min_pixels is not None or max_pixels is not None:
+            processor = replace(processor, min_pixels=processor.min_pixels if min_pixels is None else min_pixels,
+                                max_pixels=processor.max_pixels if max_pixels is None else max_pixels)
+        return processor
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        if not self.do_resize:
+            return height, width
+        return smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+
+    def pixels(self, image) -> np.ndarray:
+        """One PIL image -> resized, rescaled, normalized [C, H, W] (float32 when rescaled or normalized)."""
+        from PIL import Image
+
+        if not isinstance(image, Image.Image):
+            raise MergeError(f"expected a PIL image, got {type(image).__name__}")
+        if self.do_convert_rgb:
+            array = to_rgb(image)
+        else:
+            array = np.asarray(image)
+            array = array[:, :, None] if array.ndim == 2 else array
+        height, width = array.shape[:2]
+        new_h, new_w = self.target_size(height, width)
+        if (new_h, new_w) != (height, width):
+            resized = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).resize(
+                (new_w, new_h), resample=self.resample)
+            array = np.asarray(resized)
+            array = array[:, :, None] if array.ndim == 2 else array
+        if self.do_rescale:
+            array = (array.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        if self.do_normalize:
+            if not np.issubdtype(array.dtype, np.floating):
+                array = array.astype(np.float32)
+            mean = np.asarray(self.image_mean, array.dtype)
+            std = np.asarray(self.image_std, array.dtype)
+            array = (array - mean) / std
+        return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+    def __call__(self, images: Sequence, return_tensors: str | None = "np", **_: Any) -> dict[str, np.ndarray]:
+        patches, grids = [], []
+        for image in images:
+            chw = self.pixels(image)
+            rows = patchify(chw.astype(np.float32), self.patch_size, self.merge_size, self.temporal_patch_size)
+            patches.append(rows)
+            grids.append([1, chw.shape[1] // self.patch_size, chw.shape[2] // self.patch_size])
+        if not patches:
+            raise MergeError("no images to process")
+        return {"pixel_values": np.concatenate(patches, axis=0), "image_grid_thw": np.asarray(grids, np.int64)}
+
+
+def load_image(path: Path | str):
+    """A PIL image from a file, fully read; a missing or unreadable file is a :class:`MergeError` naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.exists():
+        raise MergeError(f"image file not found: {path}")
+    if not path.is_file():
+        raise MergeError(f"{path} is not a file (expected an image)")
+    try:
+        with Image.open(path) as image:
+            image.load()  # the pixels are in memory once the file closes
+        return image
+    except UnidentifiedImageError as exc:
+        raise MergeError(f"{path} is not an image Pillow can read") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise MergeError(f"{path} is not a readable image ({exc})") from exc

@@ -1,0 +1,293 @@
+"""Run a combined folder with ONNX Runtime alone: no torch, no transformers, no onnx.
+
+A plain greedy loop drives the one model: the first call carries the prompt and all its images; later
+calls carry one new token per row, no patches, the growing attention mask, the KV cache and the
+``rope_deltas`` the previous call returned. :meth:`CombinedModel.chat` adds the folder's own preprocessing
+(:mod:`merge.runtime.preprocess`: ``tokenizers``, ``jinja2``, Pillow, numpy) in front and decoding behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from merge.contract.folder import CombinedFolder
+from merge.contract.names import (
+    ATTENTION_MASK,
+    IMAGE_GRID_THW,
+    INPUT_IDS,
+    LOGITS,
+    PAST_PREFIX,
+    PIXEL_VALUES,
+    ROPE_DELTAS,
+    ROPE_DELTAS_OUT,
+    present_name,
+)
+from merge.contract.vision import check_vision_inputs
+from merge.errors import MergeError
+
+if TYPE_CHECKING:
+    from .preprocess import Preprocessor
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NEW_TOKENS = 128
+
+
+@dataclass
+class Generation:
+    tokens: np.ndarray  # [batch, new_tokens] int64: the model's own greedy choices
+    prefill_logits: np.ndarray  # [batch, sequence, vocab]
+    step_logits: list[np.ndarray] = field(default_factory=list)  # each [batch, vocab], for new tokens 1..n-1
+    prefill_outputs: dict[str, np.ndarray] = field(default_factory=dict)  # every output of the first call
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = max(self.tokens.shape[1] - 1, 0) * self.tokens.shape[0]
+        return steps / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+@dataclass
+class Completion:
+    """What :meth:`CombinedModel.complete` returns: one text per prompt, and what produced it."""
+
+    texts: list[str]
+    generation: Generation  # tokens [batch, new] (EOS included, then pad), logits, prefill and decode seconds
+    inputs: dict[str, np.ndarray]  # the preprocessed batch (build_batch_inputs' keys)
+    prompt_tokens: int  # real (unpadded) prompt tokens over the batch, image tokens included
+    image_tokens: int
+    num_images: int
+
+
+def _as_batch(prompt: str | Sequence[str], images: Sequence) -> tuple[list[str], list[list]]:
+    """(prompts, one image list per prompt) from chat()'s ``prompt`` and ``images`` arguments."""
+    if isinstance(prompt, str):
+        images = list(images)
+        if any(isinstance(i, list | tuple) for i in images):
+            raise MergeError("with one prompt, images is a flat list of images (nested lists are for several prompts)")
+        return [prompt], [images]
+    prompts = list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise MergeError("prompt must be a string or a non-empty list of strings")
+    images = list(images)
+    if not images:
+        return prompts, [[] for _ in prompts]
+    if len(images) != len(prompts) or not all(isinstance(i, list | tuple) for i in images):
+        raise MergeError(f"with {len(prompts)} prompts, images must hold one list of images per prompt "
+                         f"(got {len(images)} entries)")
+    return prompts, [list(i) for i in images]
+
+
+class CombinedModel:
+    """One ``onnxruntime.InferenceSession`` over ``COMBINED/model.onnx``."""
+
+    def __init__(self, folder: Path | str, *, threads: int | None = None, providers: Sequence[str] | None = None,
+                 min_pixels: int | None = None, max_pixels: int | None = None):
+        import onnxruntime as ort
+
+        self.combined = CombinedFolder.open(folder)
+        self.folder = self.combined.path
+        self.config = self.combined.config
+        self._pixel_limits = {"min_pixels": min_pixels, "max_pixels": max_pixels}
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(self.combined.model_path), options,
+                                                providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as exc:  # ONNX Runtime raises its own exception types for every load failure
+            raise MergeError(f"{self.combined.model_path}: ONNX Runtime cannot load it ({_first_line(exc)})") from exc
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past_names = [n for n in inputs if n.startswith(PAST_PREFIX)]
+        self.num_kv_heads = self.config.text.num_kv_heads
+        self.head_dim = self.config.text.head_dim
+        self.patch_dim = self.config.vision.patch_dim
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def empty_images(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros((0, self.patch_dim), np.float32), np.zeros((0, 3), np.int64)
+
+    def forward(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
+
+    def check_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw) -> None:
+        """Refuse a first call the model cannot run right, before running anything (names the numbers)."""
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise MergeError(f"input_ids must be [batch, sequence] with sequence > 0, got shape {input_ids.shape}")
+        if attention_mask.shape != input_ids.shape:
+            raise MergeError(
+                f"attention_mask has shape {attention_mask.shape} but input_ids {input_ids.shape}; on the first "
+                "call they must match"
+            )
+        spec = self.config.vision
+        check_vision_inputs(pixel_values, image_grid_thw, spec)
+        image_token = self.config.image_token_id
+        tokens = int(((input_ids == image_token) & (attention_mask != 0)).sum())
+        features = int(image_grid_thw.prod(axis=1).sum()) // spec.merge_unit if len(image_grid_thw) else 0
+        if tokens != features:
+            raise MergeError(
+                f"input_ids hold {tokens} image tokens (id {image_token}) but image_grid_thw gives {features} image "
+                f"features (sum of t*h*w / {spec.merge_unit}); the prompt and the images do not belong together"
+            )
+
+    def first_feeds(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None) -> dict:
+        input_ids = np.asarray(input_ids)
+        attention_mask = np.asarray(attention_mask)
+        batch = input_ids.shape[0]
+        if pixel_values is None:
+            pixel_values, image_grid_thw = self.empty_images()
+        self.check_inputs(input_ids, attention_mask, np.asarray(pixel_values), np.asarray(image_grid_thw))
+        feeds = {
+            INPUT_IDS: np.ascontiguousarray(input_ids, np.int64),
+            ATTENTION_MASK: np.ascontiguousarray(attention_mask, np.int64),
+            PIXEL_VALUES: np.ascontiguousarray(pixel_values, np.float32),
+            IMAGE_GRID_THW: np.ascontiguousarray(image_grid_thw, np.int64).reshape(-1, 3),
+            ROPE_DELTAS: np.zeros((batch, 1), np.int64),
+        }
+        empty = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), np.float32)
+        feeds.update(dict.fromkeys(self.past_names, empty))
+        return feeds
+
+    def generate(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray | None = None,
+        pixel_values: np.ndarray | None = None,
+        image_grid_thw: np.ndarray | None = None,
+        *,
+        max_new_tokens: int = 32,
+        eos_token_ids: Sequence[int] = (),
+        pad_token_id: int = 0,
+        on_token=None,
+        forced_tokens: np.ndarray | None = None,
+    ) -> Generation:
+        """Greedy decoding. Rows that produced an EOS token continue with ``pad_token_id`` (as HF does).
+
+        ``forced_tokens`` [batch, n] (teacher forcing) feeds those tokens instead of the model's own choices,
+        so each step's logits can be compared with a reference run; ``tokens`` still holds the greedy choices.
+        """
+        input_ids = np.asarray(input_ids, np.int64)
+        if attention_mask is None:
+            attention_mask = np.ones_like(input_ids)
+        attention_mask = np.asarray(attention_mask, np.int64)
+        feeds = self.first_feeds(input_ids, attention_mask, pixel_values, image_grid_thw)
+        start = time.perf_counter()
+        out = self.forward(feeds)
+        prefill_seconds = time.perf_counter() - start
+        result = Generation(tokens=np.zeros((input_ids.shape[0], 0), np.int64), prefill_logits=out[LOGITS],
+                            prefill_seconds=prefill_seconds, prefill_outputs=out)
+        finished = np.zeros(input_ids.shape[0], bool)
+        tokens = []
+        logits = out[LOGITS][:, -1]
+        start = time.perf_counter()
+        for step in range(max_new_tokens):
+            if step:
+                result.step_logits.append(logits)
+            token = np.where(finished, pad_token_id, logits.argmax(-1)).astype(np.int64)
+            tokens.append(token)
+            if on_token is not None:
+                on_token(token)
+            if forced_tokens is not None:
+                token = np.asarray(forced_tokens[:, step], np.int64)
+            finished |= np.isin(token, list(eos_token_ids))
+            if step == max_new_tokens - 1 or finished.all():
+                break
+            attention_mask = np.concatenate([attention_mask, np.ones((len(token), 1), np.int64)], axis=1)
+            pv, grid = self.empty_images()
+            feeds = {INPUT_IDS: token[:, None], ATTENTION_MASK: attention_mask, PIXEL_VALUES: pv,
+                     IMAGE_GRID_THW: grid, ROPE_DELTAS: out[ROPE_DELTAS_OUT]}
+            feeds.update({p: out[present_name(p)] for p in self.past_names})
+            out = self.forward(feeds)
+            logits = out[LOGITS][:, -1]
+        result.decode_seconds = time.perf_counter() - start
+        result.tokens = np.stack(tokens, axis=1)
+        return result
+
+    @cached_property
+    def preprocessor(self) -> Preprocessor:
+        """The folder's tokenizer, chat template and image processor (loaded on first use, without transformers)."""
+        from .preprocess import Preprocessor
+
+        return Preprocessor(self.folder, self.config, **self._pixel_limits)
+
+    def chat(
+        self,
+        prompt: str | Sequence[str],
+        images: Sequence[Any] = (),
+        *,
+        max_new_tokens: int = DEFAULT_NEW_TOKENS,
+        stream: Callable[[int, str], None] | None = None,
+    ) -> list[str]:
+        """Answer one user turn per prompt (greedy); returns one text per prompt, EOS and padding removed.
+
+        ``prompt``: a string, or a list of strings for a left-padded batch. ``images``: for one prompt, a list of
+        PIL images or image paths shown before the text; for a list of prompts, one such list per prompt (or
+        nothing). ``stream(row, piece)`` is called with each new piece of text as tokens arrive (pieces never
+        split a UTF-8 character; row is the prompt's index). See :meth:`complete` for timings and tokens.
+        """
+        return self.complete(prompt, images, max_new_tokens=max_new_tokens, stream=stream).texts
+
+    def complete(
+        self,
+        prompt: str | Sequence[str],
+        images: Sequence[Any] = (),
+        *,
+        max_new_tokens: int = DEFAULT_NEW_TOKENS,
+        stream: Callable[[int, str], None] | None = None,
+    ) -> Completion:
+        """:meth:`chat`, returning the texts with the generation (tokens, timings) and the preprocessed inputs."""
+        from .images import load_image
+
+        if max_new_tokens < 1:
+            raise MergeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        prompts, image_lists = _as_batch(prompt, images)
+        image_lists = [[load_image(i) if isinstance(i, str | Path) else i for i in row] for row in image_lists]
+        pre = self.preprocessor
+        inputs = pre.build_batch_inputs(prompts, image_lists)
+        eos = pre.eos_token_ids
+        streams = [pre.stream() for _ in prompts]
+        done = [False] * len(prompts)
+
+        def emit(row: int, piece: str) -> None:
+            if piece and stream is not None:
+                stream(row, piece)
+
+        def on_token(token: np.ndarray) -> None:
+            for row, token_id in enumerate(token.tolist()):
+                if done[row]:
+                    continue
+                if token_id in eos:
+                    done[row] = True
+                    emit(row, streams[row].flush())
+                else:
+                    emit(row, streams[row].step(token_id))
+
+        generation = self.generate(
+            inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], inputs["image_grid_thw"],
+            max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=pre.pad_token_id, on_token=on_token,
+        )
+        for row, finished in enumerate(done):
+            if not finished:
+                emit(row, streams[row].flush())
+        texts = []
+        for row in generation.tokens.tolist():
+            end = next((i for i, t in enumerate(row) if t in eos), len(row))
+            texts.append(pre.decode(row[:end]))
+        mask = inputs["attention_mask"].astype(bool)
+        image_tokens = int(((inputs["input_ids"] == self.config.image_token_id) & mask).sum())
+        return Completion(texts=texts, generation=generation, inputs=inputs, prompt_tokens=int(mask.sum()),
+                          image_tokens=image_tokens, num_images=int(inputs["image_grid_thw"].shape[0]))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

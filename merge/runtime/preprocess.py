@@ -1,0 +1,75 @@
+"""Everything a combined folder needs to turn prompts and images into model inputs, and ids into text.
+
+numpy, Pillow, ``tokenizers`` and ``jinja2`` only: a deployment installs these and onnxruntime, neither torch
+nor transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from merge.contract.config import ModelConfig
+from merge.contract.names import GENERATION_CONFIG_FILE
+from merge.errors import MergeError
+
+from .files import read_json
+from .images import ImageProcessor
+from .prompts import build_batch_inputs, build_inputs
+from .text import TextStream, TextTokenizer
+
+
+class Preprocessor:
+    """The folder's tokenizer, chat template, image processor and generation config."""
+
+    def __init__(self, folder: Path | str, config: ModelConfig | None = None, *, min_pixels: int | None = None,
+                 max_pixels: int | None = None):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise MergeError(f"{self.folder} is not a folder")
+        self.config = config if config is not None else ModelConfig.from_folder(self.folder)
+        self.tokenizer = TextTokenizer(self.folder)
+        self.image_processor = ImageProcessor.from_folder(self.folder, min_pixels=min_pixels, max_pixels=max_pixels)
+        generation = self.folder / GENERATION_CONFIG_FILE
+        self.generation_config = read_json(generation) if generation.is_file() else {}
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """generation_config.json's ``eos_token_id`` (int or list), else the tokenizer's eos token."""
+        eos = self.generation_config.get("eos_token_id")
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        vocab = self.config.text.vocab_size
+        for token in ids:
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+                raise MergeError(f"{self.folder / GENERATION_CONFIG_FILE}: eos_token_id {token!r} is not a token id "
+                                 f"of this model (vocabulary of {vocab})")
+        return [int(i) for i in ids]
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.generation_config.get("pad_token_id")
+        if pad is None:
+            eos = self.eos_token_ids
+            pad = eos[0] if eos else 0
+        return int(pad)
+
+    def build_inputs(self, prompt: str, images: Sequence = ()) -> dict[str, np.ndarray]:
+        """One user turn (see :func:`merge.runtime.prompts.build_inputs`)."""
+        return build_inputs(self.tokenizer, self.image_processor, prompt, list(images), self.config)
+
+    def build_batch_inputs(self, prompts: Sequence[str], images: Sequence[Sequence]) -> dict[str, np.ndarray]:
+        """A left-padded batch (see :func:`merge.runtime.prompts.build_batch_inputs`)."""
+        return build_batch_inputs(self.tokenizer, self.image_processor, list(prompts), [list(i) for i in images],
+                                  self.config)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def stream(self) -> TextStream:
+        return TextStream(self.decode)

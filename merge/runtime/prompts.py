@@ -1,0 +1,119 @@
+"""Prompt building: chat template, image placeholder expansion, tokenization, left-padded batches.
+
+What ``Qwen3VLProcessor.__call__`` does for images, written against two small duck types so that it runs on
+the runtime's own tokenizer and image processor (:mod:`merge.runtime.text`, :mod:`merge.runtime.images`) and
+equally on transformers' (the tests hold both to transformers' own processor):
+
+- ``tokenizer``: ``apply_chat_template(messages, tokenize=False, add_generation_prompt=True)``,
+  ``convert_tokens_to_ids(token)``, ``__call__(text, add_special_tokens=True)["input_ids"]``, ``pad_token_id``;
+- ``image_processor``: ``__call__(images=[...], return_tensors="np")`` giving ``pixel_values`` and
+  ``image_grid_thw``, and ``merge_size``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from merge.contract.config import ModelConfig
+from merge.contract.names import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END_TOKEN, VISION_START_TOKEN
+from merge.errors import MergeError
+
+
+def chat_text(tokenizer: Any, prompt: str, n_images: int) -> str:
+    """One user turn: ``n_images`` images, then ``prompt``; then the assistant's turn begins."""
+    content: list[dict] = [{"type": "image"} for _ in range(n_images)]
+    content.append({"type": "text", "text": prompt})
+    messages = [{"role": "user", "content": content}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def process_images(image_processor: Any, images: Sequence, config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    if not images:
+        return np.zeros((0, config.vision.patch_dim), np.float32), np.zeros((0, 3), np.int64)
+    out = image_processor(images=list(images), return_tensors="np")
+    return np.asarray(out["pixel_values"], np.float32), np.asarray(out["image_grid_thw"], np.int64)
+
+
+def expand_image_tokens(text: str, image_grid_thw: np.ndarray, merge_size: int, image_token: str = IMAGE_TOKEN) -> str:
+    """The processor's placeholder expansion: the i-th image token becomes prod(grid_thw[i]) // merge**2 of them."""
+    pieces = text.split(image_token)
+    if len(pieces) - 1 != len(image_grid_thw):
+        raise MergeError(f"the prompt holds {len(pieces) - 1} {image_token} placeholders but {len(image_grid_thw)} "
+                         "images were given (a literal image token typed into a prompt is not allowed)")
+    merge_length = merge_size**2
+    out = [pieces[0]]
+    for grid, piece in zip(image_grid_thw, pieces[1:], strict=True):
+        out.append(image_token * (int(np.prod(grid)) // merge_length))
+        out.append(piece)
+    return "".join(out)
+
+
+def encode_prompt(tokenizer: Any, image_processor: Any, prompt: str, images: Sequence,
+                  config: ModelConfig) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """(ids, pixel_values, image_grid_thw) of one user turn."""
+    typed = [t for t in (IMAGE_TOKEN, VIDEO_TOKEN, VISION_START_TOKEN, VISION_END_TOKEN) if t in prompt]
+    if typed:
+        raise MergeError(f"the prompt text contains {', '.join(typed)}: vision placeholders come from the images "
+                         "given, not from the text")
+    found = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if found != config.image_token_id:
+        raise MergeError(f"the tokenizer maps {IMAGE_TOKEN} to {found}, but config.json says image_token_id "
+                         f"{config.image_token_id}")
+    pixel_values, image_grid_thw = process_images(image_processor, images, config)
+    text = expand_image_tokens(chat_text(tokenizer, prompt, len(images)), image_grid_thw,
+                               int(image_processor.merge_size))
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    return list(ids), pixel_values, image_grid_thw
+
+
+def mm_token_type_ids(input_ids: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """1 at image tokens, 2 at video tokens, 0 elsewhere (transformers' ``mm_token_type_ids``)."""
+    types = np.zeros_like(input_ids)
+    types[input_ids == config.image_token_id] = 1
+    types[input_ids == config.video_token_id] = 2
+    return types
+
+
+def build_inputs(tokenizer: Any, image_processor: Any, prompt: str, images: Sequence,
+                 config: ModelConfig) -> dict[str, np.ndarray]:
+    """Model inputs for one user turn: the images (in order), then ``prompt``, then the assistant prompt.
+
+    Same result as ``Qwen3VLProcessor(text=chat_template(...), images=images)``: ``input_ids`` and
+    ``attention_mask`` int64 [1, S], ``pixel_values`` float32 [sum t*h*w, C*T*P*P] (``[0, C*T*P*P]`` without
+    images), ``image_grid_thw`` int64 [n_images, 3] and ``mm_token_type_ids`` int64 [1, S] (1 at image tokens).
+    """
+    return build_batch_inputs(tokenizer, image_processor, [prompt], [images], config)
+
+
+def build_batch_inputs(tokenizer: Any, image_processor: Any, prompts: Sequence[str], images: Sequence[Sequence],
+                       config: ModelConfig) -> dict[str, np.ndarray]:
+    """:func:`build_inputs` for several prompts (``images[i]`` go with ``prompts[i]``), left-padded with the pad id.
+
+    ``pixel_values`` and ``image_grid_thw`` are the concatenation over the batch, in prompt order.
+    """
+    if len(prompts) != len(images):
+        raise MergeError(f"{len(prompts)} prompts but {len(images)} image lists")
+    if not prompts:
+        raise MergeError("no prompt to encode")
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        raise MergeError("the tokenizer has no pad token")
+    encoded = [encode_prompt(tokenizer, image_processor, p, imgs, config) for p, imgs in zip(prompts, images,
+                                                                                               strict=True)]
+    length = max(len(ids) for ids, _, _ in encoded)
+    input_ids = np.full((len(encoded), length), int(pad_id), np.int64)
+    attention_mask = np.zeros((len(encoded), length), np.int64)
+    for row, (ids, _, _) in enumerate(encoded):
+        if ids:
+            input_ids[row, length - len(ids):] = ids
+            attention_mask[row, length - len(ids):] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixel_values": np.concatenate([pv for _, pv, _ in encoded], axis=0),
+        "image_grid_thw": np.concatenate([g for _, _, g in encoded], axis=0),
+        "mm_token_type_ids": mm_token_type_ids(input_ids, config) * attention_mask,
+    }

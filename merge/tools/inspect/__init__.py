@@ -1,0 +1,1 @@
+"""``merge inspect``: the report (:mod:`.report`), the stitch view (:mod:`.stitch_view`), Netron (:mod:`.netron`)."""

@@ -1,0 +1,244 @@
+"""``merge inspect``'s report: metadata, I/O, parameters and bytes per scope, operators, data files.
+
+Read from the graph alone (:mod:`.walk`): no weight is loaded, no torch, no transformers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import onnx
+
+from merge.contract.folder import CombinedFolder, file_sha256
+from merge.contract.names import MODEL_FILE, SCOPES
+from merge.tools.tables import format_table, human_bytes
+
+from .walk import (
+    DEFAULT_DOMAINS,
+    OTHER_SCOPE,
+    TENSOR_KINDS,
+    classify_initializers,
+    describe_value,
+    external_location,
+    load_graph,
+    stored_bytes,
+    walk_initializers,
+    walk_nodes,
+)
+
+log = logging.getLogger(__name__)
+
+
+def inspect_folder(folder: Path, *, verify_checksums: bool = False) -> dict:
+    """What the tables of ``merge inspect`` print, as plain data (JSON-ready)."""
+    combined = CombinedFolder.open(folder)
+    model = load_graph(combined.path)
+    manifest = combined.manifest.to_json()
+    inputs = [describe_value(v) for v in model.graph.input]
+    outputs = [describe_value(v) for v in model.graph.output]
+    folder = combined.path
+    return {
+        "folder": str(folder),
+        "metadata": _metadata(model, manifest, inputs, outputs),
+        "checksums": _checksums(folder, manifest, verify_checksums),
+        "inputs": inputs,
+        "outputs": outputs,
+        "parameters": count_parameters(model.graph),
+        "operators": count_operators(model.graph),
+        "external_data": _external_data(folder, model.graph),
+    }
+
+
+def _metadata(model: onnx.ModelProto, manifest: dict, inputs: list, outputs: list) -> dict:
+    props = {p.key: p.value for p in model.metadata_props}
+
+    def field(key: str) -> str | None:
+        return manifest.get(key) or props.get(key)
+
+    io_names = [v["name"] for v in (*inputs, *outputs)]
+    manifest_names = [v["name"] for v in (*manifest.get("inputs", []), *manifest.get("outputs", []))]
+    return {
+        "source_model": field("source_model"),
+        "precision": field("precision"),
+        "tool": field("tool"),
+        "tool_version": field("tool_version"),
+        "producer": f"{model.producer_name} {model.producer_version}".strip() or None,
+        "ir_version": model.ir_version,
+        "opsets": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
+        "manifest": "merge.json",
+        "manifest_io_matches": manifest_names == io_names,
+        "special_token_ids": manifest.get("special_token_ids", {}),
+    }
+
+
+def _checksums(folder: Path, manifest: dict, verify: bool) -> dict:
+    """The manifest's SHA-256 list; with ``verify``, each file hashed (streamed) and compared."""
+    listed = manifest.get("checksums", {})
+    files = []
+    for name, expected in sorted(listed.items()):
+        path = folder / name
+        if not path.is_file():
+            status = "missing"
+        elif not verify:
+            status = "not verified"
+        else:
+            log.info("hashing %s", path)
+            status = "ok" if file_sha256(path) == expected else "MISMATCH"
+        files.append({"file": name, "sha256": expected, "status": status})
+    model_files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in (".onnx", ".data"))
+    return {
+        "verified": verify,
+        "files": files,
+        "unlisted": [name for name in model_files if name not in listed],
+        "ok": all(f["status"] in ("ok", "not verified") for f in files),
+    }
+
+
+def count_parameters(graph: onnx.GraphProto) -> dict:
+    """Initializers per scope: tensors, parameters, and stored bytes by kind (see :func:`classify_initializers`),
+    plus the total."""
+    kinds = classify_initializers(graph)
+
+    def empty() -> dict:
+        return {"tensors": 0, "parameters": 0, "bytes": 0, "bytes_by_kind": dict.fromkeys(TENSOR_KINDS, 0)}
+
+    rows = {scope: empty() for scope in (*SCOPES, OTHER_SCOPE)}
+    for tensor, scope in walk_initializers(graph):
+        kind, parameters = kinds[tensor.name]
+        size = stored_bytes(tensor)
+        row = rows[scope]
+        row["tensors"] += 1
+        row["parameters"] += parameters
+        row["bytes"] += size
+        row["bytes_by_kind"][kind] += size
+    if not rows[OTHER_SCOPE]["tensors"]:
+        del rows[OTHER_SCOPE]
+    total = empty()
+    for row in rows.values():
+        for key in ("tensors", "parameters", "bytes"):
+            total[key] += row[key]
+        for kind in TENSOR_KINDS:
+            total["bytes_by_kind"][kind] += row["bytes_by_kind"][kind]
+    return {"scopes": rows, "total": total}
+
+
+def _op_name(node: onnx.NodeProto) -> str:
+    return node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}.{node.op_type}"
+
+
+def count_operators(graph: onnx.GraphProto) -> dict:
+    """Node counts by operator (``domain.op`` outside the default domain), overall and per scope."""
+    per_scope: dict[str, Counter] = defaultdict(Counter)
+    for node, scope in walk_nodes(graph):
+        per_scope[scope][_op_name(node)] += 1
+    overall: Counter = Counter()
+    for counts in per_scope.values():
+        overall.update(counts)
+
+    def ordered(counts: Counter) -> dict[str, int]:
+        return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+    scopes = [s for s in (*SCOPES, OTHER_SCOPE) if s in per_scope]
+    return {"overall": ordered(overall), "per_scope": {s: ordered(per_scope[s]) for s in scopes},
+            "nodes": sum(overall.values())}
+
+
+def _external_data(folder: Path, graph: onnx.GraphProto) -> dict:
+    """Each external data file (size on disk, tensors referencing it) and what model.onnx holds inline."""
+    referencing: Counter = Counter()
+    inline = 0
+    for tensor, _ in walk_initializers(graph):
+        location = external_location(tensor)
+        if location is None:
+            inline += 1
+        else:
+            referencing[location] += 1
+    files = []
+    for location, count in sorted(referencing.items()):
+        path = folder / location
+        files.append({"file": location, "exists": path.is_file(),
+                      "bytes": path.stat().st_size if path.is_file() else None, "tensors": count})
+    model_path = folder / MODEL_FILE
+    return {"files": files, "model_file": {"file": MODEL_FILE, "bytes": model_path.stat().st_size,
+                                           "inline_tensors": inline}}
+
+
+def _shape_text(shape: list | None) -> str:
+    return "?" if shape is None else "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def format_report(data: dict) -> str:
+    """The plain-text tables of ``merge inspect``."""
+    meta, sums = data["metadata"], data["checksums"]
+    lines = [f"combined model: {data['folder']}"]
+    tool = " ".join(str(x) for x in (meta["tool"], meta["tool_version"]) if x) or "-"
+    if sums["files"]:
+        statuses = Counter(f["status"] for f in sums["files"])
+        checksum_text = f"SHA-256 of {len(sums['files'])} files in the manifest: " + ", ".join(
+            f"{n} {status}" for status, n in statuses.items())
+        if not sums["verified"]:
+            checksum_text += " (--check-checksums)"
+    else:
+        checksum_text = "none listed"
+    if sums["unlisted"]:
+        checksum_text += f"; not in the manifest: {', '.join(sums['unlisted'])}"
+    fields = [
+        ("source model", meta["source_model"]),
+        ("precision", meta["precision"]),
+        ("tool", tool),
+        ("producer", meta["producer"]),
+        ("IR version", meta["ir_version"]),
+        ("opsets", ", ".join(f"{d} {v}" for d, v in meta["opsets"].items())),
+        ("manifest", meta["manifest"] + ("" if meta["manifest_io_matches"] in (None, True)
+                                         else " (its inputs/outputs differ from the graph's)")),
+        ("checksums", checksum_text),
+    ]
+    lines += [f"  {key:13s} {value if value is not None else '-'}" for key, value in fields]
+    for failed in (f for f in sums["files"] if f["status"] not in ("ok", "not verified")):
+        lines.append(f"  {'':13s} {failed['file']}: {failed['status']}")
+
+    for title, values in (("inputs", data["inputs"]), ("outputs", data["outputs"])):
+        lines += ["", f"{title} ({len(values)})"]
+        rows = [[v["name"], v["dtype"], _shape_text(v["shape"])] for v in values]
+        lines += format_table(["name", "dtype", "shape"], rows)
+
+    params = data["parameters"]
+    total = params["total"]
+
+    def share(row: dict) -> str:
+        return f"{100 * row['bytes'] / total['bytes']:.1f}%" if total["bytes"] else "-"
+
+    def param_row(scope: str, row: dict) -> list[str]:
+        kinds = row["bytes_by_kind"]
+        return [scope, str(row["tensors"]), f"{row['parameters']:,}", human_bytes(row["bytes"]), share(row),
+                *(human_bytes(kinds[kind]) for kind in TENSOR_KINDS)]
+
+    rows = [param_row(scope, row) for scope, row in params["scopes"].items()]
+    rows.append(param_row("total", total))
+    lines += ["", "parameters by scope (bytes as stored)"]
+    lines += format_table(["scope", "tensors", "parameters", "bytes", "share", "weights", "quant.", "constants"], rows,
+                    right=range(1, 8))
+    lines.append("  (an int4 MatMulNBits weight counts K*N parameters; constants: rotary tables, scalars, integers)")
+
+    ops = data["operators"]
+    scopes = list(ops["per_scope"])
+    rows = [[op, str(count), *(str(ops["per_scope"][s].get(op, "")) for s in scopes)]
+            for op, count in ops["overall"].items()]
+    rows.append(["total", str(ops["nodes"]), *(str(sum(ops["per_scope"][s].values())) for s in scopes)])
+    lines += ["", "operators (nodes inside If branches included)"]
+    lines += format_table(["op", "all", *scopes], rows, right=range(1, 2 + len(scopes)))
+
+    ext = data["external_data"]
+    rows = [[f["file"], human_bytes(f["bytes"]) if f["exists"] else "MISSING", str(f["tensors"])]
+            for f in ext["files"]]
+    model_file = ext["model_file"]
+    rows.append([f"{model_file['file']} (inline)", human_bytes(model_file["bytes"]),
+                 str(model_file["inline_tensors"])])
+    lines += ["", "data files"]
+    lines += format_table(["file", "size", "tensors"], rows, right=(1, 2))
+    if "stitch_view" in data:
+        view = data["stitch_view"]
+        lines += ["", f"stitch view: {view['path']} ({view['nodes']} nodes, {human_bytes(view['bytes'])})"]
+    return "\n".join(lines)

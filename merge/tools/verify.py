@@ -1,0 +1,272 @@
+"""``merge verify``: the same processor output through PyTorch and the combined model, stage by stage.
+
+Stages, in the order data flows: vision ``image_embeds``, each DeepStack level, the merged input
+embeddings, the 3-D position ids, prefill logits, each decode step's logits (teacher-forced with the
+reference's tokens, so every step compares like with like), and the greedy tokens. Intermediate stages
+come from a *debug copy* of the graph with extra outputs, created in memory; the shipped model is not
+touched. The reference can be saved once (``--save-reference``) and reused (``--reference``) without
+loading PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from merge.contract.folder import CombinedFolder
+from merge.contract.names import MERGED_INPUTS_EMBEDS, MERGED_POSITION_IDS, VISION_DEEPSTACK_EMBEDS, VISION_IMAGE_EMBEDS
+from merge.errors import MergeError
+
+from .compare import FP32_SCALE, compare
+from .tables import format_table as table_lines
+
+log = logging.getLogger(__name__)
+
+# Values of the combined graph exposed by the debug copy, with the stage names they feed.
+DEBUG_OUTPUTS = {
+    VISION_IMAGE_EMBEDS: "float",
+    VISION_DEEPSTACK_EMBEDS: "float",
+    MERGED_INPUTS_EMBEDS: "float",
+    MERGED_POSITION_IDS: "int64",
+}
+INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+# int4 folders are checked against PyTorch carrying the *same* 4-bit weights (dequantized), so the check
+# separates graph mistakes from quantization error. What remains is MatMulNBits' int8 activations
+# (accuracy_level 4): measured ~1e-2 of the logit scale on the presets; DeepStack or position mistakes move
+# logits by the order of the scale itself.
+INT4_SCALE = 5e-2
+
+
+@dataclass
+class Stage:
+    name: str
+    shape: tuple
+    max_abs: float
+    max_rel: float
+    cosine: float
+    top1: float | None
+    tolerance: str
+    passed: bool
+    counted: bool = True
+
+    @property
+    def status(self) -> str:
+        if not self.counted:
+            return "INFO"
+        return "PASSED" if self.passed else "FAILED"
+
+
+# -- inputs --------------------------------------------------------------------------------------------------
+
+def default_images(count: int = 3, seed: int = 0):
+    """A few test images of different sizes (non-square among them), with structure, not just noise."""
+    from PIL import Image
+
+    sizes = [(96, 64), (200, 120), (90, 90), (64, 160)][:count]
+    rng = np.random.default_rng(seed)
+    images = []
+    for w, h in sizes:
+        y, x = np.mgrid[0:h, 0:w]
+        base = np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), (x + y) % 256], -1)
+        noise = rng.integers(0, 64, (h, w, 3))
+        images.append(Image.fromarray(((base + noise) % 256).astype(np.uint8)))
+    return images
+
+
+def load_images(paths: list[str]):
+    """``--image`` files through the runtime's own loader (RGBA composited onto white there, as in ``run``)."""
+    from merge.runtime.images import load_image
+
+    return [load_image(path) for path in paths]
+
+
+def prepare_inputs(folder: CombinedFolder, prompt: str, images) -> dict[str, np.ndarray]:
+    """The folder's own chat template, tokenizer and image processor (the runtime's; tests hold them equal to
+    transformers' processor)."""
+    from merge.runtime.preprocess import Preprocessor
+
+    return Preprocessor(folder.path, folder.config).build_inputs(prompt, images)
+
+
+# -- reference (PyTorch, saved and loaded) ----------------------------------------------------------------------
+
+MAX_REFERENCE_BYTES = 4 << 30  # a reference holds logits for a few prompts; past this it is not one of ours
+
+
+def save_reference(path: Path, inputs: dict[str, np.ndarray], ref: dict[str, np.ndarray], precision: str) -> None:
+    arrays = {f"input/{k}": v for k, v in inputs.items()} | {f"ref/{k}": v for k, v in ref.items()}
+    arrays["precision"] = np.array(precision)
+    with open(path, "wb") as f:
+        np.savez_compressed(f, **arrays)
+
+
+def load_reference(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
+    """(inputs, reference, precision) from a file written by ``--save-reference``; read without pickle."""
+    path = Path(path)
+    if not path.is_file():
+        raise MergeError(f"--reference {path}: no such file")
+    if path.stat().st_size > MAX_REFERENCE_BYTES:
+        raise MergeError(f"--reference {path}: {path.stat().st_size} bytes, larger than any verify reference")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (ValueError, OSError, EOFError) as exc:  # not a zip, a pickled array, a truncated file
+        raise MergeError(f"--reference {path}: not a verify reference file ({exc})") from None
+    inputs = {k[6:]: v for k, v in arrays.items() if k.startswith("input/")}
+    ref = {k[4:]: v for k, v in arrays.items() if k.startswith("ref/")}
+    needed = ("prefill_logits", "tokens", "step_logits", "inputs_embeds", "position_ids")
+    missing = [k for k in INPUT_KEYS if k not in inputs] + [k for k in needed if k not in ref]
+    if missing or "precision" not in arrays:
+        raise MergeError(f"--reference {path}: not a verify reference file (missing {missing or ['precision']})")
+    ids = inputs["input_ids"]
+    checks = {
+        "input_ids": ids.ndim == 2 and ids.dtype == np.int64,
+        "attention_mask": inputs["attention_mask"].shape == ids.shape,
+        "image_grid_thw": inputs["image_grid_thw"].ndim == 2 and inputs["image_grid_thw"].shape[1:] == (3,),
+        "pixel_values": inputs["pixel_values"].ndim == 2,
+        "prefill_logits": ref["prefill_logits"].shape[:2] == ids.shape,
+        "tokens": ref["tokens"].ndim == 2 and ref["tokens"].shape[0] == ids.shape[0],
+    }
+    bad = [k for k, ok in checks.items() if not ok]
+    if bad:
+        raise MergeError(f"--reference {path}: {', '.join(bad)} {'has' if len(bad) == 1 else 'have'} the wrong "
+                         f"shape or type for input_ids {ids.shape}")
+    return inputs, ref, str(arrays["precision"])
+
+
+# -- ONNX side ----------------------------------------------------------------------------------------------
+
+def debug_session(folder: CombinedFolder):
+    """A session over an in-memory copy of the graph whose outputs include the intermediate stages."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(folder.model_path), load_external_data=False)
+    produced = {o for n in model.graph.node for o in n.output}
+    missing = [name for name in DEBUG_OUTPUTS if name not in produced]
+    if missing:
+        raise MergeError(f"{folder.model_path} has no value(s) {missing}: not a model built by merge build")
+    elem = {"float": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT64}
+    for name, kind in DEBUG_OUTPUTS.items():
+        out = model.graph.output.add()
+        out.name = name
+        out.type.tensor_type.elem_type = elem[kind]
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder.path))
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ONNX Runtime's own exception types
+        raise MergeError(f"{folder.model_path}: ONNX Runtime cannot load it ({str(exc).strip().splitlines()[0]})") \
+            from exc
+
+
+def onnx_run(folder: CombinedFolder, inputs: dict[str, np.ndarray], forced: np.ndarray):
+    from merge.runtime import CombinedModel
+
+    model = CombinedModel(folder.path)
+    model.session = debug_session(folder)
+    model.output_names = [o.name for o in model.session.get_outputs()]
+    return model.generate(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                          inputs["image_grid_thw"], max_new_tokens=forced.shape[1], forced_tokens=forced)
+
+
+# -- comparison ----------------------------------------------------------------------------------------------
+
+def _stage(name, actual, expected, *, mask=None, logits=False, int4=False, exact=False) -> Stage:
+    """One stage through the shared comparator; int4 applies to logits only (vision and embeddings stay fp32)."""
+    if mask is not None and actual.shape == expected.shape:
+        actual, expected = actual[mask], expected[mask]
+    c = compare(name, actual, expected, scale=0.0 if exact else INT4_SCALE if int4 else FP32_SCALE)
+    top1 = None
+    if logits and c.shape_ok:
+        top1 = float((actual.argmax(-1) == expected.argmax(-1)).mean())
+    tolerance = "exact" if exact else f"{c.bound:.1e}"
+    return Stage(name, tuple(actual.shape), c.max_abs, c.max_rel, c.cosine, top1, tolerance, bool(c.passed))
+
+
+def compare_stages(gen, ref: dict[str, np.ndarray], inputs: dict[str, np.ndarray], precision: str) -> list[Stage]:
+    int4 = precision == "int4"
+    outs = gen.prefill_outputs
+    stages = []
+    if inputs["image_grid_thw"].shape[0] > 0:
+        stages.append(_stage("vision image_embeds", outs[VISION_IMAGE_EMBEDS], ref[VISION_IMAGE_EMBEDS]))
+        for k in range(ref[VISION_DEEPSTACK_EMBEDS].shape[0]):
+            stages.append(_stage(f"deepstack level {k}", outs[VISION_DEEPSTACK_EMBEDS][k],
+                                 ref[VISION_DEEPSTACK_EMBEDS][k]))
+    stages.append(_stage("merged input embeddings", outs[MERGED_INPUTS_EMBEDS], ref["inputs_embeds"]))
+    real = inputs["attention_mask"].astype(bool)
+    stages.append(_stage("3-D position ids", outs[MERGED_POSITION_IDS][:, real], ref["position_ids"][:, real],
+                         exact=True))
+    stages.append(_stage("prefill logits", gen.prefill_logits, ref["prefill_logits"], mask=real, logits=True,
+                         int4=int4))
+    for i, step in enumerate(gen.step_logits):
+        stages.append(_stage(f"decode step {i + 1} logits", step, ref["step_logits"][i], logits=True, int4=int4))
+    agree = float((gen.tokens == ref["tokens"]).mean())
+    stages.append(Stage("greedy tokens", tuple(gen.tokens.shape), float(agree < 1), 0.0, float("nan"), agree,
+                        "all equal", agree == 1.0, counted=not int4))
+    return stages
+
+
+STAGE_COLUMNS = ["stage", "shape", "max_abs", "max_rel", "cosine", "top-1", "tolerance", "status"]
+
+
+def format_table(stages: list[Stage]) -> str:
+    rows = [[s.name, str(s.shape), f"{s.max_abs:.2e}", f"{s.max_rel:.2e}", f"{s.cosine:.7f}",
+             f"{s.top1:.1%}" if s.top1 is not None else "", s.tolerance, s.status] for s in stages]
+    lines = table_lines(STAGE_COLUMNS, rows, right=range(1, 7), indent="")
+    failed = [s for s in stages if s.counted and not s.passed]
+    lines.append(f"FAILED: first failing stage: {failed[0].name}" if failed
+                 else f"PASSED: all {sum(s.counted for s in stages)} stages agree")
+    return "\n".join(lines)
+
+
+def verify(folder: Path, *, model_folder: Path | None, prompt: str, images, new_tokens: int,
+           reference: Path | None = None, save_to: Path | None = None) -> list[Stage]:
+    """Compare ``folder`` with PyTorch (``model_folder``) or with a saved reference, stage by stage."""
+    combined = CombinedFolder.open(folder)
+    manifest = combined.manifest
+    if save_to is not None:
+        check_writable(save_to, combined)
+    if reference is not None:
+        inputs, ref, saved = load_reference(reference)
+        if saved != manifest.precision:
+            raise MergeError(f"--reference {reference} was made for a {saved} folder, but {folder} is "
+                             f"{manifest.precision}; save a reference against this folder")
+    else:
+        if model_folder is None:
+            raise MergeError("verify needs --model (the PyTorch reference) or --reference (a saved one)")
+        from export.reference import load_model, torch_reference
+
+        inputs = prepare_inputs(combined, prompt, images)
+        model = load_model(model_folder, manifest.quantization, shared_table=manifest.embedding_table == "int4_blocks")
+        ref = torch_reference(model, inputs, new_tokens)
+        if save_to is not None:
+            save_reference(save_to, inputs, ref, manifest.precision)
+    gen = onnx_run(combined, inputs, ref["tokens"])
+    return compare_stages(gen, ref, inputs, manifest.precision)
+
+
+def check_writable(path: Path, combined: CombinedFolder | None = None) -> None:
+    """Refuse, before any long work, an output path that cannot be written or is one of the folder's files."""
+    path = Path(path)
+    if combined is not None and path.resolve().parent == combined.path.resolve():
+        raise MergeError(f"{path}: will not write into the combined folder {combined.path}")
+    if path.is_dir():
+        raise MergeError(f"{path} is a folder, not a file to write")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise MergeError(f"{path}: the folder {parent} does not exist")
+    import os
+
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise MergeError(f"{path}: not writable")
+
+
+def report_json(stages: list[Stage]) -> str:
+    failed = [s.name for s in stages if s.counted and not s.passed]
+    return json.dumps({"passed": not failed, "first_failing_stage": failed[0] if failed else None,
+                       "stages": [asdict(s) | {"status": s.status} for s in stages]}, indent=2, default=float)

@@ -1,0 +1,324 @@
+"""Each stitch pass on its own: what it builds, the contract it states (a sentence when it does not hold), and a
+broken twin that must fail.
+
+The passes run on the tiny preset's real builder decoder (exported once per session) with freshly built parts.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from merge.build.parts import make_parts
+from merge.build.passes import (
+    StitchError,
+    deepstack_anchors,
+    run_passes,
+    stitch,
+    stitch_passes,
+)
+from merge.build.passes.guard_vision import GuardVision
+from merge.build.passes.inject_deepstack import InjectDeepStack
+from merge.build.passes.merge_embeddings import MergeEmbeddings, deepstack_term
+from merge.build.passes.pad_left_padding import PadLeftPadding
+from merge.build.passes.quantize_int4 import QuantizeInt4
+from merge.build.passes.scope_decoder import ScopeDecoder
+from merge.build.passes.set_interface import SetInterface
+from merge.build.passes.wire_positions import WirePositions
+from merge.contract.config import ModelConfig
+from merge.contract.names import COMBINED_INPUTS, ROPE_DELTAS_OUT
+from merge.contract.quant import QuantSpec
+from merge.errors import MergeError
+from merge.presets.shapes import preset_config
+from merge.tools.compare import compare
+
+
+@pytest.fixture(scope="session")
+def decoder_paths(sources, tmp_path_factory):
+    """``decoder_paths(preset)`` -> the builder's fp32 decoder.onnx for that preset (exported once)."""
+    from merge.build.decoder import export_decoder
+
+    @functools.cache
+    def get(name: str):
+        out = tmp_path_factory.mktemp(f"decoder-{name}")
+        export_decoder(sources(name).folder, out, sources(name).config.text)
+        return out / "decoder.onnx"
+
+    return get
+
+
+@pytest.fixture()
+def fresh(decoder_paths, sources):
+    """``fresh(preset)`` -> (a freshly loaded decoder, new parts, config): passes change both in place."""
+
+    def get(name: str = "tiny"):
+        source = sources(name)
+        return ir.load(decoder_paths(name)), make_parts(source), source.config
+
+    return get
+
+
+def _run_until(model, config, parts, last: type, quant=None, skip: type | None = None):
+    passes = []
+    for pass_ in stitch_passes(config, parts, quant):
+        if skip is None or not isinstance(pass_, skip):
+            passes.append(pass_)
+        if isinstance(pass_, last):
+            break
+    return run_passes(model, passes)
+
+
+def _session(model: ir.Model, folder) -> ort.InferenceSession:
+    path = folder / "model.onnx"
+    ir.save(model, path, external_data="model.onnx.data")
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+# -- ScopeDecoder ---------------------------------------------------------------------------------------------------
+
+def test_scope_decoder_moves_names_under_decoder(fresh):
+    model, _, _ = fresh()
+    inputs = [v.name for v in model.graph.inputs]
+    run_passes(model, [ScopeDecoder()])
+    assert all(n.name.startswith("decoder/") for n in model.graph)
+    assert all(name.startswith("decoder/") for name in model.graph.initializers)
+    assert [v.name for v in model.graph.inputs] == inputs  # the interface keeps its names
+
+
+def test_scope_decoder_refuses_a_decoder_with_embeddings(fresh):
+    model, _, _ = fresh()
+    next(v for v in model.graph.inputs if v.name == "inputs_embeds").name = "input_ids"
+    with pytest.raises(StitchError, match=r"ScopeDecoder: the decoder has no input 'inputs_embeds'.*exclude_embeds"):
+        run_passes(model, [ScopeDecoder()])
+
+
+# -- GuardVision ----------------------------------------------------------------------------------------------------
+
+def test_guard_vision_puts_the_tower_behind_an_if(fresh):
+    model, parts, config = fresh()
+    model = _run_until(model, config, parts, GuardVision)
+    (guard,) = [n for n in model.graph if n.name == "vision/if_has_patches"]
+    then_ops = {n.op_type for n in guard.attributes["then_branch"].value}
+    else_ops = {n.op_type for n in guard.attributes["else_branch"].value}
+    assert "MultiHeadAttention" in then_ops and else_ops == {"Constant"}
+    assert [v.name for v in guard.outputs] == ["vision/image_embeds", "vision/deepstack_embeds"]
+    assert {"pixel_values", "image_grid_thw"} <= {v.name for v in model.graph.inputs}
+    # the tower's weights live in the main graph; the branch reads them by name
+    assert any(name.startswith("vision/blocks.0/") for name in model.graph.initializers)
+
+
+def test_guard_vision_refuses_a_part_with_other_outputs(fresh):
+    model, parts, config = fresh()
+    parts.vision.graph.outputs[0].name = "features"
+    with pytest.raises(StitchError, match=r"GuardVision: the vision part's outputs are \['features'"):
+        _run_until(model, config, parts, GuardVision)
+
+
+# -- MergeEmbeddings ------------------------------------------------------------------------------------------------
+
+def test_merge_embeddings_replaces_the_decoder_input(fresh):
+    model, parts, config = fresh()
+    model = _run_until(model, config, parts, MergeEmbeddings)
+    names = [v.name for v in model.graph.inputs]
+    assert "inputs_embeds" not in names and "input_ids" in names
+    levels = len(config.vision.deepstack_visual_indexes)
+    produced = {v.name for n in model.graph for v in n.outputs}
+    assert {deepstack_term(k) for k in range(levels)} <= produced and "inputs_embeds" in produced
+
+
+def test_merge_embeddings_refuses_a_part_without_a_level(fresh):
+    model, parts, config = fresh()
+    parts.embedding_merge.graph.outputs.pop()  # the last DeepStack term
+    with pytest.raises(StitchError, match=r"MergeEmbeddings: the embedding merge's outputs are"):
+        _run_until(model, config, parts, MergeEmbeddings)
+
+
+# -- InjectDeepStack ------------------------------------------------------------------------------------------------
+
+def test_deepstack_anchors_found_by_pattern(fresh):
+    model, _, config = fresh()
+    anchors = deepstack_anchors(model.graph)
+    assert len(anchors) == config.text.num_layers
+    # found by structure, and they are indeed the down projections (the names only confirm it)
+    assert all("down_proj" in skip.name for _, skip in anchors)
+
+
+def test_inject_deepstack_adds_one_term_per_level_after_its_layer(fresh):
+    model, parts, config = fresh()
+    model = _run_until(model, config, parts, InjectDeepStack)
+    anchors = deepstack_anchors(model.graph)  # the norms now read the sums
+    for k in range(len(config.vision.deepstack_visual_indexes)):
+        norm, _ = next((norm, skip) for norm, skip in [(n, n.inputs[1]) for n in model.graph
+                                                       if n.op_type == "SkipSimplifiedLayerNormalization"]
+                       if skip.producer() is not None and skip.producer().name == f"merge/deepstack/layers.{k}/add")
+        add = norm.inputs[1].producer()
+        assert add.inputs[1].name == deepstack_term(k)
+        assert add.inputs[0].producer().op_type == "MatMul"  # layer k's down projection
+    assert len(anchors) == config.text.num_layers - len(config.vision.deepstack_visual_indexes)
+
+
+def test_deepstack_pattern_absent_is_a_sentence(fresh):
+    model, parts, config = fresh()
+    _, skip = deepstack_anchors(model.graph)[2]
+    skip.producer().op_type = "Gemm"  # a layout the injection does not know
+    with pytest.raises(StitchError, match=r"InjectDeepStack: found 3 decoder MLP outputs .* expected 4"):
+        _run_until(model, config, parts, InjectDeepStack)
+
+
+# -- WirePositions --------------------------------------------------------------------------------------------------
+
+def test_wire_positions_computes_positions_in_the_graph(fresh):
+    model, parts, config = fresh()
+    model = _run_until(model, config, parts, WirePositions)
+    names = [v.name for v in model.graph.inputs]
+    assert "position_ids" not in names and "rope_deltas" in names
+    assert model.graph.outputs[-1].name == ROPE_DELTAS_OUT
+    rotary = [n for n in model.graph if n.op_type == "MRotaryEmbedding"]
+    assert rotary and all(n.inputs[1].name == "position_ids" for n in rotary)
+    assert rotary[0].inputs[1].producer().name == "merge/position/if_first_call"
+
+
+def test_wire_positions_refuses_a_part_with_other_outputs(fresh):
+    model, parts, config = fresh()
+    parts.rope_index.graph.outputs[1].name = "deltas"
+    with pytest.raises(StitchError, match=r"WirePositions: the rope index part's outputs"):
+        _run_until(model, config, parts, WirePositions)
+
+
+# -- PadLeftPadding: numbers, and the twin without it -------------------------------------------------------------
+
+def _padded_row_error(model: ir.Model, config: ModelConfig, folder) -> tuple[float, float]:
+    """Row 1 of a batch is left-padded by 3; its logits against the same tokens run alone. Returns (max error on
+    the padded row's real tokens, the fp32 bound)."""
+    session = _session(model, folder)
+    kv = config.text
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 900, (2, 9))
+
+    def run(input_ids, mask):
+        feeds = {"input_ids": input_ids, "attention_mask": mask,
+                 "pixel_values": np.zeros((0, config.vision.patch_dim), np.float32),
+                 "image_grid_thw": np.zeros((0, 3), np.int64), "rope_deltas": np.zeros((len(input_ids), 1), np.int64)}
+        empty = np.zeros((len(input_ids), kv.num_kv_heads, 0, kv.head_dim), np.float32)
+        feeds.update({v.name: empty for v in model.graph.inputs if v.name.startswith("past_key_values.")})
+        return session.run(["logits"], feeds)[0]
+
+    mask = np.ones((2, 9), np.int64)
+    mask[1, :3] = 0
+    batch = run(ids, mask)
+    alone = run(ids[1:, 3:], np.ones((1, 6), np.int64))
+    result = compare("padded row", batch[1, 3:], alone[0])
+    return result.max_abs, result.bound
+
+
+def test_pad_left_padding_makes_left_padded_rows_exact(fresh, tmp_path):
+    model, parts, config = fresh()
+    model = _run_until(model, config, parts, SetInterface)
+    error, bound = _padded_row_error(model, config, tmp_path)
+    assert error <= bound, (error, bound)
+
+
+def test_twin_without_pad_left_padding_is_wrong_on_padded_rows(fresh, tmp_path):
+    model, parts, config = fresh()
+    model = _run_until(model, config, parts, SetInterface, skip=PadLeftPadding)
+    error, bound = _padded_row_error(model, config, tmp_path)
+    assert error > 100 * bound, (error, bound)
+
+
+# -- QuantizeInt4 ---------------------------------------------------------------------------------------------------
+
+def test_quantize_int4_touches_the_decoder_only(fresh):
+    model, parts, config = fresh()
+    model = _run_until(model, config, parts, QuantizeInt4, quant=QuantSpec())
+    main_ops = [(n.name, n.op_type) for n in model.graph]
+    assert not [name for name, op in main_ops if op == "MatMul" and name.startswith("decoder/")]
+    assert sum(op == "MatMulNBits" for _, op in main_ops) == 7 * config.text.num_layers + 1
+    guard = next(n for n in model.graph if n.name == "vision/if_has_patches")
+    vision_ops = {n.op_type for n in ir.traversal.RecursiveGraphIterator(guard.attributes["then_branch"].value)}
+    assert "MatMul" in vision_ops and "MatMulNBits" not in vision_ops
+
+
+def test_quantize_int4_refuses_another_scope(fresh):
+    model, parts, config = fresh()
+    with pytest.raises(StitchError, match=r"QuantizeInt4: quantization scope 'vision' is not supported"):
+        _run_until(model, config, parts, QuantizeInt4, quant=QuantSpec(scope="vision"))
+
+
+# -- ShareTiedTable -------------------------------------------------------------------------------------------------
+
+def _token_lookup(model: ir.Model) -> ir.Node:
+    return next(n for n in model.graph if n.name.startswith("merge/embedding/embeds/")
+                and n.op_type in ("Gather", "GatherBlockQuantized") and n.inputs[1].name == "input_ids")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_share_tied_table_reads_the_head(fresh, precision):
+    model, parts, config = fresh("tiny")
+    assert config.tie_word_embeddings
+    model, layout = stitch(model, config, parts, QuantSpec() if precision == "int4" else None)
+    head = next(v for v in model.graph.outputs if v.name == "logits").producer()
+    lookup = _token_lookup(model)
+    assert lookup.inputs[0] is head.inputs[1]  # the head's own weight (fp32) or 4-bit bytes: stored once
+    assert layout == ("int4_blocks" if precision == "int4" else "hidden_major")
+    assert "merge/embedding/embed_tokens" not in model.graph.initializers  # the checkpoint's table is gone
+
+
+def test_untied_model_keeps_its_table(fresh):
+    model, parts, config = fresh("tiny-merge1")
+    assert not config.tie_word_embeddings
+    model, layout = stitch(model, config, parts, None)
+    assert layout == "vocab_major"
+    assert _token_lookup(model).inputs[0].name == "merge/embedding/embed_tokens"
+
+
+def test_twin_asymmetric_head_is_not_shared(fresh, caplog):
+    """A head quantized with zero points is not a layout the lookup reads the same way: the table stays."""
+    model, parts, config = fresh("tiny")
+    model, layout = stitch(model, config, parts, QuantSpec(symmetric=False))
+    assert layout == "vocab_major" and "stored twice" in caplog.text
+    assert _token_lookup(model).inputs[0].name == "merge/embedding/embed_tokens"
+
+
+# -- SetInterface ---------------------------------------------------------------------------------------------------
+
+def test_set_interface_orders_the_contract(fresh):
+    model, parts, config = fresh()
+    model = _run_until(model, config, parts, SetInterface)
+    names = [v.name for v in model.graph.inputs]
+    assert names[:5] == list(COMBINED_INPUTS)
+    assert all(n.startswith("past_key_values.") for n in names[5:])
+    outputs = [v.name for v in model.graph.outputs]
+    assert outputs[0] == "logits" and outputs[-1] == ROPE_DELTAS_OUT
+
+
+def test_set_interface_refuses_unwired_inputs(fresh):
+    model, parts, config = fresh()
+    model = _run_until(model, config, parts, PadLeftPadding)
+    extra = ir.Value(name="token_type_ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["b", "s"]))
+    model.graph.inputs.append(extra)
+    with pytest.raises(StitchError, match=r"SetInterface: decoder inputs left unwired: \['token_type_ids'\]"):
+        run_passes(model, [SetInterface()])
+
+
+# -- the config contracts the passes rely on ----------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c["vision_config"].update(out_hidden_size=32), "out_hidden_size 32 != text_config.hidden_size 64"),
+        (lambda c: c["vision_config"].update(deepstack_visual_indexes=[0, 1, 2, 3, 3]), "5 DeepStack levels"),
+        (lambda c: c.pop("image_token_id"), "no 'image_token_id'"),
+        (lambda c: c.update(image_token_id=5000), "image_token_id = 5000 must be between 0 and 1023"),
+        (lambda c: c["text_config"].update(num_key_value_heads=3), "not a multiple of num_key_value_heads 3"),
+        (lambda c: c["vision_config"].update(patch_size=100000), "patch_size = 100000 must be between 1 and 256"),
+    ],
+)
+def test_config_contracts(change, message):
+    config = preset_config("tiny")
+    change(config)
+    with pytest.raises(MergeError, match=message):
+        ModelConfig.from_dict(config)
