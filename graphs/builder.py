@@ -50,6 +50,17 @@ class GraphBuilder:
         self._used[full] = count + 1
         return full if count == 0 else f"{full}_{count}"
 
+    @contextlib.contextmanager
+    def subgraph(self) -> Iterator[GraphBuilder]:
+        """A builder for a subgraph (a Loop body, an If branch): its own nodes, this builder's scopes and names;
+        its constants are this builder's initializers, which the subgraph reads from the enclosing graph."""
+        child = GraphBuilder.__new__(GraphBuilder)
+        child._tape = tape.Tape()
+        child._scopes = self._scopes
+        child._used = self._used
+        child.initializers = self.initializers
+        yield child
+
     # -- nodes --------------------------------------------------------------------------------------
     def op(
         self,

@@ -26,7 +26,7 @@ from merge.contract.names import MS_DOMAIN
 from merge.contract.vision import VISION_INPUTS, VISION_OUTPUTS, VisionSpec
 from merge.errors import MergeError
 
-from .builder import FLOAT, INT64, GraphBuilder, make_model, tensor_input
+from .builder import BOOL, FLOAT, INT64, GraphBuilder, make_model, tensor_input
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,8 @@ class VisionGraph:
             c["col"] = b.op("Add", [b.op("Mul", [block_col, mc]), col_in], name="col")
             c["height"] = b.op("Gather", [h, image], name="patch_height")
             c["width"] = p_w
-            c.update(patch=patch, image=image, within=within, frame=frame, t=t, hw=hw, num_patches=num_patches)
+            c.update(patch=patch, image=image, within=within, frame=frame, t=t, hw=hw, num_patches=num_patches,
+                     starts=starts)
         return c
 
     def interpolated_pos_embed(self, g: dict[str, ir.Value]) -> ir.Value:
@@ -196,31 +197,69 @@ class VisionGraph:
             sin3 = b.op("Concat", [sin, sin, zeros], {"axis": 1}, name="sin_qkv")
         return cos3, sin3
 
-    def attention_layout(self, g: dict[str, ir.Value]) -> dict[str, ir.Value]:
-        """Where each patch sits in the padded [segments, longest, ...] batch, and the key padding mask."""
-        b = self.b
-        with b.scope("attention_layout"):
+    def segment_layout(self, g: dict[str, ir.Value]) -> dict[str, ir.Value]:
+        """Attention segments (every frame of every image) grouped by length, so that attention runs on
+        [segments of one length, length, hidden] batches with no padding and no mask, which is what lets ONNX
+        Runtime's MultiHeadAttention take its flash (tiled, O(length) memory) path.
+
+        Returns ``perm`` (patch p of the grouped order is patch ``perm[p]`` of the input), the runs (one per
+        distinct length: ``run_length``, ``run_count`` segments, ``run_offset`` first grouped row) and
+        ``token_inverse`` (merged token t of the input order is grouped token ``token_inverse[t]``). Whole
+        segments move, so merge blocks stay together and the tower runs on the grouped order from the patch
+        embedding to the mergers; only their outputs are put back in order.
+        """
+        b, mu = self.b, self.spec.merge_unit
+        with b.scope("segments"):
             axis0 = b.const(np.int64(0), "axis0")
-            frames = b.op("Sub", [b.op("CumSum", [g["t"], axis0]), g["t"]], name="image_first_segment")
-            segment = b.op("Add", [b.op("Gather", [frames, g["image"]]), g["frame"]], name="patch_segment")
-            num_segments = b.op("ReduceSum", [g["t"], b.const([0], "axes0")], {"keepdims": 1},
-                                name="num_segments")
-            # The longest segment; the appended 1 keeps it defined when there are no images.
-            longest = b.op("ReduceMax", [b.op("Concat", [g["hw"], b.const([1], "one")], {"axis": 0})],
-                           {"keepdims": 1}, name="longest_segment")
-            slot = b.op("Add", [b.op("Mul", [segment, longest]), g["within"]], name="patch_slot")
-            slots = b.op("Mul", [num_segments, longest], name="num_slots")
-            zeros64 = b.op("ConstantOfShape", [slots], {"value": ir.tensor(np.zeros(1, np.int64))})
-            slot_patch = b.op("ScatterElements", [zeros64, slot, g["patch"]], {"axis": 0}, name="slot_patch")
-            zeros32 = b.op("ConstantOfShape", [slots], {"value": ir.tensor(np.zeros(1, np.int32))})
-            ones32 = b.op("ConstantOfShape", [g["num_patches"]], {"value": ir.tensor(np.ones(1, np.int32))})
-            valid = b.op("ScatterElements", [zeros32, slot, ones32], {"axis": 0}, name="slot_valid")
-            batch_shape = b.op("Concat", [num_segments, longest], {"axis": 0}, name="batch_shape")
-            key_padding_mask = b.op("Reshape", [valid, batch_shape], name="key_padding_mask")
-            qkv_shape = b.op("Concat", [num_segments, longest, b.const([3 * self.spec.hidden_size], "qkv_width")],
-                             {"axis": 0}, name="padded_qkv_shape")
-        return {"slot": slot, "slot_patch": slot_patch, "key_padding_mask": key_padding_mask,
-                "padded_qkv_shape": qkv_shape}
+            zero, one = b.const(np.int64(0), "zero"), b.const(np.int64(1), "one")
+            t_end = b.op("CumSum", [g["t"], axis0], name="image_segment_ends")
+            t_first = b.op("Sub", [t_end, g["t"]], name="image_first_segment")
+            total = b.op("ReduceSum", [g["t"], b.const([0], "axes0")], {"keepdims": 0}, name="num_segments")
+            segment = b.op("Range", [zero, total, one], name="segment_index")
+            # the image of each segment: how many images end at or before it (segments x images, both small)
+            after = b.op("GreaterOrEqual", [b.op("Unsqueeze", [segment, b.const([1], "axes1")]),
+                                            b.op("Unsqueeze", [t_end, b.const([0], "axes0_")])])
+            image = b.op("ReduceSum", [b.op("Cast", [after], {"to": INT64}), b.const([1], "reduce_axes")],
+                         {"keepdims": 0}, name="segment_image")
+            length = b.op("Gather", [g["hw"], image], name="segment_length")
+            frame = b.op("Sub", [segment, b.op("Gather", [t_first, image])], name="segment_frame")
+            start = b.op("Add", [b.op("Gather", [g["starts"], image]), b.op("Mul", [frame, length])],
+                         name="segment_start")
+            # runs: the distinct lengths (ascending), how many segments have each, and each segment's run
+            run_length, _, run_of, run_count = b.op_multi("Unique", [length], {"sorted": 1}, num_outputs=4,
+                                                          name="runs")
+            # a stable order by run: key = run * segments + segment, ascending
+            key = b.op("Add", [b.op("Mul", [run_of, total]), segment], name="group_key")
+            k = b.op("Unsqueeze", [total, b.const([0], "axes0__")], name="k")
+            _, order = b.op_multi("TopK", [key, k], {"largest": 0, "sorted": 1}, num_outputs=2, name="group_order")
+            g_length = b.op("Gather", [length, order], name="grouped_length")
+            g_start = b.op("Gather", [start, order], name="grouped_input_start")
+            g_end = b.op("CumSum", [g_length, axis0], name="grouped_end")
+            g_first = b.op("Sub", [g_end, g_length], name="grouped_first")
+            # patch p of the grouped order belongs to grouped segment (number of grouped ends <= p): one mark at
+            # each end, then a running count (linear in the patches)
+            n = g["num_patches"]
+            marks = b.op("ConstantOfShape", [b.op("Add", [n, b.const([1], "one_1d")])],
+                         {"value": ir.tensor(np.zeros(1, np.int64))}, name="no_marks")
+            ones = b.op("ConstantOfShape", [b.op("Shape", [g_end])], {"value": ir.tensor(np.ones(1, np.int64))})
+            marks = b.op("ScatterElements", [marks, g_end, ones], {"axis": 0}, name="end_marks")
+            owner = b.op("Slice", [b.op("CumSum", [marks, axis0]), b.const([0], "start0"), n], name="patch_segment")
+            offset = b.op("Sub", [g["patch"], b.op("Gather", [g_first, owner])], name="offset_in_segment")
+            perm = b.op("Add", [b.op("Gather", [g_start, owner]), offset], name="patch_order")
+            # merged tokens: grouped token t is input token perm[t * mu] / mu
+            mu_c = b.const(np.int64(mu), "merge_unit")
+            tokens = b.op("Div", [n, b.const([mu], "merge_unit_1d")], name="num_tokens")
+            t_perm = b.op("Div", [b.op("Slice", [perm, b.const([0], "t0"), n, b.const([0], "t_axis"),
+                                                  b.const([mu], "t_step")]), mu_c], name="token_order")
+            t_index = b.op("Range", [zero, b.op("Squeeze", [tokens]), one], name="token_index")
+            t_inverse = b.op("ScatterElements", [b.op("ConstantOfShape", [tokens],
+                                                      {"value": ir.tensor(np.zeros(1, np.int64))}),
+                                                 t_perm, t_index], {"axis": 0}, name="token_inverse")
+            run_rows = b.op("Mul", [run_length, run_count], name="run_rows")
+            run_offset = b.op("Sub", [b.op("CumSum", [run_rows, axis0]), run_rows], name="run_offset")
+            runs = b.op("Squeeze", [b.op("Shape", [run_length])], name="num_runs")
+        return {"perm": perm, "token_inverse": t_inverse, "run_length": run_length, "run_count": run_count,
+                "run_offset": run_offset, "num_runs": runs}
 
     # -- blocks ------------------------------------------------------------------------------------
     def attention(self, x: ir.Value, i: int, rot: tuple[ir.Value, ir.Value], lay: dict[str, ir.Value]) -> ir.Value:
@@ -235,14 +274,44 @@ class VisionGraph:
                 cos, sin = rot
                 qkv = b.op("Add", [b.op("Mul", [qkv, cos]), b.op("Mul", [rotated, sin])], name="apply")
             qkv = b.op("Reshape", [qkv, b.const([-1, 3 * s.hidden_size], "merge_heads_shape")])
-            padded = b.op("Gather", [qkv, lay["slot_patch"]], name="to_segments")
-            padded = b.op("Reshape", [padded, lay["padded_qkv_shape"]])
-            q, k, v = b.op_multi("Split", [padded], {"axis": 2, "num_outputs": 3}, num_outputs=3, name="split_qkv")
-            out = b.op("MultiHeadAttention", [q, k, v, None, lay["key_padding_mask"]],
-                       {"num_heads": s.num_heads}, domain=MS_DOMAIN, name="MultiHeadAttention")
-            out = b.op("Reshape", [out, b.const([-1, s.hidden_size], "flatten_shape")])
-            out = b.op("Gather", [out, lay["slot"]], name="from_segments")
+            out = self.attention_by_runs(qkv, lay)
             return self.linear(out, f"{hf}.proj", "proj")
+
+    def attention_by_runs(self, qkv: ir.Value, lay: dict[str, ir.Value]) -> ir.Value:
+        """Attention within each segment: a Loop over the runs of equal-length segments (one iteration per
+        distinct length, usually one), each a [count, length, hidden] batch through MultiHeadAttention with
+        no mask, whose CPU kernel then tiles the scores (flash attention): memory linear in the patches."""
+        b, s = self.b, self.spec
+        with b.scope("segments"):
+            hidden = s.hidden_size
+            start = b.const(np.zeros((0, hidden), np.float32), "no_rows")
+            width = b.const([3 * hidden], "qkv_width")
+            flat = b.const([-1, hidden], "flatten_shape")
+            axis0 = b.const([0], "axis0")
+            with b.subgraph() as body:
+                step = tensor_input(body.scoped("run"), INT64, [])
+                cond = tensor_input(body.scoped("cond_in"), BOOL, [])
+                done = tensor_input(body.scoped("rows_in"), FLOAT, ["rows", hidden])
+                length = body.op("Gather", [lay["run_length"], step], name="length")
+                count = body.op("Gather", [lay["run_count"], step], name="count")
+                first = body.op("Gather", [lay["run_offset"], step], name="offset")
+                last = body.op("Add", [first, body.op("Mul", [count, length])], name="end")
+                rows = body.op("Slice", [qkv, body.op("Unsqueeze", [first, axis0]), body.op("Unsqueeze", [last, axis0]),
+                                         axis0], name="run_rows")
+                shape = body.op("Concat", [body.op("Unsqueeze", [count, axis0]), body.op("Unsqueeze", [length, axis0]),
+                                           width], {"axis": 0}, name="batch_shape")
+                batch = body.op("Reshape", [rows, shape], name="batch")
+                q, k, v = body.op_multi("Split", [batch], {"axis": 2, "num_outputs": 3}, num_outputs=3,
+                                        name="split_qkv")
+                out = body.op("MultiHeadAttention", [q, k, v], {"num_heads": s.num_heads}, domain=MS_DOMAIN,
+                              name="MultiHeadAttention")
+                out = body.op("Reshape", [out, flat], name="run_out")
+                rows_out = body.op("Concat", [done, out], {"axis": 0}, name="rows_out")
+                cond_out = body.op("Identity", [cond], name="cond_out")
+                graph = ir.Graph([step, cond, done], [cond_out, rows_out], nodes=body.nodes,
+                                 name=body.scoped("run_body"))
+            out = b.op("Loop", [lay["num_runs"], None, start], {"body": graph}, name="Loop")
+        return out
 
     def block(self, x: ir.Value, i: int, rot, lay) -> ir.Value:
         b = self.b
@@ -271,6 +340,11 @@ class VisionGraph:
     def build(self, pixel_values: ir.Value, grid_thw: ir.Value) -> tuple[ir.Value, ir.Value]:
         b, s = self.b, self.spec
         g = self.grid(pixel_values, grid_thw)
+        lay = self.segment_layout(g)
+        with b.scope("grouped"):  # the tower runs on the segments grouped by length (see segment_layout)
+            pixel_values = b.op("Gather", [pixel_values, lay["perm"]], name="pixel_values")
+            g = {**g, **{key: b.op("Gather", [g[key], lay["perm"]], name=key) for key in ("row", "col", "height",
+                                                                                        "width")}}
         with b.scope("patch_embed"):
             conv = self.prefix + "patch_embed.proj.weight"
             w = self._param("patch_embed.proj.weight", "weight",
@@ -282,7 +356,6 @@ class VisionGraph:
             x = b.op("Add", [x, self._param("patch_embed.proj.bias", "bias")], name="BiasAdd")
         x = b.op("Add", [x, self.interpolated_pos_embed(g)], name="add_pos_embed")
         rot = self.rotary(g)
-        lay = self.attention_layout(g)
         levels = []
         for i in range(s.depth):
             x = self.block(x, i, rot, lay)
@@ -290,6 +363,8 @@ class VisionGraph:
                 k = s.deepstack_visual_indexes.index(i)
                 levels.append((k, self.merger(x, f"deepstack_merger_list.{k}", f"deepstack_merger.{k}", True)))
         image_embeds = self.merger(x, "merger", "merger", postshuffle=False)
+        # back from the grouped order to the order of the images and their tokens
+        image_embeds = b.op("Gather", [image_embeds, lay["token_inverse"]], {"axis": 0}, name="merger/in_order")
         with b.scope("deepstack"):
             if levels:
                 ax0 = b.const([0], "axes0")
@@ -297,6 +372,7 @@ class VisionGraph:
                 # layer's position in deepstack_visual_indexes (which need not be sorted)
                 stacked = [b.op("Unsqueeze", [v, ax0], name=f"level{j}") for j, (_, v) in enumerate(levels)]
                 deepstack = b.op("Concat", stacked, {"axis": 0}, name="stack")
+                deepstack = b.op("Gather", [deepstack, lay["token_inverse"]], {"axis": 1}, name="in_order")
             else:  # a config without DeepStack: an empty [0, tokens, out_hidden] tensor keeps the contract
                 tokens = b.op("Shape", [image_embeds])
                 shape = b.op("Concat", [b.const([0], "no_levels"), tokens], {"axis": 0})

@@ -102,7 +102,7 @@ def test_guard_vision_puts_the_tower_behind_an_if(fresh):
     model, parts, config = fresh()
     model = _run_until(model, config, parts, GuardVision)
     (guard,) = [n for n in model.graph if n.name == "vision/if_has_patches"]
-    then_ops = {n.op_type for n in guard.attributes["then_branch"].value}
+    then_ops = {n.op_type for n in ir.traversal.RecursiveGraphIterator(guard.attributes["then_branch"].value)}
     else_ops = {n.op_type for n in guard.attributes["else_branch"].value}
     assert "MultiHeadAttention" in then_ops and else_ops == {"Constant"}
     assert [v.name for v in guard.outputs] == ["vision/image_embeds", "vision/deepstack_embeds"]
