@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = list(args.prompt)
     images = [[load_image(path) for path in paths] for paths in _assign_images(args.image or [], len(prompts))]
 
-    model = CombinedModel(folder, threads=args.threads)
+    model = CombinedModel(folder, threads=args.threads, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     out = sys.stdout
     if len(prompts) == 1:
         shown: list[str] = []
@@ -99,6 +99,16 @@ def timing_line(completion) -> str:
             f"{gen.decode_tokens_per_second:.1f} tokens/s")
 
 
+def add_pixel_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--min-pixels`` / ``--max-pixels``: each image is resized so that its pixel count lies between them (sides
+    multiples of patch x merge), overriding the folder's preprocessor_config.json as transformers' ``size`` does."""
+    parser.add_argument("--min-pixels", type=int, default=None, metavar="N",
+                        help="smallest pixel count an image is resized to (default: the folder's processor config)")
+    parser.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                        help="largest pixel count an image is resized to: fewer image tokens, faster (e.g. 401408 "
+                             "for 448x448 worth of pixels; default: the folder's processor config)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("combined", help="a combined folder written by `python -m merge build`")
     parser.add_argument("--prompt", action="append", required=True, metavar="TEXT",
@@ -106,6 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", action="append", metavar="[N:]PATH",
                         help="an image for prompt N (default 0); repeat for several images")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many tokens (default 128)")
+    add_pixel_arguments(parser)
     parser.add_argument("--threads", type=int, default=None,
                         help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)")
 

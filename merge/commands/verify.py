@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .run import add_pixel_arguments
+
 
 def run(args: argparse.Namespace) -> int:
     """Compare a combined folder with PyTorch, stage by stage; exit 1 if any stage fails.
@@ -33,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
         model_folder = resolve_model(args.model or combined.manifest.source_model, args.cache_dir).folder
     images = load_images(args.image) if args.image else default_images()
     stages = verify(combined.path, model_folder=model_folder, prompt=args.prompt, images=images,
-                    new_tokens=args.max_new_tokens, reference=args.reference, save_to=args.save_reference)
+                    new_tokens=args.max_new_tokens, reference=args.reference, save_to=args.save_reference,
+                    min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     print(format_table(stages))
     if args.json:
         Path(args.json).write_text(report_json(stages) + "\n")
@@ -48,6 +51,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
     p.add_argument("--prompt", default="Describe these images.", help="the user prompt")
     p.add_argument("--max-new-tokens", type=int, default=8, help="decode steps to compare")
+    add_pixel_arguments(p)
     p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     p.add_argument("--save-reference", type=Path, default=None, help="save the PyTorch reference (.npz)")
     p.add_argument("--reference", type=Path, default=None, help="use a saved reference instead of PyTorch")

@@ -63,6 +63,9 @@ class TextSpec:
         head_dim = _int(text, "head_dim", where, high=MAX_HIDDEN) if head_dim is not None else hidden // heads
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
         section = rope.get("mrope_section") or ()
+        if section and 2 * sum(section) != head_dim:
+            raise MergeError(f"{where}: mrope_section {list(section)} covers {2 * sum(section)} rotary dimensions but "
+                             f"head_dim is {head_dim}; they must be equal")
         return cls(
             vocab_size=_int(text, "vocab_size", where, high=MAX_VOCAB),
             hidden_size=hidden,

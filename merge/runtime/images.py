@@ -10,6 +10,7 @@ holds it equal to transformers' own image processor.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +33,12 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PIL_BICUBIC = 3
 MAX_ASPECT_RATIO = 200
+# The largest pixel budget accepted for min_pixels / max_pixels (8192 x 8192; Qwen3-VL publishes 4096 x 4096):
+# a bigger value in a folder's preprocessor_config.json is a corrupt or hostile file, refused before any image
+# is touched, not an allocation that runs until the kernel kills the process.
+MAX_PIXEL_BUDGET = 1 << 26
+# The largest image decoded at all: Pillow's decompression-bomb limit, checked from the file's header first.
+MAX_DECODED_PIXELS = 89_478_485
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """Qwen2-VL's target size: both sides multiples of ``factor``, about the same aspect ratio, and
@@ -105,6 +112,16 @@ class ImageProcessor:
     image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
     image_std: tuple[float, ...] = OPENAI_CLIP_STD
 
+    def __post_init__(self) -> None:
+        check_pixel_budget(self.min_pixels, self.max_pixels, PREPROCESSOR_CONFIG_FILE)
+        for key, high in (("patch_size", 256), ("temporal_patch_size", 64), ("merge_size", 16)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+                raise MergeError(f"{PREPROCESSOR_CONFIG_FILE}: {key} = {value!r} must be an integer from 1 to {high}")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
+            raise MergeError(f"{PREPROCESSOR_CONFIG_FILE}: image_mean and image_std must hold 3 values (std > 0), "
+                             f"got {list(self.image_mean)} and {list(self.image_std)}")
+
     @classmethod
     def from_config(cls, config: dict) -> ImageProcessor:
         """From a ``preprocessor_config.json`` dictionary; ``min_pixels`` / ``max_pixels`` override ``size``
@@ -119,8 +136,11 @@ class ImageProcessor:
             if config.get(key) is not None:
                 value = config[key]
                 known[key] = tuple(float(v) for v in (value if isinstance(value, list | tuple) else [value] * 3))
-        return cls(min_pixels=int(min_pixels or DEFAULT_MIN_PIXELS), max_pixels=int(max_pixels or DEFAULT_MAX_PIXELS),
-                   **known)
+        try:
+            return cls(min_pixels=int(min_pixels or DEFAULT_MIN_PIXELS),
+                       max_pixels=int(max_pixels or DEFAULT_MAX_PIXELS), **known)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise MergeError(f"{PREPROCESSOR_CONFIG_FILE}: a value is not a number ({exc})") from None
 
     @classmethod
     def from_folder(cls, folder: Path | str, *, min_pixels: int | None = None,
@@ -128,10 +148,20 @@ class ImageProcessor:
         """The folder's ``preprocessor_config.json``; ``min_pixels`` / ``max_pixels`` given here override it."""
         config = read_json(required_file(Path(folder), PREPROCESSOR_CONFIG_FILE))
         processor = cls.from_config(config)
-        if min_pixels is not None or max_pixels is not None:
-            processor = replace(processor, min_pixels=processor.min_pixels if min_pixels is None else min_pixels,
-                                max_pixels=processor.max_pixels if max_pixels is None else max_pixels)
-        return processor
+        return processor.with_pixel_budget(min_pixels, max_pixels)
+
+    def with_pixel_budget(self, min_pixels: int | None = None, max_pixels: int | None = None) -> ImageProcessor:
+        """This processor with ``size`` overridden where given, as transformers applies
+        ``size={"shortest_edge": min_pixels, "longest_edge": max_pixels}`` to a call. The bound not given keeps the
+        folder's value, moved to the given one if it would contradict it (a ``max_pixels`` below the folder's
+        ``min_pixels`` lowers that too: asking for fewer pixels than the default minimum is the point)."""
+        if min_pixels is None and max_pixels is None:
+            return self
+        check_pixel_budget(1 if min_pixels is None else min_pixels, MAX_PIXEL_BUDGET if max_pixels is None
+                           else max_pixels, "--min-pixels/--max-pixels")
+        low = min(self.min_pixels, max_pixels) if min_pixels is None else min_pixels
+        high = max(self.max_pixels, min_pixels) if max_pixels is None else max_pixels
+        return replace(self, min_pixels=low, max_pixels=high)
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         if not self.do_resize:
@@ -144,6 +174,7 @@ class ImageProcessor:
 
         if not isinstance(image, Image.Image):
             raise MergeError(f"expected a PIL image, got {type(image).__name__}")
+        check_decodable(image, "an image")
         if self.do_convert_rgb:
             array = to_rgb(image)
         else:
@@ -178,8 +209,19 @@ class ImageProcessor:
         return {"pixel_values": np.concatenate(patches, axis=0), "image_grid_thw": np.asarray(grids, np.int64)}
 
 
+def check_pixel_budget(min_pixels, max_pixels, where: str) -> None:
+    """min_pixels and max_pixels are integers with 1 <= min_pixels <= max_pixels <= MAX_PIXEL_BUDGET."""
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PIXEL_BUDGET:
+            raise MergeError(f"{where}: {name} = {value!r} must be an integer from 1 to {MAX_PIXEL_BUDGET:,} "
+                             "(8192 x 8192 pixels)")
+    if min_pixels > max_pixels:
+        raise MergeError(f"{where}: min_pixels {min_pixels:,} is larger than max_pixels {max_pixels:,}")
+
+
 def load_image(path: Path | str):
-    """A PIL image from a file, fully read; a missing or unreadable file is a :class:`MergeError` naming it."""
+    """A PIL image from a file, fully read; a missing, unreadable or oversized file is a :class:`MergeError` naming
+    it. The size is checked from the file's header before any pixel is decoded."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -188,10 +230,24 @@ def load_image(path: Path | str):
     if not path.is_file():
         raise MergeError(f"{path} is not a file (expected an image)")
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():  # our own check below says it in one line, Pillow's warning would add one
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            check_decodable(image, str(path))
             image.load()  # the pixels are in memory once the file closes
         return image
     except UnidentifiedImageError as exc:
         raise MergeError(f"{path} is not an image Pillow can read") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise MergeError(f"{path}: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise MergeError(f"{path} is not a readable image ({exc})") from exc
+
+
+def check_decodable(image, name: str) -> None:
+    """Refuse an image whose pixel count is past :data:`MAX_DECODED_PIXELS` (from its header: nothing decoded)."""
+    width, height = image.size
+    if width * height > MAX_DECODED_PIXELS:
+        raise MergeError(f"{name} is {width}x{height} = {width * height:,} pixels, more than the "
+                         f"{MAX_DECODED_PIXELS:,} this tool decodes (Pillow's decompression-bomb limit); scale it down")

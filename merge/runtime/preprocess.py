@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from merge.contract.config import ModelConfig
-from merge.contract.names import GENERATION_CONFIG_FILE
+from merge.contract.names import GENERATION_CONFIG_FILE, PREPROCESSOR_CONFIG_FILE
 from merge.errors import MergeError
 
 from .files import read_json
@@ -32,6 +32,13 @@ class Preprocessor:
         self.config = config if config is not None else ModelConfig.from_folder(self.folder)
         self.tokenizer = TextTokenizer(self.folder)
         self.image_processor = ImageProcessor.from_folder(self.folder, min_pixels=min_pixels, max_pixels=max_pixels)
+        vision, images = self.config.vision, self.image_processor
+        for ours, theirs, key in ((images.patch_size, vision.patch_size, "patch_size"),
+                                  (images.temporal_patch_size, vision.temporal_patch_size, "temporal_patch_size"),
+                                  (images.merge_size, vision.spatial_merge_size, "merge_size")):
+            if ours != theirs:
+                raise MergeError(f"{self.folder / PREPROCESSOR_CONFIG_FILE}: {key} {ours} but the model's vision "
+                                 f"config says {theirs}; the images would not fit the vision part")
         generation = self.folder / GENERATION_CONFIG_FILE
         self.generation_config = read_json(generation) if generation.is_file() else {}
 

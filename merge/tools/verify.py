@@ -84,12 +84,14 @@ def load_images(paths: list[str]):
     return [load_image(path) for path in paths]
 
 
-def prepare_inputs(folder: CombinedFolder, prompt: str, images) -> dict[str, np.ndarray]:
+def prepare_inputs(folder: CombinedFolder, prompt: str, images, min_pixels: int | None = None,
+                   max_pixels: int | None = None) -> dict[str, np.ndarray]:
     """The folder's own chat template, tokenizer and image processor (the runtime's; tests hold them equal to
-    transformers' processor)."""
+    transformers' processor), with the pixel budget given."""
     from merge.runtime.preprocess import Preprocessor
 
-    return Preprocessor(folder.path, folder.config).build_inputs(prompt, images)
+    pre = Preprocessor(folder.path, folder.config, min_pixels=min_pixels, max_pixels=max_pixels)
+    return pre.build_inputs(prompt, images)
 
 
 # -- reference (PyTorch, saved and loaded) ----------------------------------------------------------------------
@@ -225,7 +227,8 @@ def format_table(stages: list[Stage]) -> str:
 
 
 def verify(folder: Path, *, model_folder: Path | None, prompt: str, images, new_tokens: int,
-           reference: Path | None = None, save_to: Path | None = None) -> list[Stage]:
+           reference: Path | None = None, save_to: Path | None = None, min_pixels: int | None = None,
+           max_pixels: int | None = None) -> list[Stage]:
     """Compare ``folder`` with PyTorch (``model_folder``) or with a saved reference, stage by stage."""
     combined = CombinedFolder.open(folder)
     manifest = combined.manifest
@@ -241,7 +244,7 @@ def verify(folder: Path, *, model_folder: Path | None, prompt: str, images, new_
             raise MergeError("verify needs --model (the PyTorch reference) or --reference (a saved one)")
         from export.reference import load_model, torch_reference
 
-        inputs = prepare_inputs(combined, prompt, images)
+        inputs = prepare_inputs(combined, prompt, images, min_pixels, max_pixels)
         model = load_model(model_folder, manifest.quantization, shared_table=manifest.embedding_table == "int4_blocks")
         ref = torch_reference(model, inputs, new_tokens)
         if save_to is not None:
