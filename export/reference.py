@@ -12,7 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from merge.contract.names import VISION_DEEPSTACK_EMBEDS, VISION_IMAGE_EMBEDS
-from merge.contract.quant import QuantSpec, dequantize_int4, quantize_weight_int4
+from merge.contract.quant import (
+    QuantSpec,
+    dequantize_int4,
+    dequantize_weight_int8,
+    quantize_weight_int4,
+    quantize_weight_int8,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +48,27 @@ def use_int4_weights_(model, quant: QuantSpec, shared_table: bool = False) -> in
     return count + 1
 
 
-def load_model(model_folder: Path, quant: QuantSpec | None = None, shared_table: bool = False):
-    """``Qwen3VLForConditionalGeneration`` in fp32, eval mode (with the int4 folder's weights when ``quant``)."""
+def use_int8_vision_weights_(model) -> int:
+    """Give the vision tower's products (the patch embedding and every linear layer) the exact weights an int8
+    vision part holds (per-channel int8, dequantized)."""
+    import torch
+
+    count = 0
+    with torch.no_grad():
+        for module in model.model.visual.modules():
+            if isinstance(module, torch.nn.Linear | torch.nn.Conv3d):
+                weight = module.weight.detach().float().numpy()
+                flat = weight.reshape(weight.shape[0], -1)
+                restored = dequantize_weight_int8(*quantize_weight_int8(flat)).reshape(weight.shape)
+                module.weight.copy_(torch.from_numpy(restored))
+                count += 1
+    return count
+
+
+def load_model(model_folder: Path, quant: QuantSpec | None = None, shared_table: bool = False,
+               vision_int8: bool = False):
+    """``Qwen3VLForConditionalGeneration`` in fp32, eval mode, carrying the weights a quantized folder holds:
+    the decoder's 4-bit ones when ``quant``, the vision part's 8-bit ones when ``vision_int8``."""
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
@@ -51,6 +76,8 @@ def load_model(model_folder: Path, quant: QuantSpec | None = None, shared_table:
     if quant is not None:
         count = use_int4_weights_(model, quant, shared_table=shared_table)
         log.info("reference: %d linear layers carry the int4 folder's weights", count)
+    if vision_int8:
+        log.info("reference: %d vision products carry the int8 weights", use_int8_vision_weights_(model))
     return model
 
 

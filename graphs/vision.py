@@ -64,15 +64,20 @@ class VisionGraph:
 
         return self.b.weight(name, shape, load)
 
-    def linear(self, x: ir.Value, hf_module: str, name: str) -> ir.Value:
+    def linear(self, x: ir.Value, hf_module: str, name: str, rows: slice | None = None) -> ir.Value:
+        """``x @ W.T + b`` of a checkpoint Linear on a 2-D ``x``, as one Gemm (the bias added inside the kernel,
+        the weight kept in the checkpoint's [out, in] layout); ``rows`` takes a slice of its outputs (q, k, v of a
+        fused qkv)."""
         b = self.b
         out_dim, in_dim = self.ckpt.shape(self.prefix + hf_module + ".weight")
+        rows = rows or slice(0, out_dim)
+        out_dim = rows.stop - rows.start
         with b.scope(name):
-            w = self._param(hf_module + ".weight", "weight", lambda a: a.T, shape=(in_dim, out_dim))
-            y = b.op("MatMul", [x, w])
+            w = self._param(hf_module + ".weight", "weight", lambda a: a[rows], shape=(out_dim, in_dim))
+            inputs = [x, w]
             if self.prefix + hf_module + ".bias" in self.ckpt:
-                y = b.op("Add", [y, self._param(hf_module + ".bias", "bias")], name="BiasAdd")
-        return y
+                inputs.append(self._param(hf_module + ".bias", "bias", lambda a: a[rows], shape=(out_dim,)))
+            return b.op("Gemm", inputs, {"transB": 1})
 
     def layer_norm(self, x: ir.Value, hf_module: str, name: str) -> ir.Value:
         b = self.b
@@ -175,8 +180,9 @@ class VisionGraph:
                     for k, t in enumerate((t0, b.op("Add", [t0, one_i], name="tap1")))]
             return taps, (w0, w1)
 
-    def rotary(self, g: dict[str, ir.Value]) -> tuple[ir.Value, ir.Value]:
-        """cos/sin shaped [N, 3, 1, head_dim] for the packed (q, k, v) layout; v gets cos 1, sin 0."""
+    def rotary(self, g: dict[str, ir.Value]) -> dict[str, ir.Value]:
+        """The 2-D rotary tables as ORT's RotaryEmbedding reads them: every patch is its own "position", whose
+        cos/sin rows [patches, head_dim / 2] hold the row frequencies then the column frequencies."""
         b, hd = self.b, self.spec.head_dim
         spatial = hd // 2
         inv_freq = 1.0 / (self.spec.rope_theta ** (np.arange(0, spatial, 2, dtype=np.float32) / spatial))
@@ -185,17 +191,10 @@ class VisionGraph:
             ax1 = b.const([1], "axes1")
             freqs = [b.op("Mul", [b.op("Unsqueeze", [b.op("Cast", [g[k]], {"to": FLOAT}), ax1]), inv], name=k)
                      for k in ("row", "col")]
-            half = b.op("Concat", freqs, {"axis": 1}, name="freqs")
-            angles = b.op("Concat", [half, half], {"axis": 1}, name="angles")
-            ax12 = b.const([1, 2], "axes12")
-            cos = b.op("Unsqueeze", [b.op("Cos", [angles]), ax12])
-            sin = b.op("Unsqueeze", [b.op("Sin", [angles]), ax12])
-            shape = b.op("Shape", [cos])
-            ones = b.op("ConstantOfShape", [shape], {"value": ir.tensor(np.ones(1, np.float32))})
-            zeros = b.op("ConstantOfShape", [shape], {"value": ir.tensor(np.zeros(1, np.float32))})
-            cos3 = b.op("Concat", [cos, cos, ones], {"axis": 1}, name="cos_qkv")
-            sin3 = b.op("Concat", [sin, sin, zeros], {"axis": 1}, name="sin_qkv")
-        return cos3, sin3
+            half = b.op("Concat", freqs, {"axis": 1}, name="freqs")  # [patches, head_dim / 2]
+            positions = b.op("Unsqueeze", [g["patch"], b.const([0], "axes0")], name="position_ids")  # [1, patches]
+            return {"cos": b.op("Cos", [half], name="cos_cache"), "sin": b.op("Sin", [half], name="sin_cache"),
+                    "positions": positions}
 
     def segment_layout(self, g: dict[str, ir.Value]) -> dict[str, ir.Value]:
         """Attention segments (every frame of every image) grouped by length, so that attention runs on
@@ -262,55 +261,69 @@ class VisionGraph:
                 "run_offset": run_offset, "num_runs": runs}
 
     # -- blocks ------------------------------------------------------------------------------------
-    def attention(self, x: ir.Value, i: int, rot: tuple[ir.Value, ir.Value], lay: dict[str, ir.Value]) -> ir.Value:
+    def attention(self, x: ir.Value, i: int, rot: dict[str, ir.Value], lay: dict[str, ir.Value]) -> ir.Value:
         b, s = self.b, self.spec
-        hf = f"blocks.{i}.attn"
+        hf, h = f"blocks.{i}.attn", s.hidden_size
         with b.scope("attn"):
-            qkv = self.linear(x, f"{hf}.qkv", "qkv")
-            qkv = b.op("Reshape", [qkv, b.const([-1, 3, s.num_heads, s.head_dim], "split_heads_shape")])
-            with b.scope("rotary"):
-                first, second = b.op_multi("Split", [qkv], {"axis": -1, "num_outputs": 2}, num_outputs=2)
-                rotated = b.op("Concat", [b.op("Neg", [second]), first], {"axis": -1}, name="rotate_half")
-                cos, sin = rot
-                qkv = b.op("Add", [b.op("Mul", [qkv, cos]), b.op("Mul", [rotated, sin])], name="apply")
-            qkv = b.op("Reshape", [qkv, b.const([-1, 3 * s.hidden_size], "merge_heads_shape")])
-            out = self.attention_by_runs(qkv, lay)
+            row = b.const([1, -1, h], "batch_of_one")
+            heads = {}
+            for j, name in enumerate("qkv"):  # three products from the fused weight: no split of their output
+                y = b.op("Reshape", [self.linear(x, f"{hf}.qkv", name, rows=slice(j * h, (j + 1) * h)), row])
+                if name != "v":
+                    y = b.op("RotaryEmbedding", [y, rot["positions"], rot["cos"], rot["sin"]],
+                             {"interleaved": 0, "num_heads": s.num_heads}, domain=MS_DOMAIN, name=f"{name}_rotary")
+                heads[name] = y
+            out = self.attention_by_runs(heads["q"], heads["k"], heads["v"], lay)
             return self.linear(out, f"{hf}.proj", "proj")
 
-    def attention_by_runs(self, qkv: ir.Value, lay: dict[str, ir.Value]) -> ir.Value:
-        """Attention within each segment: a Loop over the runs of equal-length segments (one iteration per
-        distinct length, usually one), each a [count, length, hidden] batch through MultiHeadAttention with
-        no mask, whose CPU kernel then tiles the scores (flash attention): memory linear in the patches."""
+    def attention_by_runs(self, q: ir.Value, k: ir.Value, v: ir.Value, lay: dict[str, ir.Value]) -> ir.Value:
+        """Attention within each segment, q/k/v [1, patches, hidden] in the grouped order -> [patches, hidden].
+
+        One run (all segments of one length: one image, or a video's frames) is one [count, length, hidden] batch
+        through MultiHeadAttention with no mask, whose CPU kernel then tiles the scores (flash attention): memory
+        linear in the patches. Several runs go through a Loop, one iteration per distinct length."""
         b, s = self.b, self.spec
+        hidden = s.hidden_size
         with b.scope("segments"):
-            hidden = s.hidden_size
-            start = b.const(np.zeros((0, hidden), np.float32), "no_rows")
-            width = b.const([3 * hidden], "qkv_width")
             flat = b.const([-1, hidden], "flatten_shape")
-            axis0 = b.const([0], "axis0")
+            axis0, axis1 = b.const([0], "axis0"), b.const([1], "axis1")
+            width = b.const([hidden], "width")
+
+            def run(builder: GraphBuilder, index: ir.Value, rows: tuple[ir.Value, ...]) -> ir.Value:
+                length = builder.op("Gather", [lay["run_length"], index], name="length")
+                count = builder.op("Gather", [lay["run_count"], index], name="count")
+                shape = builder.op("Concat", [builder.op("Unsqueeze", [count, axis0]),
+                                              builder.op("Unsqueeze", [length, axis0]), width], {"axis": 0},
+                                   name="batch_shape")
+                batch = [builder.op("Reshape", [x, shape], name=f"{n}_batch") for x, n in zip(rows, "qkv",
+                                                                                              strict=True)]
+                out = builder.op("MultiHeadAttention", batch, {"num_heads": s.num_heads}, domain=MS_DOMAIN,
+                                 name="MultiHeadAttention")
+                return builder.op("Reshape", [out, flat], name="run_out")
+
+            with b.subgraph() as one:  # the common case: a single run, no copies
+                single = ir.Graph([], [run(one, b.const(np.int64(0), "first_run"), (q, k, v))], nodes=one.nodes,
+                                  name=one.scoped("single_run"))
             with b.subgraph() as body:
                 step = tensor_input(body.scoped("run"), INT64, [])
                 cond = tensor_input(body.scoped("cond_in"), BOOL, [])
                 done = tensor_input(body.scoped("rows_in"), FLOAT, ["rows", hidden])
-                length = body.op("Gather", [lay["run_length"], step], name="length")
-                count = body.op("Gather", [lay["run_count"], step], name="count")
-                first = body.op("Gather", [lay["run_offset"], step], name="offset")
-                last = body.op("Add", [first, body.op("Mul", [count, length])], name="end")
-                rows = body.op("Slice", [qkv, body.op("Unsqueeze", [first, axis0]), body.op("Unsqueeze", [last, axis0]),
-                                         axis0], name="run_rows")
-                shape = body.op("Concat", [body.op("Unsqueeze", [count, axis0]), body.op("Unsqueeze", [length, axis0]),
-                                           width], {"axis": 0}, name="batch_shape")
-                batch = body.op("Reshape", [rows, shape], name="batch")
-                q, k, v = body.op_multi("Split", [batch], {"axis": 2, "num_outputs": 3}, num_outputs=3,
-                                        name="split_qkv")
-                out = body.op("MultiHeadAttention", [q, k, v], {"num_heads": s.num_heads}, domain=MS_DOMAIN,
-                              name="MultiHeadAttention")
-                out = body.op("Reshape", [out, flat], name="run_out")
-                rows_out = body.op("Concat", [done, out], {"axis": 0}, name="rows_out")
+                first = body.op("Unsqueeze", [body.op("Gather", [lay["run_offset"], step]), axis0], name="offset")
+                size = body.op("Mul", [body.op("Gather", [lay["run_count"], step]),
+                                       body.op("Gather", [lay["run_length"], step])], name="size")
+                last = body.op("Add", [first, body.op("Unsqueeze", [size, axis0])], name="end")
+                rows = tuple(body.op("Slice", [x, first, last, axis1], name=f"{n}_rows") for x, n in zip(
+                    (q, k, v), "qkv", strict=True))
+                rows_out = body.op("Concat", [done, run(body, step, rows)], {"axis": 0}, name="rows_out")
                 cond_out = body.op("Identity", [cond], name="cond_out")
-                graph = ir.Graph([step, cond, done], [cond_out, rows_out], nodes=body.nodes,
-                                 name=body.scoped("run_body"))
-            out = b.op("Loop", [lay["num_runs"], None, start], {"body": graph}, name="Loop")
+                loop_body = ir.Graph([step, cond, done], [cond_out, rows_out], nodes=body.nodes,
+                                     name=body.scoped("run_body"))
+            with b.subgraph() as several:
+                start = b.const(np.zeros((0, hidden), np.float32), "no_rows")
+                looped = several.op("Loop", [lay["num_runs"], None, start], {"body": loop_body}, name="Loop")
+                runs = ir.Graph([], [looped], nodes=several.nodes, name=several.scoped("runs"))
+            is_single = b.op("Equal", [lay["num_runs"], b.const(np.int64(1), "one_run")], name="is_single_run")
+            out = b.op("If", [is_single], {"then_branch": single, "else_branch": runs}, name="If")
         return out
 
     def block(self, x: ir.Value, i: int, rot, lay) -> ir.Value:
@@ -347,13 +360,14 @@ class VisionGraph:
                                                                                         "width")}}
         with b.scope("patch_embed"):
             conv = self.prefix + "patch_embed.proj.weight"
+            # the Conv3d with stride = kernel is a product with the flattened kernel ([hidden, C*T*P*P], as is)
             w = self._param("patch_embed.proj.weight", "weight",
-                            lambda a: a.reshape(a.shape[0], -1).T, shape=(s.patch_dim, s.hidden_size))
+                            lambda a: a.reshape(a.shape[0], -1), shape=(s.hidden_size, s.patch_dim))
             if self.ckpt.shape(conv)[1:] != (s.in_channels, s.temporal_patch_size, s.patch_size, s.patch_size):
                 raise MergeError(f"{conv}: shape {self.ckpt.shape(conv)} does not match the vision config "
                                  f"({s.in_channels}, {s.temporal_patch_size}, {s.patch_size}, {s.patch_size})")
-            x = b.op("MatMul", [pixel_values, w], name="proj")
-            x = b.op("Add", [x, self._param("patch_embed.proj.bias", "bias")], name="BiasAdd")
+            x = b.op("Gemm", [pixel_values, w, self._param("patch_embed.proj.bias", "bias")], {"transB": 1},
+                     name="proj")
         x = b.op("Add", [x, self.interpolated_pos_embed(g)], name="add_pos_embed")
         rot = self.rotary(g)
         levels = []

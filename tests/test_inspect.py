@@ -103,11 +103,14 @@ def test_operator_counts_include_subgraphs(precision, built, sources):
     ops = inspect_folder(built(precision))["operators"]
     depth = source.config.vision.depth
     layers = source.config.text.num_layers
-    assert ops["overall"]["com.microsoft.MultiHeadAttention"] == depth  # inside the vision If's then-branch
-    assert ops["per_scope"]["vision"]["com.microsoft.MultiHeadAttention"] == depth
+    # inside the vision If's then-branch, per block: one MultiHeadAttention for a single run of equal-length
+    # segments and one in the Loop over several runs
+    assert ops["overall"]["com.microsoft.MultiHeadAttention"] == 2 * depth
+    assert ops["per_scope"]["vision"]["com.microsoft.MultiHeadAttention"] == 2 * depth
+    assert ops["per_scope"]["vision"]["Loop"] == depth
     assert ops["overall"]["com.microsoft.GroupQueryAttention"] == layers
     assert ops["per_scope"]["decoder"]["com.microsoft.GroupQueryAttention"] == layers
-    assert ops["overall"]["If"] == 2  # the vision guard and the position switch
+    assert ops["overall"]["If"] == 2 + depth  # the vision guard, the position switch, a run switch per block
     assert ops["per_scope"]["merge"]["Add"] >= len(source.config.vision.deepstack_visual_indexes)
     if precision == "int4":
         assert ops["per_scope"]["decoder"]["com.microsoft.MatMulNBits"] == 7 * layers + 1

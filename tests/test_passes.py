@@ -239,7 +239,7 @@ def test_quantize_int4_touches_the_decoder_only(fresh):
     assert sum(op == "MatMulNBits" for _, op in main_ops) == 7 * config.text.num_layers + 1
     guard = next(n for n in model.graph if n.name == "vision/if_has_patches")
     vision_ops = {n.op_type for n in ir.traversal.RecursiveGraphIterator(guard.attributes["then_branch"].value)}
-    assert "MatMul" in vision_ops and "MatMulNBits" not in vision_ops
+    assert "Gemm" in vision_ops and "MatMulNBits" not in vision_ops
 
 
 def test_quantize_int4_refuses_another_scope(fresh):

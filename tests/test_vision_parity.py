@@ -173,16 +173,23 @@ def test_vision_graph_structure(preset, vision):
     assert dims(graph.output[1]) == [len(spec.deepstack_visual_indexes), "num_image_tokens", spec.out_hidden_size]
 
     ops = [n.op_type for n in graph.node]
-    # one Loop per block, over the runs of equal-length segments; its body holds the block's attention, with no
-    # mask and no bias (what lets ONNX Runtime tile it)
-    loops = [n for n in graph.node if n.op_type == "Loop"]
-    assert len(loops) == spec.depth and "If" not in ops and "MultiHeadAttention" not in ops
-    for loop in loops:
-        body = next(a.g for a in loop.attribute if a.name == "body")
-        (mha,) = [n for n in body.node if n.op_type == "MultiHeadAttention"]
-        assert len(mha.input) == 3 and mha.name.startswith(loop.name.rsplit("/", 1)[0])
-    names = [n.name for n in graph.node] + [n.name for loop in loops for n in next(
-        a.g for a in loop.attribute if a.name == "body").node]
+    # per block an If: one run of equal-length segments goes straight to MultiHeadAttention, several through a
+    # Loop over the runs; either way attention has no mask and no bias (what lets ONNX Runtime tile it)
+    def sub(node, name):
+        return next(a.g for a in node.attribute if a.name == name)
+
+    guards = [n for n in graph.node if n.op_type == "If"]
+    assert len(guards) == spec.depth and "Loop" not in ops and "MultiHeadAttention" not in ops
+    names = [n.name for n in graph.node]
+    for guard in guards:
+        (single,) = [n for n in sub(guard, "then_branch").node if n.op_type == "MultiHeadAttention"]
+        (loop,) = [n for n in sub(guard, "else_branch").node if n.op_type == "Loop"]
+        (looped,) = [n for n in sub(loop, "body").node if n.op_type == "MultiHeadAttention"]
+        assert len(single.input) == 3 and len(looped.input) == 3
+        names += [n.name for g in (sub(guard, "then_branch"), sub(guard, "else_branch"), sub(loop, "body"))
+                  for n in g.node]
+    rotary = [n for n in graph.node if n.op_type == "RotaryEmbedding"]
+    assert len(rotary) == 2 * spec.depth  # q and k of every block
     assert all(name.startswith("vision/") for name in names)
     assert len(set(names)) == len(names)
     large = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]

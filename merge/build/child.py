@@ -2,8 +2,9 @@
 
 Used where a step's memory must be returned to the system when it ends (the GenAI builder loads a whole
 checkpoint; the final check loads every weight into ONNX Runtime) and where a test or benchmark measures a
-step's peak memory. The child dies with its parent (Linux ``PR_SET_PDEATHSIG``), so an interrupted build
-leaves no orphan running.
+step's peak memory. The peak is the child's own (reported by :mod:`merge.build.measured` from inside it: the
+parent's ``wait4`` figure would include the parent's size at fork). The child dies with its parent (Linux
+``PR_SET_PDEATHSIG``), so an interrupted build leaves no orphan running.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,11 +47,16 @@ def run_python(args: list[str], *, capture: bool = True, env: dict[str, str] | N
     ``capture=False`` lets the child write to this terminal (progress bars a person watches); its stdout is
     then discarded and its stderr is not kept.
     """
+    if not args or args[0] not in ("-m", "-c"):
+        raise ValueError(f"run_python takes -m MODULE or -c CODE, got {args[:1]}")
     environ = {**os.environ, **(env or {})}
     environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), environ.get("PYTHONPATH")) if p)
     pipe = subprocess.PIPE if capture else None
-    proc = subprocess.Popen([sys.executable, *args], env=environ, stdout=pipe if capture else subprocess.DEVNULL,
-                            stderr=pipe, text=True, preexec_fn=_die_with_parent)
+    handle, report = tempfile.mkstemp(prefix="peak-", suffix=".kib")
+    os.close(handle)
+    proc = subprocess.Popen([sys.executable, "-m", "merge.build.measured", report, *args], env=environ,
+                            stdout=pipe if capture else subprocess.DEVNULL, stderr=pipe, text=True,
+                            preexec_fn=_die_with_parent)
     texts = {"stdout": "", "stderr": ""}
 
     def drain(name: str) -> None:
@@ -64,10 +71,13 @@ def run_python(args: list[str], *, capture: bool = True, env: dict[str, str] | N
             reader.start()
         for reader in readers:
             reader.join()
-        _, status, usage = os.wait4(proc.pid, 0)  # reaps the child and gives its own resource usage
+        proc.wait()
     except BaseException:
         proc.kill()
         proc.wait()
         raise
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return ChildResult(proc.returncode, texts["stdout"], texts["stderr"], usage.ru_maxrss / 1024**2)
+    finally:
+        text = Path(report).read_text().strip()
+        Path(report).unlink(missing_ok=True)
+    peak = int(text) / 1024**2 if text else float("nan")  # nothing written: the child was killed
+    return ChildResult(proc.returncode, texts["stdout"], texts["stderr"], peak)

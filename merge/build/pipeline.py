@@ -24,7 +24,7 @@ from merge import __version__
 from merge.contract.folder import file_sha256
 from merge.contract.manifest import Manifest, TensorInfo
 from merge.contract.names import DATA_FILE, MODEL_FILE, PREPROCESSING_FILES, TOOL_NAME
-from merge.contract.quant import QuantSpec, precision_of
+from merge.contract.quant import QuantSpec, check_vision_precision, precision_of
 from merge.sources.source import ModelSource
 
 from .check import check_onnx_in_child
@@ -53,7 +53,8 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-def build(source: ModelSource, out: Path, *, quant: QuantSpec | None = None, force: bool = False) -> BuildResult:
+def build(source: ModelSource, out: Path, *, quant: QuantSpec | None = None, vision_precision: str = "fp32",
+          force: bool = False) -> BuildResult:
     """Build ``out``: one ``model.onnx`` (+ ``model.onnx.data``), preprocessing files and ``merge.json``."""
     start = time.perf_counter()
     result = BuildResult(out=Path(out))
@@ -64,9 +65,10 @@ def build(source: ModelSource, out: Path, *, quant: QuantSpec | None = None, for
         log.info("parts: vision graph from %s, embedding merge, rope index", source.folder)
         parts = make_parts(source)
         log.info("stitch: %s", "passes (run with --debug to list them)")
-        model, layout = stitch(decoder, source.config, parts, quant)
+        model, layout = stitch(decoder, source.config, parts, quant, check_vision_precision(vision_precision))
         model.producer_name, model.producer_version = TOOL_NAME, __version__
         model.metadata_props.update({"source_model": source.spec, "precision": precision_of(quant),
+                                     "vision_precision": vision_precision,
                                      "tool": TOOL_NAME, "tool_version": __version__,
                                      "image_token_id": str(source.config.image_token_id),
                                      "embedding_table": layout})
@@ -74,7 +76,7 @@ def build(source: ModelSource, out: Path, *, quant: QuantSpec | None = None, for
                  ", quantized one tensor at a time" if quant else "")
         with tensor_writing_bar(f"writing {DATA_FILE}") as callback:
             ir.save(model, stage / MODEL_FILE, external_data=DATA_FILE, callback=callback)
-        manifest = describe(model, source, quant, layout)
+        manifest = describe(model, source, quant, layout, vision_precision)
         del model, decoder, parts
         shutil.rmtree(work)
         copied = copy_preprocessing(source.folder, stage)
@@ -90,7 +92,8 @@ def build(source: ModelSource, out: Path, *, quant: QuantSpec | None = None, for
     return result
 
 
-def describe(model: ir.Model, source: ModelSource, quant: QuantSpec | None, layout: str) -> Manifest:
+def describe(model: ir.Model, source: ModelSource, quant: QuantSpec | None, layout: str,
+             vision_precision: str) -> Manifest:
     """The manifest's description of the model (files and checksums are added once they are written)."""
 
     def info(value: ir.Value) -> TensorInfo:
@@ -102,6 +105,7 @@ def describe(model: ir.Model, source: ModelSource, quant: QuantSpec | None, layo
         source_model=source.spec,
         precision=precision_of(quant),
         quantization=quant,
+        vision_precision=vision_precision,
         embedding_table=layout,
         inputs=[info(v) for v in model.graph.inputs],
         outputs=[info(v) for v in model.graph.outputs],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from merge.contract.quant import PRECISIONS
+from merge.contract.quant import PRECISIONS, VISION_PRECISIONS
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     quant = quant_spec_for(args.precision)
     source = resolve_model(args.model, args.cache_dir)
     print(f"model: {source.spec} ({source.folder})")
-    result = build(source, Path(args.out), quant=quant, force=args.force)
+    result = build(source, Path(args.out), quant=quant, vision_precision=args.vision_precision, force=args.force)
     print(f"wrote {result.out}/ in {result.seconds:.1f} s (peak memory: decoder export "
           f"{result.export_peak_rss_gib:.2f} GiB, merge {result.peak_rss_gib:.2f} GiB, "
           f"session check {result.check_peak_rss_gib:.2f} GiB)")
@@ -40,6 +40,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="decoder weights: fp32, or int4 (MatMulNBits, block 32) for the CPU")
+    p.add_argument("--vision-precision", default="fp32", choices=VISION_PRECISIONS,
+                   help="vision products: fp32, or int8 (int8 weights, activations quantized at run time; uses the "
+                        "CPU's AMX / VNNI int8 units; verify reports its error)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder when the build succeeds")
     p.add_argument("--cache-dir", type=Path, default=None, help="where presets are built (default ~/.cache)")
     p.set_defaults(func=run)

@@ -15,7 +15,7 @@ from typing import Any
 from merge.errors import MergeError
 
 from .names import DATA_FILE, MANIFEST_FILE, MODEL_FILE, TOOL_NAME
-from .quant import PRECISIONS, QuantSpec
+from .quant import PRECISIONS, VISION_PRECISIONS, QuantSpec
 
 EMBEDDING_LAYOUTS = ("vocab_major", "hidden_major", "int4_blocks")
 MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a few KiB; a bigger file is not ours
@@ -46,6 +46,7 @@ class Manifest:
     sizes: dict[str, int] = field(default_factory=dict)  # their sizes in bytes
     parts: dict[str, str] = field(default_factory=lambda: {"model": MODEL_FILE, "data": DATA_FILE})
     tool: str = TOOL_NAME
+    vision_precision: str = "fp32"
 
     def to_json(self) -> dict:
         return {
@@ -54,6 +55,7 @@ class Manifest:
             "source_model": self.source_model,
             "precision": self.precision,
             "quantization": self.quantization.to_json() if self.quantization else None,
+            "vision_precision": self.vision_precision,
             "embedding_table": self.embedding_table,
             "parts": dict(self.parts),
             "inputs": [t.to_json() for t in self.inputs],
@@ -88,7 +90,8 @@ class Manifest:
     def from_json(cls, data: Any, where: str = MANIFEST_FILE) -> Manifest:
         if not isinstance(data, dict):
             raise MergeError(f"{where}: expected a JSON object, found {type(data).__name__}")
-        known = {"tool", "tool_version", "source_model", "precision", "quantization", "embedding_table", "parts",
+        known = {"tool", "tool_version", "source_model", "precision", "quantization", "vision_precision",
+                 "embedding_table", "parts",
                  "inputs", "outputs", "special_token_ids", "preprocessing_files", "checksums", "sizes"}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -136,6 +139,9 @@ class Manifest:
         quantization = None if quant_data is None else QuantSpec.from_json(quant_data, where)
         if (quantization.precision if quantization else "fp32") != precision:
             raise MergeError(f"{where}: precision {precision} but quantization {quant_data}")
+        vision_precision = data.get("vision_precision", "fp32")  # folders written before it was recorded: fp32
+        if vision_precision not in VISION_PRECISIONS:
+            raise MergeError(f"{where}: vision_precision {vision_precision!r} is not one of {VISION_PRECISIONS}")
         layout = get("embedding_table", str)
         if layout not in EMBEDDING_LAYOUTS:
             raise MergeError(f"{where}: embedding_table {layout!r} is not one of {EMBEDDING_LAYOUTS}")
@@ -155,4 +161,5 @@ class Manifest:
             checksums=mapping("checksums", str),
             sizes=mapping("sizes", int),
             parts=parts,
+            vision_precision=vision_precision,
         )

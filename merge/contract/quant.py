@@ -34,6 +34,9 @@ import numpy as np
 from merge.errors import MergeError
 
 PRECISIONS = ("fp32", "int4")
+# The vision part: fp32, or int8 products (per-channel int8 weights, activations quantized at run time to uint8,
+# ONNX Runtime's DynamicQuantizeMatMul; attention and the rest stay fp32).
+VISION_PRECISIONS = ("fp32", "int8")
 BITS = 4
 
 
@@ -90,6 +93,27 @@ def quant_spec_for(precision: str) -> QuantSpec | None:
 
 def precision_of(quant: QuantSpec | None) -> str:
     return quant.precision if quant is not None else "fp32"
+
+
+def check_vision_precision(precision: str) -> str:
+    if precision not in VISION_PRECISIONS:
+        raise MergeError(f"--vision-precision {precision}: choose one of {', '.join(VISION_PRECISIONS)}")
+    return precision
+
+
+def quantize_weight_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[out, in] float -> (int8 [in, out], float32 scales [out]): per output channel, symmetric (scale =
+    max |w| / 127, no zero point), as DynamicQuantizeMatMul reads its B."""
+    weight = np.asarray(weight, np.float32)
+    scale = np.abs(weight).max(axis=1) / 127
+    scale = np.where(scale == 0, np.float32(1), scale).astype(np.float32)
+    codes = np.clip(np.rint(weight / scale[:, None]), -127, 127).astype(np.int8)
+    return np.ascontiguousarray(codes.T), scale
+
+
+def dequantize_weight_int8(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`quantize_weight_int8`, back to [out, in] float: the weights the kernel multiplies by."""
+    return (codes.astype(np.float32) * scale[None, :]).T
 
 
 

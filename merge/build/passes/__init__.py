@@ -10,9 +10,10 @@ decoder into the combined model:
 5. ``WirePositions``     3-D MRoPE positions and ``rope_deltas`` computed in the graph
 6. ``PadLeftPadding``    a real key padding mask for every attention
 7. ``QuantizeInt4``      (int4 only) decoder MatMuls -> MatMulNBits, quantized while written
-8. ``ShareTiedTable``    (tied heads) the head's weight serves as the token embedding table
-9. ``SetInterface``      inputs and outputs in the contract's order
-10. clean-up             unused nodes and initializers removed, nodes in topological order
+8. ``QuantizeVisionInt8`` (vision int8 only) vision Gemms -> DynamicQuantizeMatMul, quantized while written
+9. ``ShareTiedTable``    (tied heads) the head's weight serves as the token embedding table
+10. ``SetInterface``     inputs and outputs in the contract's order
+11. clean-up             unused nodes and initializers removed, nodes in topological order
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .inject_deepstack import InjectDeepStack, deepstack_anchors
 from .merge_embeddings import MergeEmbeddings
 from .pad_left_padding import PadLeftPadding
 from .quantize_int4 import QuantizeInt4
+from .quantize_vision_int8 import QuantizeVisionInt8
 from .scope_decoder import ScopeDecoder
 from .set_interface import SetInterface
 from .share_tied_table import ShareTiedTable
@@ -49,7 +51,8 @@ class Parts:
     embed_tokens: ir.Value  # [vocab, hidden], a lazy initializer read from the checkpoint
 
 
-def stitch_passes(config: ModelConfig, parts: Parts, quant: QuantSpec | None) -> list[ir.passes.PassBase]:
+def stitch_passes(config: ModelConfig, parts: Parts, quant: QuantSpec | None,
+                  vision_precision: str = "fp32") -> list[ir.passes.PassBase]:
     text, vision = config.text, config.vision
     levels = len(vision.deepstack_visual_indexes)
     passes: list[ir.passes.PassBase] = [
@@ -62,6 +65,8 @@ def stitch_passes(config: ModelConfig, parts: Parts, quant: QuantSpec | None) ->
     ]
     if quant is not None:
         passes.append(QuantizeInt4(quant))
+    if vision_precision == "int8":
+        passes.append(QuantizeVisionInt8())
     passes += [
         ShareTiedTable(config.tie_word_embeddings, text.hidden_size),
         SetInterface(),
@@ -71,12 +76,13 @@ def stitch_passes(config: ModelConfig, parts: Parts, quant: QuantSpec | None) ->
     return passes
 
 
-def stitch(decoder: ir.Model, config: ModelConfig, parts: Parts, quant: QuantSpec | None) -> tuple[ir.Model, str]:
+def stitch(decoder: ir.Model, config: ModelConfig, parts: Parts, quant: QuantSpec | None,
+           vision_precision: str = "fp32") -> tuple[ir.Model, str]:
     """Run the passes on ``decoder`` (in place); returns the combined model and its embedding table layout."""
     from merge.build.ort_schemas import register_ort_default_domain_ops
 
     register_ort_default_domain_ops()  # lets the clean-up read SimplifiedLayerNormalization's optional outputs
-    passes = stitch_passes(config, parts, quant)
+    passes = stitch_passes(config, parts, quant, vision_precision)
     model = run_passes(decoder, passes)
     layout = next(p.layout for p in passes if isinstance(p, ShareTiedTable))
     return model, layout

@@ -1,0 +1,142 @@
+"""llama.cpp for the side-by-side benchmarks: built from the llama-cpp-python source distribution on PyPI, and the
+preset folders converted with its own converter (GGUF f16, Q4_0, Q4_K_M, and the vision projector in f32 and f16).
+
+Everything lives under one folder (``--llama-dir``, default ``~/.cache/qwen3vl-merge/llama.cpp``) and is reused
+when present. Two things the stock recipe needs here:
+
+- AMX off at compile time (``-mno-amx-*``): llama.cpp's AMX path crashes on these virtual machines (SIGSEGV at
+  ``ldtilecfg``), and ``GGML_AMX_*=OFF`` is ignored by native builds;
+- the presets' generated tokenizer has a pre-tokenizer hash the converter does not know: a scratch copy of the
+  converter maps it to ``qwen2`` (the Qwen2 split regex it uses).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+VERSION = "0.3.36"  # llama-cpp-python; its vendored llama.cpp is what gets built
+TARGETS = ("llama-bench", "llama-mtmd-cli", "llama-quantize", "llama-completion")
+AMX_OFF = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+CONVERTER_PACKAGES = ["torch==2.13.0", "transformers>=5,<6", "numpy", "sentencepiece", "safetensors",
+                      "protobuf>=4.21,<5", "pillow"]
+
+
+def default_dir() -> Path:
+    return Path(os.environ.get("QWEN3VL_MERGE_CACHE") or Path.home() / ".cache" / "qwen3vl-merge") / "llama.cpp"
+
+
+def _run(cmd: list[str], log: Path, **kw) -> None:
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, **kw)
+    if proc.returncode:
+        raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}); see {log}")
+
+
+def source_dir(root: Path) -> Path:
+    sdist = root / "sdist"
+    tree = sdist / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
+    if not tree.is_dir():
+        sdist.mkdir(parents=True, exist_ok=True)
+        _run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+              f"llama-cpp-python=={VERSION}", "-d", str(sdist)], root / "build.log")
+        with tarfile.open(sdist / f"llama_cpp_python-{VERSION}.tar.gz") as archive:
+            archive.extractall(sdist, filter="data")
+    return tree.resolve()  # the real path: its .git file is relative, a symlinked path makes ninja loop
+
+
+def ensure_built(root: Path) -> Path:
+    """The binaries' folder, building them on first use (about 5 minutes on 2 cores)."""
+    root = Path(root)
+    bin_dir = root / "build" / "bin"
+    if all((bin_dir / t).is_file() for t in TARGETS):
+        return bin_dir
+    src = source_dir(root)
+    log = root / "build.log"
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    _run(["cmake", "-S", str(src), "-B", str(root / "build"), *generator, "-DCMAKE_BUILD_TYPE=Release",
+          "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+          "-DLLAMA_BUILD_SERVER=OFF", f"-DCMAKE_C_FLAGS={AMX_OFF}", f"-DCMAKE_CXX_FLAGS={AMX_OFF}"], log)
+    _run(["cmake", "--build", str(root / "build"), "-j", str(os.cpu_count() or 2), "--target", *TARGETS], log)
+    return bin_dir
+
+
+def ensure_converter(root: Path) -> tuple[Path, Path]:
+    """(python, convert_hf_to_gguf.py) of a converter that knows the presets' tokenizer."""
+    root = Path(root)
+    src = source_dir(root)
+    venv = root / "venv"
+    python = venv / "bin" / "python"
+    if not python.is_file():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        _run([str(python), "-m", "pip", "install", "--quiet", *CONVERTER_PACKAGES, "-e", str(src / "gguf-py")],
+             root / "build.log")
+    work = root / "convert"
+    script = work / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / "convert_hf_to_gguf.py", script)
+        if (src / "conversion").is_dir():
+            shutil.copytree(src / "conversion", work / "conversion", dirs_exist_ok=True)
+    return python, script
+
+
+def _teach_hash(script: Path, log: Path) -> bool:
+    """Map the hash the converter just refused (printed on its ``chkhsh:`` line) to qwen2, in the scratch copy."""
+    found = re.findall(r"chkhsh:\s*([0-9a-f]{64})", log.read_text(errors="replace"))
+    if not found:
+        return False
+    chkhsh = found[-1]
+    for path in [script.parent / "conversion" / "base.py", script]:
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        marker = "        res = None\n"
+        start = text.find("def get_vocab_base_pre")
+        at = text.find(marker, start)
+        if start < 0 or at < 0:
+            continue
+        if chkhsh in text:
+            return False
+        insert = (f"        if chkhsh == \"{chkhsh}\":  # qwen3vl-merge presets: byte-level BPE, Qwen2 split\n"
+                  "            res = \"qwen2\"\n")
+        path.write_text(text[: at + len(marker)] + insert + text[at + len(marker):])
+        return True
+    return False
+
+
+def convert(root: Path, model_folder: Path, name: str) -> dict[str, Path]:
+    """GGUF files of a Hugging Face folder: the text model (f16, Q4_0, Q4_K_M) and the projector (f32, f16)."""
+    root = Path(root)
+    bin_dir = ensure_built(root)
+    python, script = ensure_converter(root)
+    out = root / "gguf" / name
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"f16": out / f"{name}-f16.gguf", "Q4_0": out / f"{name}-Q4_0.gguf",
+             "Q4_K_M": out / f"{name}-Q4_K_M.gguf", "mmproj-f32": out / f"mmproj-{name}-f32.gguf",
+             "mmproj-f16": out / f"mmproj-{name}-f16.gguf"}
+    log = out / "convert.log"
+    env = {**os.environ, "PYTHONPATH": str(source_dir(root) / "gguf-py")}
+    jobs = [("f16", ["--outtype", "f16"]), ("mmproj-f32", ["--mmproj", "--outtype", "f32"]),
+            ("mmproj-f16", ["--mmproj", "--outtype", "f16"])]
+    for key, args in jobs:
+        if files[key].is_file():
+            continue
+        command = [str(python), str(script), str(model_folder), *args, "--outfile", str(files[key])]
+        try:
+            _run(command, log, env=env)
+        except RuntimeError:
+            if not _teach_hash(script, log):
+                raise
+            _run(command, log, env=env)
+    for kind in ("Q4_0", "Q4_K_M"):
+        if not files[kind].is_file():
+            _run([str(bin_dir / "llama-quantize"), str(files["f16"]), str(files[kind]), kind, "2"], log)
+    return files
