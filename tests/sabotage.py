@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+
+from merge.contract.folder import file_sha256
 
 MODEL = "model.onnx"
 
@@ -19,6 +22,12 @@ def _copy_with(folder: Path, out: Path, mutate) -> Path:
         if f.is_file() and not f.name.startswith(MODEL):
             shutil.copy2(f, out / f.name)
     ir.save(model, out / MODEL, external_data=MODEL + ".data")
+    # a consistent folder (sizes and checksums re-recorded), so that what fails is the graph, not the loader
+    manifest = json.loads((out / "merge.json").read_text())
+    for name in (MODEL, MODEL + ".data"):
+        manifest["sizes"][name] = (out / name).stat().st_size
+        manifest["checksums"][name] = file_sha256(out / name)
+    (out / "merge.json").write_text(json.dumps(manifest, indent=2))
     return out
 
 

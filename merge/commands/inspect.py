@@ -22,17 +22,22 @@ def run(args: argparse.Namespace) -> int:
 
     require("inspect", INSPECT_MODULES)
 
+    from merge.contract.folder import CombinedFolder
     from merge.contract.names import MODEL_FILE
     from merge.tools.inspect.netron import import_netron, serve_netron, wait_for_netron
     from merge.tools.inspect.report import format_report, inspect_folder
     from merge.tools.inspect.stitch_view import write_stitch_view
+    from merge.tools.verify import check_writable
 
-    folder = Path(args.combined)
+    combined = CombinedFolder.open(args.combined)
+    folder = combined.path
     if args.netron:
         import_netron()  # a missing optional package is reported before any work
-    data = inspect_folder(folder, verify_checksums=args.check_checksums)
     if args.stitch:
-        path, nodes = write_stitch_view(folder, Path(args.stitch))
+        check_writable(Path(args.stitch), combined)  # before any work, and never into the folder's own files
+    data = inspect_folder(combined, verify_checksums=args.check_checksums)
+    if args.stitch:
+        path, nodes = write_stitch_view(combined, Path(args.stitch))
         data["stitch_view"] = {"path": str(path), "nodes": nodes, "bytes": path.stat().st_size}
     print(json.dumps(data, indent=2) if args.json else format_report(data))
     if args.netron:

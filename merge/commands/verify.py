@@ -34,11 +34,12 @@ def run(args: argparse.Namespace) -> int:
 
         model_folder = resolve_model(args.model or combined.manifest.source_model, args.cache_dir).folder
     images = load_images(args.image) if args.image else default_images()
-    stages = verify(combined.path, model_folder=model_folder, prompt=args.prompt, images=images,
+    stages = verify(combined, model_folder=model_folder, prompt=args.prompt, images=images,
                     new_tokens=args.max_new_tokens, reference=args.reference, save_to=args.save_reference,
                     min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     print(format_table(stages))
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(report_json(stages) + "\n")
     return 0 if all(s.passed or not s.counted for s in stages) else 1
 

@@ -1,27 +1,58 @@
-"""The one loader of a combined folder: every command that reads a folder opens it here first.
+"""The one loader of a combined folder: ``run``, ``verify``, ``inspect`` and ``CombinedModel`` open a folder here
+before anything else reads it, and read its files only through what it holds.
 
-:meth:`CombinedFolder.open` reads ``merge.json`` (schema checked) and ``config.json`` (a Qwen3-VL config)
-and checks that the model file the manifest names is there, before anything else reads the folder.
+A combined folder is untrusted input (people download them), so :meth:`CombinedFolder.open` checks, cheaply (no
+hashing), before any file is used:
+
+- ``merge.json`` is there and well-formed (every field typed), and ``config.json`` is a Qwen3-VL config;
+- every file the manifest names is a plain name inside the folder (no path, no ``..``), a regular file, not a
+  symbolic link (opened with ``O_NOFOLLOW``) and not a hard link to something elsewhere (one link only);
+- ``model.onnx`` and ``model.onnx.data`` have the sizes the manifest records;
+- every tensor of the model with external data names ``model.onnx.data`` (a plain name) and lies inside it:
+  offset + length within the file, length equal to what its type and shape need.
+
+Files are opened once, through a descriptor on the folder, and kept: the model's bytes, the data file (mapped)
+and the small preprocessing files are then read from what was checked, never again by path (so a file swapped
+for a symbolic link after the check is never read). ``check_checksums`` adds SHA-256 of the model files
+against the manifest and refuses files the manifest does not list. Every failure is one :class:`MergeError`
+naming the file, the tensor and the numbers that disagree.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import json
+import mmap
+import os
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from merge.errors import MergeError
 
 from .config import ModelConfig
-from .manifest import Manifest
-from .names import DATA_FILE, MANIFEST_FILE, MODEL_FILE
+from .manifest import MAX_MANIFEST_BYTES, Manifest
+from .names import CONFIG_FILE, DATA_FILE, MANIFEST_FILE, MODEL_FILE
+from .onnx_wire import WireError, model_tensors
+
+MAX_SMALL_FILE_BYTES = 64 << 20  # tokenizer.json and friends are a few MB
+MAX_MODEL_BYTES = 2 << 30  # a protobuf cannot be larger; the weights live in the data file
 
 
-@dataclass(frozen=True)
+def _plain_name(name: str, where: str) -> str:
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or name.startswith("~"):
+        raise MergeError(f"{where} names {name!r}, which is not a plain file name inside the folder")
+    return name
+
+
+@dataclass
 class CombinedFolder:
     path: Path
     manifest: Manifest
     config: ModelConfig
+    model_bytes: bytes
+    data: mmap.mmap | None
+    files: dict[str, bytes] = field(default_factory=dict)  # the preprocessing files, as read and checked
 
     @property
     def model_path(self) -> Path:
@@ -31,19 +62,191 @@ class CombinedFolder:
     def data_path(self) -> Path:
         return self.path / DATA_FILE
 
+    # -- opening ----------------------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, folder: Path | str) -> CombinedFolder:
+    def open(cls, folder: Path | str, *, check_checksums: bool = False) -> CombinedFolder:
         path = Path(folder)
         hint = f"build one with `python -m merge build --out {folder}`"
-        if not path.exists():
-            raise MergeError(f"{folder}: no such folder ({hint})")
-        if not path.is_dir():
-            raise MergeError(f"{folder} is not a folder (expected a combined folder; {hint})")
-        if not (path / MODEL_FILE).is_file():
-            raise MergeError(f"{folder} is not a combined folder: no {MODEL_FILE} ({hint})")
-        if not (path / MANIFEST_FILE).is_file():
-            raise MergeError(f"{folder} is not a complete combined folder: no {MANIFEST_FILE} ({hint})")
-        return cls(path=path, manifest=Manifest.read(path), config=ModelConfig.from_folder(path))
+        try:
+            dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise MergeError(f"{folder}: no such folder ({hint})") from None
+        except NotADirectoryError:
+            raise MergeError(f"{folder} is not a folder (expected a combined folder; {hint})") from None
+        except OSError as exc:
+            raise MergeError(f"{folder}: cannot be opened ({exc.strerror})") from None
+        try:
+            return cls._open(path, dir_fd, hint, check_checksums)
+        finally:
+            os.close(dir_fd)
+
+    @classmethod
+    def _open(cls, path: Path, dir_fd: int, hint: str, check_checksums: bool) -> CombinedFolder:
+        names = set(os.listdir(dir_fd))
+        if MODEL_FILE not in names:
+            raise MergeError(f"{path} is not a combined folder: no {MODEL_FILE} ({hint})")
+        if MANIFEST_FILE not in names:
+            raise MergeError(f"{path} is not a complete combined folder: no {MANIFEST_FILE} ({hint})")
+        manifest_bytes = _read(dir_fd, path, MANIFEST_FILE, MAX_MANIFEST_BYTES)
+        try:
+            manifest_data = json.loads(manifest_bytes.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MergeError(f"{path / MANIFEST_FILE}: not valid JSON ({exc})") from None
+        manifest = Manifest.from_json(manifest_data, str(path / MANIFEST_FILE))
+        where = str(path / MANIFEST_FILE)
+        listed = {_plain_name(n, where) for n in (*manifest.parts.values(), *manifest.preprocessing_files,
+                                                  *manifest.checksums, *manifest.sizes)}
+        missing = sorted(listed - names)
+        if missing:
+            raise MergeError(f"{path}: {MANIFEST_FILE} lists {', '.join(missing)}, which the folder does not hold")
+        if CONFIG_FILE not in names:
+            raise MergeError(f"{path} is not a combined folder: no {CONFIG_FILE} ({hint})")
+        files = {name: _read(dir_fd, path, name, MAX_SMALL_FILE_BYTES)
+                 for name in sorted({CONFIG_FILE, *manifest.preprocessing_files})}
+        try:
+            config_data = json.loads(files[CONFIG_FILE].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MergeError(f"{path / CONFIG_FILE}: not valid JSON ({exc})") from None
+        config = ModelConfig.from_dict(config_data, str(path / CONFIG_FILE))
+
+        model_fd = _open_regular(dir_fd, path, MODEL_FILE)
+        try:
+            model_size = os.fstat(model_fd).st_size
+            _check_size(path, MODEL_FILE, model_size, manifest)
+            if model_size > MAX_MODEL_BYTES:
+                raise MergeError(f"{path / MODEL_FILE} is {model_size} bytes, more than a protobuf can hold")
+            model_bytes = _read_fd(model_fd, model_size)
+            digest = hashlib.sha256(model_bytes).hexdigest() if check_checksums else None
+        finally:
+            os.close(model_fd)
+        try:
+            tensors = model_tensors(model_bytes)
+        except WireError as exc:
+            raise MergeError(f"{path / MODEL_FILE} is not a readable ONNX model ({exc})") from None
+        external = [t for t in tensors if t.is_external]
+
+        data = None
+        if external or DATA_FILE in names:
+            data_fd = _open_regular(dir_fd, path, DATA_FILE)
+            try:
+                size = os.fstat(data_fd).st_size
+                _check_size(path, DATA_FILE, size, manifest)
+                data = mmap.mmap(data_fd, 0, access=mmap.ACCESS_READ) if size else None
+            finally:
+                os.close(data_fd)
+            _check_external(path, external, len(data) if data is not None else 0)
+        folder = cls(path=path, manifest=manifest, config=config, model_bytes=model_bytes, data=data, files=files)
+        if check_checksums:
+            folder._check_checksums(names, digest)
+        return folder
+
+    # -- checksums ----------------------------------------------------------------------------------------------
+    def _check_checksums(self, names: set[str], model_digest: str | None) -> None:
+        """SHA-256 of model.onnx and model.onnx.data against the manifest; files it does not list are refused."""
+        listed = {MANIFEST_FILE, *self.manifest.parts.values(), *self.manifest.preprocessing_files}
+        unlisted = sorted(n for n in names - listed if not n.startswith("."))
+        if unlisted:
+            raise MergeError(f"{self.path}: {', '.join(unlisted)} {'is' if len(unlisted) == 1 else 'are'} not listed "
+                             f"in {MANIFEST_FILE} (--check-checksums refuses files it cannot vouch for)")
+        for name in (MODEL_FILE, DATA_FILE):
+            expected = self.manifest.checksums.get(name)
+            if expected is None:
+                raise MergeError(f"{self.path / MANIFEST_FILE} has no checksum for {name}")
+            actual = model_digest if name == MODEL_FILE else hashlib.sha256(self.data or b"").hexdigest()
+            if actual != expected:
+                raise MergeError(f"{self.path / name}: SHA-256 {actual} does not match {MANIFEST_FILE}'s {expected}")
+
+    # -- use ----------------------------------------------------------------------------------------------------
+    def session(self, options=None, providers=None, model_bytes: bytes | None = None):
+        """An ONNX Runtime session over what was checked: the model's bytes and the mapped data file, so that
+        ONNX Runtime opens nothing by path."""
+        import onnxruntime as ort
+
+        options = options or ort.SessionOptions()
+        if self.data is not None:
+            options.add_external_initializers_from_files_in_memory([DATA_FILE], [self.data], [len(self.data)])
+        try:
+            return ort.InferenceSession(model_bytes or self.model_bytes, options,
+                                        providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as exc:  # ONNX Runtime raises its own exception types for every load failure
+            text = str(exc).strip()
+            raise MergeError(f"{self.model_path}: ONNX Runtime cannot load it ({text.splitlines()[0] if text else exc})"
+                             ) from exc
+
+    def file(self, name: str) -> bytes | None:
+        """A preprocessing file's bytes as checked (None if the folder has none by that name)."""
+        return self.files.get(name)
+
+
+def _open_regular(dir_fd: int, folder: Path, name: str) -> int:
+    """A descriptor on ``folder/name``: a regular file, no symbolic link, one link only."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0), dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise MergeError(f"{folder / name}: no such file") from None
+    except OSError as exc:
+        if os.path.islink(folder / name):
+            raise MergeError(f"{folder / name} is a symbolic link; a combined folder holds its own files") from None
+        raise MergeError(f"{folder / name}: cannot be opened ({exc.strerror})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise MergeError(f"{folder / name} is not a regular file")
+    if info.st_nlink != 1:
+        os.close(fd)
+        raise MergeError(f"{folder / name} has {info.st_nlink} hard links; a combined folder's files must have one "
+                         "(a hard link can be another file's contents)")
+    return fd
+
+
+def _read_fd(fd: int, size: int) -> bytes:
+    chunks, left = [], size
+    while left > 0:
+        chunk = os.read(fd, min(left, 1 << 24))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read(dir_fd: int, folder: Path, name: str, limit: int) -> bytes:
+    fd = _open_regular(dir_fd, folder, name)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise MergeError(f"{folder / name} is {size} bytes, more than the {limit} such a file may have")
+        return _read_fd(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _check_size(folder: Path, name: str, size: int, manifest: Manifest) -> None:
+    expected = manifest.sizes.get(name)
+    if expected is not None and expected != size:
+        raise MergeError(f"{folder / name} is {size} bytes but {MANIFEST_FILE} says {expected}: truncated or "
+                         "changed since it was built")
+
+
+def _check_external(folder: Path, tensors, data_size: int) -> None:
+    for tensor in tensors:
+        location = tensor.external.get("location", "")
+        if location != DATA_FILE:
+            raise MergeError(f"{folder / MODEL_FILE}: tensor {tensor.name!r} has its data in {location!r}; only "
+                             f"{DATA_FILE}, inside the folder, is allowed")
+        try:
+            offset = int(tensor.external.get("offset", "0"))
+            length = int(tensor.external["length"]) if "length" in tensor.external else data_size - offset
+        except ValueError:
+            raise MergeError(f"{folder / MODEL_FILE}: tensor {tensor.name!r} has a non-numeric offset or length "
+                             f"{tensor.external}") from None
+        if offset < 0 or length < 0 or offset + length > data_size:
+            raise MergeError(f"{folder / MODEL_FILE}: tensor {tensor.name!r} spans bytes {offset}..{offset + length} "
+                             f"of {DATA_FILE}, which has {data_size}")
+        needed = tensor.nbytes()
+        if needed is not None and needed != length:
+            raise MergeError(f"{folder / MODEL_FILE}: tensor {tensor.name!r} has {length} bytes of data but its type "
+                             f"and shape {tensor.dims} need {needed}")
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:

@@ -1,35 +1,70 @@
-"""Reading the small JSON files of a folder, with errors that name the file."""
+"""The small files of a folder (tokenizer, chat template, processor and generation configs), with errors that name
+the file: a combined folder's as its loader checked and holds them (never re-read by path), or a checkpoint
+folder's, read by path."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from merge.errors import MergeError
 
-MAX_JSON_BYTES = 64 << 20  # tokenizer.json files are a few MB; past this a file is not one of ours
+if TYPE_CHECKING:
+    from merge.contract.folder import CombinedFolder
+
+MAX_FILE_BYTES = 64 << 20  # tokenizer.json files are a few MB; past this a file is not one of ours
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object from ``path``; a missing, oversized, malformed or non-object file is a MergeError."""
-    path = Path(path)
-    try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise MergeError(f"{path} is {path.stat().st_size} bytes, too large for a configuration file")
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MergeError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MergeError(f"{path} is not valid JSON ({exc})") from None
-    except OSError as exc:
-        raise MergeError(f"{path} cannot be read ({exc.strerror or exc})") from None
-    if not isinstance(data, dict):
-        raise MergeError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
+class Files:
+    def __init__(self, folder: Path | str | CombinedFolder):
+        from merge.contract.folder import CombinedFolder
 
+        if isinstance(folder, CombinedFolder):
+            self.folder, self._held = folder.path, folder.files
+        else:
+            self.folder, self._held = Path(folder), None
+            if not self.folder.is_dir():
+                raise MergeError(f"{self.folder} is not a folder")
 
-def required_file(folder: Path, name: str) -> Path:
-    path = Path(folder) / name
-    if not path.is_file():
-        raise MergeError(f"{folder} has no {name}; it is not a combined (or checkpoint) folder")
-    return path
+    def where(self, name: str) -> Path:
+        return self.folder / name
+
+    def read(self, name: str) -> bytes | None:
+        """The file's bytes, or None when the folder has no such file."""
+        if self._held is not None:
+            return self._held.get(name)
+        path = self.folder / name
+        if not path.is_file():
+            return None
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise MergeError(f"{path} is {size} bytes, too large for a configuration file")
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise MergeError(f"{path} cannot be read ({exc.strerror or exc})") from None
+
+    def text(self, name: str) -> str | None:
+        data = self.read(name)
+        if data is None:
+            return None
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MergeError(f"{self.where(name)} is not UTF-8 text ({exc})") from None
+
+    def json(self, name: str, required: bool = True) -> dict | None:
+        """A JSON object; a missing (when ``required``), malformed or non-object file is a MergeError."""
+        text = self.text(name)
+        if text is None:
+            if required:
+                raise MergeError(f"{self.folder} has no {name}; it is not a combined (or checkpoint) folder")
+            return None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise MergeError(f"{self.where(name)} is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise MergeError(f"{self.where(name)}: expected a JSON object, found {type(data).__name__}")
+        return data

@@ -21,7 +21,7 @@ import numpy as np
 from merge.contract.names import PREPROCESSOR_CONFIG_FILE
 from merge.errors import MergeError
 
-from .files import read_json, required_file
+from .files import Files
 
 # Qwen2VLImageProcessor's defaults, used where preprocessor_config.json leaves a value out.
 DEFAULT_MIN_PIXELS = 56 * 56
@@ -143,10 +143,10 @@ class ImageProcessor:
             raise MergeError(f"{PREPROCESSOR_CONFIG_FILE}: a value is not a number ({exc})") from None
 
     @classmethod
-    def from_folder(cls, folder: Path | str, *, min_pixels: int | None = None,
+    def from_folder(cls, folder: Path | str | Files, *, min_pixels: int | None = None,
                     max_pixels: int | None = None) -> ImageProcessor:
         """The folder's ``preprocessor_config.json``; ``min_pixels`` / ``max_pixels`` given here override it."""
-        config = read_json(required_file(Path(folder), PREPROCESSOR_CONFIG_FILE))
+        config = (folder if isinstance(folder, Files) else Files(folder)).json(PREPROCESSOR_CONFIG_FILE)
         processor = cls.from_config(config)
         return processor.with_pixel_budget(min_pixels, max_pixels)
 

@@ -90,22 +90,23 @@ def _as_batch(prompt: str | Sequence[str], images: Sequence) -> tuple[list[str],
 class CombinedModel:
     """One ``onnxruntime.InferenceSession`` over ``COMBINED/model.onnx``."""
 
-    def __init__(self, folder: Path | str, *, threads: int | None = None, providers: Sequence[str] | None = None,
-                 min_pixels: int | None = None, max_pixels: int | None = None):
+    def __init__(self, folder: Path | str | CombinedFolder, *, threads: int | None = None,
+                 providers: Sequence[str] | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
+                 check_checksums: bool = False, model_bytes: bytes | None = None):
+        """``folder`` is checked first (:class:`merge.contract.folder.CombinedFolder`, or one already opened); the
+        session and the preprocessing then read only what was checked. ``check_checksums`` also hashes the model
+        files. ``model_bytes`` replaces the folder's graph (the same weights; verify adds debug outputs)."""
         import onnxruntime as ort
 
-        self.combined = CombinedFolder.open(folder)
+        self.combined = folder if isinstance(folder, CombinedFolder) else CombinedFolder.open(
+            folder, check_checksums=check_checksums)
         self.folder = self.combined.path
         self.config = self.combined.config
         self._pixel_limits = {"min_pixels": min_pixels, "max_pixels": max_pixels}
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(self.combined.model_path), options,
-                                                providers=list(providers or ["CPUExecutionProvider"]))
-        except Exception as exc:  # ONNX Runtime raises its own exception types for every load failure
-            raise MergeError(f"{self.combined.model_path}: ONNX Runtime cannot load it ({_first_line(exc)})") from exc
+        self.session = self.combined.session(options, providers, model_bytes=model_bytes)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith(PAST_PREFIX)]
         self.num_kv_heads = self.config.text.num_kv_heads
@@ -176,6 +177,10 @@ class CombinedModel:
         so each step's logits can be compared with a reference run; ``tokens`` still holds the greedy choices.
         """
         input_ids = np.asarray(input_ids, np.int64)
+        limit = self.config.text.max_position_embeddings
+        if input_ids.ndim == 2 and input_ids.shape[1] + max_new_tokens > limit:
+            raise MergeError(f"a prompt of {input_ids.shape[1]} tokens and {max_new_tokens} new tokens go past the "
+                             f"model's max_position_embeddings {limit}")
         if attention_mask is None:
             attention_mask = np.ones_like(input_ids)
         attention_mask = np.asarray(attention_mask, np.int64)
@@ -217,7 +222,7 @@ class CombinedModel:
         """The folder's tokenizer, chat template and image processor (loaded on first use, without transformers)."""
         from .preprocess import Preprocessor
 
-        return Preprocessor(self.folder, self.config, **self._pixel_limits)
+        return Preprocessor(self.combined, self.config, **self._pixel_limits)
 
     def chat(
         self,
@@ -286,8 +291,3 @@ class CombinedModel:
         image_tokens = int(((inputs["input_ids"] == self.config.image_token_id) & mask).sum())
         return Completion(texts=texts, generation=generation, inputs=inputs, prompt_tokens=int(mask.sum()),
                           image_tokens=image_tokens, num_images=int(inputs["image_grid_thw"].shape[0]))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

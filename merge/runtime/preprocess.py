@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from merge.contract.config import ModelConfig
+from merge.contract.folder import CombinedFolder
 from merge.contract.names import GENERATION_CONFIG_FILE, PREPROCESSOR_CONFIG_FILE
 from merge.errors import MergeError
 
-from .files import read_json
+from .files import Files
 from .images import ImageProcessor
 from .prompts import build_batch_inputs, build_inputs
 from .text import TextStream, TextTokenizer
@@ -24,14 +25,17 @@ from .text import TextStream, TextTokenizer
 class Preprocessor:
     """The folder's tokenizer, chat template, image processor and generation config."""
 
-    def __init__(self, folder: Path | str, config: ModelConfig | None = None, *, min_pixels: int | None = None,
-                 max_pixels: int | None = None):
-        self.folder = Path(folder)
-        if not self.folder.is_dir():
-            raise MergeError(f"{self.folder} is not a folder")
-        self.config = config if config is not None else ModelConfig.from_folder(self.folder)
-        self.tokenizer = TextTokenizer(self.folder)
-        self.image_processor = ImageProcessor.from_folder(self.folder, min_pixels=min_pixels, max_pixels=max_pixels)
+    def __init__(self, folder: Path | str | CombinedFolder, config: ModelConfig | None = None, *,
+                 min_pixels: int | None = None, max_pixels: int | None = None):
+        """``folder``: a combined folder as its loader holds it (its files are read from there, not by path), or a
+        checkpoint folder's path."""
+        files = Files(folder)
+        self.folder = files.folder
+        if config is None:
+            config = folder.config if isinstance(folder, CombinedFolder) else ModelConfig.from_folder(self.folder)
+        self.config = config
+        self.tokenizer = TextTokenizer(files)
+        self.image_processor = ImageProcessor.from_folder(files, min_pixels=min_pixels, max_pixels=max_pixels)
         vision, images = self.config.vision, self.image_processor
         for ours, theirs, key in ((images.patch_size, vision.patch_size, "patch_size"),
                                   (images.temporal_patch_size, vision.temporal_patch_size, "temporal_patch_size"),
@@ -39,8 +43,7 @@ class Preprocessor:
             if ours != theirs:
                 raise MergeError(f"{self.folder / PREPROCESSOR_CONFIG_FILE}: {key} {ours} but the model's vision "
                                  f"config says {theirs}; the images would not fit the vision part")
-        generation = self.folder / GENERATION_CONFIG_FILE
-        self.generation_config = read_json(generation) if generation.is_file() else {}
+        self.generation_config = files.json(GENERATION_CONFIG_FILE, required=False) or {}
 
     @property
     def eos_token_ids(self) -> list[int]:

@@ -11,7 +11,7 @@ from typing import Any
 from merge.contract.names import CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_JSON_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from merge.errors import MergeError
 
-from .files import read_json, required_file
+from .files import Files
 
 
 def _token_content(value: Any) -> str | None:
@@ -21,18 +21,19 @@ def _token_content(value: Any) -> str | None:
     return value
 
 
-def _chat_template(folder: Path, tokenizer_config: dict) -> str:
+def _chat_template(files: Files, tokenizer_config: dict) -> str:
     """``chat_template.jinja``, else tokenizer_config.json's ``chat_template``, else ``chat_template.json``."""
-    if (folder / CHAT_TEMPLATE_FILE).is_file():
-        return (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    jinja = files.text(CHAT_TEMPLATE_FILE)
+    if jinja is not None:
+        return jinja
     template = tokenizer_config.get("chat_template")
-    if template is None and (folder / CHAT_TEMPLATE_JSON_FILE).is_file():
-        template = read_json(folder / CHAT_TEMPLATE_JSON_FILE).get("chat_template")
+    if template is None:
+        template = (files.json(CHAT_TEMPLATE_JSON_FILE, required=False) or {}).get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     if not isinstance(template, str):
         raise MergeError(
-            f"{folder} has no chat template ({CHAT_TEMPLATE_FILE}, or chat_template in {TOKENIZER_CONFIG_FILE})"
+            f"{files.folder} has no chat template ({CHAT_TEMPLATE_FILE}, or chat_template in {TOKENIZER_CONFIG_FILE})"
         )
     return template
 
@@ -69,23 +70,26 @@ class TextTokenizer:
     and ``decode``.
     """
 
-    def __init__(self, folder: Path | str):
+    def __init__(self, folder: Path | str | Files):
         from tokenizers import Tokenizer
 
-        folder = Path(folder)
-        path = required_file(folder, TOKENIZER_FILE)
+        files = folder if isinstance(folder, Files) else Files(folder)
+        text = files.text(TOKENIZER_FILE)
+        if text is None:
+            raise MergeError(f"{files.folder} has no {TOKENIZER_FILE}; it is not a combined (or checkpoint) folder")
         try:
-            self.backend = Tokenizer.from_file(str(path))
+            self.backend = Tokenizer.from_str(text)
         except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
-            raise MergeError(f"{path} is not a tokenizer the tokenizers library can load ({exc})") from exc
-        config = read_json(folder / TOKENIZER_CONFIG_FILE) if (folder / TOKENIZER_CONFIG_FILE).is_file() else {}
+            raise MergeError(f"{files.where(TOKENIZER_FILE)} is not a tokenizer the tokenizers library can load "
+                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+        config = files.json(TOKENIZER_CONFIG_FILE, required=False) or {}
         self.special_tokens = {
             name: _token_content(config.get(name))
             for name in ("bos_token", "eos_token", "pad_token", "unk_token")
             if _token_content(config.get(name)) is not None
         }
         self.additional_special_tokens = [_token_content(t) for t in config.get("additional_special_tokens") or []]
-        self.template = compile_chat_template(_chat_template(folder, config))
+        self.template = compile_chat_template(_chat_template(files, config))
 
     def convert_tokens_to_ids(self, token: str) -> int | None:
         return self.backend.token_to_id(token)

@@ -94,7 +94,7 @@ def prepare_inputs(folder: CombinedFolder, prompt: str, images, min_pixels: int 
     transformers' processor), with the pixel budget given."""
     from merge.runtime.preprocess import Preprocessor
 
-    pre = Preprocessor(folder.path, folder.config, min_pixels=min_pixels, max_pixels=max_pixels)
+    pre = Preprocessor(folder, folder.config, min_pixels=min_pixels, max_pixels=max_pixels)
     return pre.build_inputs(prompt, images)
 
 
@@ -106,6 +106,7 @@ MAX_REFERENCE_BYTES = 4 << 30  # a reference holds logits for a few prompts; pas
 def save_reference(path: Path, inputs: dict[str, np.ndarray], ref: dict[str, np.ndarray], precision: str) -> None:
     arrays = {f"input/{k}": v for k, v in inputs.items()} | {f"ref/{k}": v for k, v in ref.items()}
     arrays["precision"] = np.array(precision)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         np.savez_compressed(f, **arrays)
 
@@ -146,12 +147,11 @@ def load_reference(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndar
 
 # -- ONNX side ----------------------------------------------------------------------------------------------
 
-def debug_session(folder: CombinedFolder):
-    """A session over an in-memory copy of the graph whose outputs include the intermediate stages."""
+def debug_graph(folder: CombinedFolder) -> bytes:
+    """The folder's graph (as its loader read it) with the intermediate stages as extra outputs."""
     import onnx
-    import onnxruntime as ort
 
-    model = onnx.load(str(folder.model_path), load_external_data=False)
+    model = onnx.load_from_string(folder.model_bytes)
     produced = {o for n in model.graph.node for o in n.output}
     missing = [name for name in DEBUG_OUTPUTS if name not in produced]
     if missing:
@@ -161,21 +161,13 @@ def debug_session(folder: CombinedFolder):
         out = model.graph.output.add()
         out.name = name
         out.type.tensor_type.elem_type = elem[kind]
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder.path))
-    try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ONNX Runtime's own exception types
-        raise MergeError(f"{folder.model_path}: ONNX Runtime cannot load it ({str(exc).strip().splitlines()[0]})") \
-            from exc
+    return model.SerializeToString()
 
 
 def onnx_run(folder: CombinedFolder, inputs: dict[str, np.ndarray], forced: np.ndarray):
     from merge.runtime import CombinedModel
 
-    model = CombinedModel(folder.path)
-    model.session = debug_session(folder)
-    model.output_names = [o.name for o in model.session.get_outputs()]
+    model = CombinedModel(folder, model_bytes=debug_graph(folder))
     return model.generate(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                           inputs["image_grid_thw"], max_new_tokens=forced.shape[1], forced_tokens=forced)
 
@@ -240,11 +232,11 @@ def format_table(stages: list[Stage]) -> str:
     return "\n".join(lines)
 
 
-def verify(folder: Path, *, model_folder: Path | None, prompt: str, images, new_tokens: int,
+def verify(folder: Path | CombinedFolder, *, model_folder: Path | None, prompt: str, images, new_tokens: int,
            reference: Path | None = None, save_to: Path | None = None, min_pixels: int | None = None,
            max_pixels: int | None = None) -> list[Stage]:
     """Compare ``folder`` with PyTorch (``model_folder``) or with a saved reference, stage by stage."""
-    combined = CombinedFolder.open(folder)
+    combined = folder if isinstance(folder, CombinedFolder) else CombinedFolder.open(folder)
     manifest = combined.manifest
     if save_to is not None:
         check_writable(save_to, combined)
@@ -275,18 +267,22 @@ def precision_key(manifest: Manifest) -> str:
 
 def check_writable(path: Path, combined: CombinedFolder | None = None) -> None:
     """Refuse, before any long work, an output path that cannot be written or is one of the folder's files."""
+    import os
+
     path = Path(path)
     if combined is not None and path.resolve().parent == combined.path.resolve():
         raise MergeError(f"{path}: will not write into the combined folder {combined.path}")
     if path.is_dir():
         raise MergeError(f"{path} is a folder, not a file to write")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise MergeError(f"{path}: the folder {parent} does not exist")
-    import os
-
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    if path.is_symlink():
+        raise MergeError(f"{path} is a symbolic link; will not write through it")
+    if path.exists() and not os.access(path, os.W_OK):
         raise MergeError(f"{path}: not writable")
+    parent = path.absolute().parent
+    while not parent.exists():  # the folders to create: the nearest existing one must take them
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise MergeError(f"{path}: cannot be written (the folder {parent} is not writable)")
 
 
 def report_json(stages: list[Stage]) -> str:

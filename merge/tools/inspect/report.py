@@ -5,14 +5,15 @@ Read from the graph alone (:mod:`.walk`): no weight is loaded, no torch, no tran
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import onnx
 
-from merge.contract.folder import CombinedFolder, file_sha256
-from merge.contract.names import MODEL_FILE, SCOPES
+from merge.contract.folder import CombinedFolder
+from merge.contract.names import DATA_FILE, MANIFEST_FILE, MODEL_FILE, SCOPES
 from merge.tools.tables import format_table, human_bytes
 
 from .walk import (
@@ -33,8 +34,8 @@ log = logging.getLogger(__name__)
 
 def inspect_folder(folder: Path, *, verify_checksums: bool = False) -> dict:
     """What the tables of ``merge inspect`` print, as plain data (JSON-ready)."""
-    combined = CombinedFolder.open(folder)
-    model = load_graph(combined.path)
+    combined = folder if isinstance(folder, CombinedFolder) else CombinedFolder.open(folder)
+    model = load_graph(combined)
     manifest = combined.manifest.to_json()
     inputs = [describe_value(v) for v in model.graph.input]
     outputs = [describe_value(v) for v in model.graph.output]
@@ -42,12 +43,12 @@ def inspect_folder(folder: Path, *, verify_checksums: bool = False) -> dict:
     return {
         "folder": str(folder),
         "metadata": _metadata(model, manifest, inputs, outputs),
-        "checksums": _checksums(folder, manifest, verify_checksums),
+        "checksums": _checksums(combined, verify_checksums),
         "inputs": inputs,
         "outputs": outputs,
         "parameters": count_parameters(model.graph),
         "operators": count_operators(model.graph),
-        "external_data": _external_data(folder, model.graph),
+        "external_data": _external_data(combined, model.graph),
     }
 
 
@@ -73,26 +74,26 @@ def _metadata(model: onnx.ModelProto, manifest: dict, inputs: list, outputs: lis
     }
 
 
-def _checksums(folder: Path, manifest: dict, verify: bool) -> dict:
-    """The manifest's SHA-256 list; with ``verify``, each file hashed (streamed) and compared."""
-    listed = manifest.get("checksums", {})
+def _checksums(combined: CombinedFolder, verify: bool) -> dict:
+    """The manifest's SHA-256 list; with ``verify``, the model files hashed (from what the loader holds) and
+    compared, and any file the manifest does not list reported."""
+    listed = combined.manifest.checksums
+    held = {MODEL_FILE: combined.model_bytes, DATA_FILE: combined.data if combined.data is not None else b""}
     files = []
     for name, expected in sorted(listed.items()):
-        path = folder / name
-        if not path.is_file():
-            status = "missing"
-        elif not verify:
+        if not verify:
             status = "not verified"
         else:
-            log.info("hashing %s", path)
-            status = "ok" if file_sha256(path) == expected else "MISMATCH"
+            log.info("hashing %s", combined.path / name)
+            status = "ok" if name in held and hashlib.sha256(held[name]).hexdigest() == expected else "MISMATCH"
         files.append({"file": name, "sha256": expected, "status": status})
-    model_files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in (".onnx", ".data"))
+    known = {MANIFEST_FILE, *combined.manifest.parts.values(), *combined.manifest.preprocessing_files}
+    unlisted = sorted(p.name for p in combined.path.iterdir() if p.name not in known and not p.name.startswith("."))
     return {
         "verified": verify,
         "files": files,
-        "unlisted": [name for name in model_files if name not in listed],
-        "ok": all(f["status"] in ("ok", "not verified") for f in files),
+        "unlisted": unlisted,
+        "ok": all(f["status"] in ("ok", "not verified") for f in files) and not (verify and unlisted),
     }
 
 
@@ -145,7 +146,7 @@ def count_operators(graph: onnx.GraphProto) -> dict:
             "nodes": sum(overall.values())}
 
 
-def _external_data(folder: Path, graph: onnx.GraphProto) -> dict:
+def _external_data(combined: CombinedFolder, graph: onnx.GraphProto) -> dict:
     """Each external data file (size on disk, tensors referencing it) and what model.onnx holds inline."""
     referencing: Counter = Counter()
     inline = 0
@@ -155,13 +156,11 @@ def _external_data(folder: Path, graph: onnx.GraphProto) -> dict:
             inline += 1
         else:
             referencing[location] += 1
-    files = []
-    for location, count in sorted(referencing.items()):
-        path = folder / location
-        files.append({"file": location, "exists": path.is_file(),
-                      "bytes": path.stat().st_size if path.is_file() else None, "tensors": count})
-    model_path = folder / MODEL_FILE
-    return {"files": files, "model_file": {"file": MODEL_FILE, "bytes": model_path.stat().st_size,
+    # the loader admits one data file, inside the folder, and holds it: sizes come from what it holds
+    data_size = len(combined.data) if combined.data is not None else 0
+    files = [{"file": location, "exists": location == DATA_FILE, "bytes": data_size if location == DATA_FILE else None,
+              "tensors": count} for location, count in sorted(referencing.items())]
+    return {"files": files, "model_file": {"file": MODEL_FILE, "bytes": len(combined.model_bytes),
                                            "inline_tensors": inline}}
 
 

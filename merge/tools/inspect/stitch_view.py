@@ -39,11 +39,14 @@ def write_stitch_view(folder: Path, out: Path) -> tuple[Path, int]:
     Every weight is a graph input; only constants of at most 64 elements (ids, axes, shapes) keep values.
     Returns ``out`` and the view's node count. ``out`` must not be one of the folder's own files.
     """
-    folder, out = Path(folder), Path(out)
+    from merge.contract.folder import CombinedFolder
+
+    combined = folder if isinstance(folder, CombinedFolder) else CombinedFolder.open(folder)
+    folder, out = combined.path, Path(out)
     if out.resolve().parent == folder.resolve():
         raise MergeError(f"--stitch {out}: will not write into the combined folder {folder} (it would replace or "
                          "add to the model's own files); choose a path outside it")
-    view = build_stitch_view(load_graph(folder), str(folder))
+    view = build_stitch_view(load_graph(combined), str(folder))
     register_ort_default_domain_ops()
     try:
         onnx.checker.check_model(view)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 
-from merge.contract.names import MODEL_FILE, MS_DOMAIN, SCOPES
+from merge.contract.folder import CombinedFolder
+from merge.contract.names import MS_DOMAIN, SCOPES
 from merge.errors import MergeError
 
 OTHER_SCOPE = "other"
@@ -39,18 +39,12 @@ DERIVED_BUFFER_SUFFIXES = ("inv_freq",)
 TENSOR_KINDS = ("weight", "quantization", "constant")
 
 
-def load_graph(folder: Path) -> onnx.ModelProto:
-    """``folder/model.onnx`` without its weights (external data stays on disk)."""
-    folder = Path(folder)
-    path = folder / MODEL_FILE
-    if not folder.is_dir():
-        raise MergeError(f"{folder}: no {MODEL_FILE} (no such folder; expected the --out of `merge build`)")
-    if not path.is_file():
-        raise MergeError(f"{folder}: no {MODEL_FILE} (expected a folder written by `python -m merge build`)")
+def load_graph(folder: CombinedFolder) -> onnx.ModelProto:
+    """The folder's graph, from the bytes its loader read and checked; weights stay in the data file."""
     try:
-        return onnx.load(str(path), load_external_data=False)
+        return onnx.load_from_string(folder.model_bytes)
     except Exception as exc:  # protobuf raises DecodeError and others; all mean "not a readable model"
-        raise MergeError(f"{path}: not a readable ONNX model ({exc})") from exc
+        raise MergeError(f"{folder.model_path}: not a readable ONNX model ({exc})") from exc
 
 
 def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
