@@ -94,6 +94,15 @@ class GraphBuilder:
             out.name = f"{node_name}:{i}"
         return outs
 
+    def check_equal(self, what: str, a: ir.Value, b: ir.Value) -> ir.Value:
+        """An int64 scalar 0 that exists only if ``a == b`` (int64 [1] each); otherwise the session fails, naming the
+        node ``.../checks/{what}`` and both numbers ("Input shape:{a}, requested shape:{b}"): a contract check any
+        ONNX Runtime client gets. Add the result to a value on the data path so that no optimizer drops it."""
+        zeros = self.op("ConstantOfShape", [a], {"value": ir.tensor(np.zeros(1, np.int32))}, name=f"checks/{what}_a")
+        checked = self.op("Reshape", [zeros, b], {"allowzero": 1}, name=f"checks/{what}")  # 0 means 0
+        total = self.op("ReduceSum", [checked], {"keepdims": 0}, name=f"checks/{what}_passed")
+        return self.op("Cast", [total], {"to": INT64}, name=f"checks/{what}_zero")
+
     @property
     def nodes(self) -> Sequence[ir.Node]:
         return self._tape.nodes

@@ -127,6 +127,12 @@ def build_embedding_merge(
         flat = b.op("Reshape", [mask_i64, b.const([-1], "flat_shape")], name="flat_mask")
         inclusive = b.op("CumSum", [flat, b.const(np.int64(0), "axis0")], name="rank_plus_one")
         flat_index = b.op("Mul", [inclusive, flat], name="flat_index")
+        # the contract: as many image tokens as image feature rows (a client that sends 3 tokens for 4 features,
+        # or pixels with no image tokens, gets an error naming this check and both numbers)
+        tokens = b.op("ReduceSum", [flat, b.const([0], "all")], {"keepdims": 1}, name="image_tokens")
+        rows = b.op("Shape", [image_embeds], {"start": 0, "end": 1}, name="image_rows")
+        flat_index = b.op("Add", [flat_index, b.check_equal("image_tokens_vs_image_features", tokens, rows)],
+                          name="checked_index")
         index = b.op("Reshape", [flat_index, b.op("Shape", [input_ids], name="ids_shape")], name="token_row")
 
     with b.scope("embeds"):

@@ -112,7 +112,17 @@ class VisionGraph:
             counts = b.op("Mul", [t, hw], name="image_patches")
             ends = b.op("CumSum", [counts, axis0], name="image_ends")
             starts = b.op("Sub", [ends, counts], name="image_starts")
-            num_patches = b.op("Shape", [pixel_values], {"start": 0, "end": 1}, name="num_patches")
+            # the contract, for clients in any language: one pixel row per patch the grid describes, and every
+            # h and w a multiple of the merge size (a mismatch fails naming the check and both numbers); every
+            # use of the patch count below goes through the checks, so they run before anything else
+            rows = b.op("Shape", [pixel_values], {"start": 0, "end": 1}, name="pixel_rows")
+            grid_patches = b.op("ReduceSum", [counts, b.const([0], "all")], {"keepdims": 1}, name="grid_patches")
+            mc_ = b.const(np.int64(m), "merge_size")
+            odd = b.op("ReduceSum", [b.op("Add", [b.op("Mod", [h, mc_]), b.op("Mod", [w, mc_])]), b.const([0], "all_")],
+                       {"keepdims": 1}, name="grid_sides_not_multiple_of_merge")
+            checked = b.op("Add", [b.check_equal("patch_rows_vs_image_grid", rows, grid_patches),
+                                   b.check_equal("grid_sides_off_merge_vs_zero", odd, b.const([0], "none"))])
+            num_patches = b.op("Add", [rows, checked], name="num_patches")
             patch = b.op("Range", [b.const(np.int64(0), "zero"), b.op("Squeeze", [num_patches, b.const([0], "axes0")]),
                                    b.const(np.int64(1), "one")], name="patch_index")
             # repeat_interleave(arange(num_images), counts) without a loop: a patch belongs to the number

@@ -14,8 +14,12 @@ are imported only by the commands that need them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import signal
 import sys
+import threading
 
 from .errors import MergeError
 
@@ -39,7 +43,17 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, as an exception: the build's staging folder and children are cleaned up on the way out."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line: every error a user can cause is one line on stderr and a non-zero exit (2 for bad input,
+    1 for a failed check or anything unexpected); ``--debug`` shows tracebacks."""
     args = make_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
@@ -47,13 +61,42 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:  # libraries' own progress chatter; our steps log under "merge" and "export"
         for name in ("onnx_ir", "onnxscript", "onnxruntime"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         return args.func(args)
     except MergeError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
+    except BrokenPipeError:  # the reader went away (`| head`): nothing left to say to it
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except UnicodeError as exc:
+        if args.debug:
+            raise
+        print(f"error: text that is not valid UTF-8 ({exc.reason}); arguments and files must be UTF-8",
+              file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {_one_line(exc)} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__

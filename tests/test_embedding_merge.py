@@ -199,12 +199,19 @@ def test_decode_step(ref: Reference, batch: int):
     _check(ref, x)
 
 
-def test_more_image_tokens_than_rows_is_refused(ref: Reference):
-    # Never a silent read: the extra image token indexes past the table and ONNX Runtime's Gather refuses.
-    x = _make_inputs(ref, [[("text", 2), ("image", 4)]], random.Random(6))
-    short = Inputs(x.input_ids, x.image_embeds[:3], x.deepstack_embeds[:, :3])
-    with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument, match="out of data bounds"):
-        _onnx(ref, short)
+@pytest.mark.parametrize(("tokens", "rows"), [(4, 3), (3, 4), (0, 2)])
+def test_image_tokens_must_match_feature_rows(ref: Reference, tokens: int, rows: int):
+    """The graph checks its own contract: any other count of image tokens than of feature rows (more, fewer, or
+    pixels with no image tokens) fails with the check's name and both numbers, never a silent answer."""
+    x = _make_inputs(ref, [[("text", 2), ("image", max(tokens, rows))]], random.Random(6))
+    ids = x.input_ids.copy()
+    if tokens < max(tokens, rows):
+        ids[ids == ref.image_token_id] = PAD_ID  # no image token at all
+        ids[0, 2:2 + tokens] = ref.image_token_id
+    bad = Inputs(ids, x.image_embeds[:rows], x.deepstack_embeds[:, :rows])
+    with pytest.raises(ort.capi.onnxruntime_pybind11_state.Fail,
+                       match=rf"image_tokens_vs_image_features.*\{{{tokens}\}}.*\{{{rows}\}}"):
+        _onnx(ref, bad)
 
 
 # -- broken twins: the same comparison must catch each mistake ------------------------------------------------
@@ -257,7 +264,8 @@ def test_twin_graph_with_wrong_order_fails(ref: Reference, attribute: str):
 
 # -- structure -------------------------------------------------------------------------------------------------
 
-EXPECTED_OPS = {"Equal", "Cast", "Reshape", "CumSum", "Mul", "Shape", "Gather", "Pad", "Unsqueeze", "Where"}
+EXPECTED_OPS = {"Equal", "Cast", "Reshape", "CumSum", "Mul", "Shape", "Gather", "Pad", "Unsqueeze", "Where",
+                "ReduceSum", "ConstantOfShape", "Add"}  # the last three: the image tokens vs features check
 
 
 @pytest.mark.parametrize("num_levels", [1, 3])
@@ -278,6 +286,8 @@ def test_structure(num_levels: int):
     assert set(ops) == EXPECTED_OPS, set(ops)
     assert ops.count("Where") == 1  # the only select: DeepStack terms gather zeros outside images
     assert ops.count("Gather") == 2 + 2 * num_levels
+    (check,) = [n for n in nodes if n.name.endswith("checks/image_tokens_vs_image_features")]
+    assert check.op_type == "Reshape"
     assert len({n.name for n in nodes}) == len(nodes), "node names must be unique"
     io_names = {v.name for v in [*graph.inputs, *graph.outputs]}
     for node in nodes:

@@ -70,7 +70,7 @@ def test_readme_build_command(tmp_path):
     assert proc.stdout.strip().startswith("[[")
 
 
-def test_build_refuses_existing_folder_and_force_replaces_it(tmp_path):
+def test_build_refuses_existing_folder_and_force_replaces_only_a_build(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -78,15 +78,21 @@ def test_build_refuses_existing_folder_and_force_replaces_it(tmp_path):
     assert proc.returncode != 0
     assert "already exists" in proc.stderr and "--force" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # --force does not replace a folder merge build did not write: nothing is lost
+    proc = _run(f"{sys.executable} -m merge build --out {out} --force", tmp_path, check=False)
+    assert proc.returncode == 2 and "replaces only an empty folder or one merge build wrote" in proc.stderr
     assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # an empty folder, then a previous build, are replaced
     _run(f"{sys.executable} -m merge build --out {out} --force", tmp_path)
-    assert not (out / "keep.txt").exists() and (out / "model.onnx").is_file()
+    _run(f"{sys.executable} -m merge build --out {out} --force", tmp_path)
+    assert (out / "model.onnx").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_failed_build_leaves_existing_folder_untouched(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    (out / "merge.json").write_text(json.dumps({"tool": "qwen3vl-merge"}))  # a previous build's folder
     bad = tmp_path / "bad_model"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "qwen3_vl", "vision_config": {}, "text_config": {}}))

@@ -25,10 +25,10 @@ log = logging.getLogger(__name__)
 TEXT_PREFIXES = ("model.language_model.", "model.", "language_model.model.")
 
 
-def make_parts(source: ModelSource) -> Parts:
+def make_parts(source: ModelSource, checkpoint: Checkpoint | None = None) -> Parts:
     """The vision part, the embedding merge, the rope index and the token table; every weight lazy."""
     config = source.config
-    checkpoint = Checkpoint(source.folder)
+    checkpoint = checkpoint or Checkpoint(source.folder)
     return Parts(
         vision=build_vision_model(checkpoint, config.vision),
         embedding_merge=build_embedding_merge(config.image_token_id, config.text.hidden_size,

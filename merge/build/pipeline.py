@@ -25,6 +25,7 @@ from merge.contract.folder import file_sha256
 from merge.contract.manifest import Manifest, TensorInfo
 from merge.contract.names import DATA_FILE, MODEL_FILE, PREPROCESSING_FILES, TOOL_NAME
 from merge.contract.quant import QuantSpec, check_vision_precision, precision_of
+from merge.sources.checkpoint import Checkpoint
 from merge.sources.source import ModelSource
 
 from .check import check_onnx_in_child
@@ -58,12 +59,13 @@ def build(source: ModelSource, out: Path, *, quant: QuantSpec | None = None, vis
     """Build ``out``: one ``model.onnx`` (+ ``model.onnx.data``), preprocessing files and ``merge.json``."""
     start = time.perf_counter()
     result = BuildResult(out=Path(out))
+    checkpoint = Checkpoint(source.folder)  # every shard's header checked against its file before any work
     with staged_output(out, force) as stage:
         work = stage / ".work"
         log.info("decoder: running the ONNX Runtime GenAI model builder (fp32, child process)")
         decoder, result.export_peak_rss_gib = export_decoder(source.folder, work / "decoder", source.config.text)
         log.info("parts: vision graph from %s, embedding merge, rope index", source.folder)
-        parts = make_parts(source)
+        parts = make_parts(source, checkpoint)
         log.info("stitch: %s", "passes (run with --debug to list them)")
         model, layout = stitch(decoder, source.config, parts, quant, check_vision_precision(vision_precision))
         model.producer_name, model.producer_version = TOOL_NAME, __version__

@@ -45,7 +45,14 @@ def run(args: argparse.Namespace) -> int:
     prompts = list(args.prompt)
     images = [[load_image(path) for path in paths] for paths in _assign_images(args.image or [], len(prompts))]
 
-    model = CombinedModel(folder, threads=args.threads, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    for prompt in prompts:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = prompt.encode("utf-8", "replace").decode()
+            raise MergeError(f"--prompt {shown!r} is not valid UTF-8 text") from None
+    model = CombinedModel(folder, threads=args.threads, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                          check_checksums=args.check_checksums)
     out = sys.stdout
     if len(prompts) == 1:
         shown: list[str] = []
@@ -117,6 +124,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an image for prompt N (default 0); repeat for several images")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many tokens (default 128)")
     add_pixel_arguments(parser)
+    parser.add_argument("--check-checksums", action="store_true",
+                        help="also hash the model files against merge.json's SHA-256 and refuse unlisted files")
     parser.add_argument("--threads", type=int, default=None,
                         help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)")
 

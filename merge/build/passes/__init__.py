@@ -9,6 +9,7 @@ decoder into the combined model:
 4. ``InjectDeepStack``   each DeepStack level added after its decoder layer
 5. ``WirePositions``     3-D MRoPE positions and ``rope_deltas`` computed in the graph
 6. ``PadLeftPadding``    a real key padding mask for every attention
+   ``CheckContract``     the inputs checked against each other inside the graph (merge/checks/*)
 7. ``QuantizeInt4``      (int4 only) decoder MatMuls -> MatMulNBits, quantized while written
 8. ``QuantizeVisionInt8`` (vision int8 only) vision Gemms -> DynamicQuantizeMatMul, quantized while written
 9. ``ShareTiedTable``    (tied heads) the head's weight serves as the token embedding table
@@ -27,6 +28,7 @@ from merge.contract.config import ModelConfig
 from merge.contract.quant import QuantSpec
 
 from .base import StitchError, StitchPass, run_passes
+from .check_contract import CheckContract
 from .guard_vision import GuardVision
 from .inject_deepstack import InjectDeepStack, deepstack_anchors
 from .merge_embeddings import MergeEmbeddings
@@ -62,6 +64,7 @@ def stitch_passes(config: ModelConfig, parts: Parts, quant: QuantSpec | None,
         InjectDeepStack(text.num_layers, levels),
         WirePositions(parts.rope_index),
         PadLeftPadding(),
+        CheckContract(),
     ]
     if quant is not None:
         passes.append(QuantizeInt4(quant))

@@ -18,7 +18,11 @@ def import_netron():
 def serve_netron(path: Path, port: int) -> tuple[str, int]:
     """Serve ``path`` with Netron on localhost:``port`` (no browser is opened); returns the address."""
     netron = import_netron()
-    address = netron.start(str(path), address=("localhost", port), browse=False)
+    try:
+        address = netron.start(str(path), address=("localhost", port), browse=False)
+    except OSError as exc:
+        raise MergeError(f"--port {port}: Netron cannot serve on localhost:{port} ({exc.strerror or exc}); "
+                         "choose another --port") from None
     return tuple(address) if address else ("localhost", port)
 
 
