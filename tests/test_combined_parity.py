@@ -113,7 +113,9 @@ def test_combined_interface(combined, sources):
     outputs = [o.name for o in model.graph.output]
     layers = sources("tiny").config.text.num_layers
     assert inputs[:5] == ["input_ids", "attention_mask", "pixel_values", "image_grid_thw", "rope_deltas"]
-    assert sorted(inputs[5:]) == sorted(f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value"))
+    assert sorted(inputs[5:-1]) == sorted(f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value"))
+    assert inputs[-1] == "logits_to_keep"  # optional: an initializer gives its default, 0 (every position)
+    assert any(t.name == "logits_to_keep" for t in model.graph.initializer)
     assert outputs[0] == "logits" and outputs[-1] == "rope_deltas_out"
     assert sorted(outputs[1:-1]) == sorted(f"present.{i}.{k}" for i in range(layers) for k in ("key", "value"))
     scopes = {n.name.split("/")[0] for n in model.graph.node}

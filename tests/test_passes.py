@@ -283,6 +283,27 @@ def test_twin_asymmetric_head_is_not_shared(fresh, caplog):
     assert _token_lookup(model).inputs[0].name == "merge/embedding/embed_tokens"
 
 
+# -- KeepLogits ----------------------------------------------------------------------------------------------------
+
+def test_keep_logits_runs_the_head_on_the_last_positions(fresh, tmp_path):
+    model, parts, config = fresh()
+    model = _run_until(model, config, parts, SetInterface)
+    session = _session(model, tmp_path)
+    ids = np.random.default_rng(1).integers(0, 900, (2, 7))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+             "pixel_values": np.zeros((0, config.vision.patch_dim), np.float32),
+             "image_grid_thw": np.zeros((0, 3), np.int64), "rope_deltas": np.zeros((2, 1), np.int64)}
+    empty = np.zeros((2, config.text.num_kv_heads, 0, config.text.head_dim), np.float32)
+    feeds.update({v.name: empty for v in model.graph.inputs if v.name.startswith("past_key_values.")})
+    everything = session.run(["logits"], feeds)[0]  # not fed: the default keeps every position
+    assert everything.shape[1] == 7
+    for keep in (1, 3):
+        kept = session.run(["logits"], {**feeds, "logits_to_keep": np.array(keep, np.int64)})[0]
+        assert kept.shape[1] == keep
+        np.testing.assert_array_equal(kept, everything[:, -keep:])
+        assert not np.array_equal(kept[:, 0], everything[:, 0])  # twin: the first positions are not the kept ones
+
+
 # -- SetInterface ---------------------------------------------------------------------------------------------------
 
 def test_set_interface_orders_the_contract(fresh):
@@ -290,7 +311,7 @@ def test_set_interface_orders_the_contract(fresh):
     model = _run_until(model, config, parts, SetInterface)
     names = [v.name for v in model.graph.inputs]
     assert names[:5] == list(COMBINED_INPUTS)
-    assert all(n.startswith("past_key_values.") for n in names[5:])
+    assert all(n.startswith("past_key_values.") for n in names[5:-1]) and names[-1] == "logits_to_keep"
     outputs = [v.name for v in model.graph.outputs]
     assert outputs[0] == "logits" and outputs[-1] == ROPE_DELTAS_OUT
 

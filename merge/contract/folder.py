@@ -163,6 +163,9 @@ class CombinedFolder:
         import onnxruntime as ort
 
         options = options or ort.SessionOptions()
+        # ONNX Runtime warns, on every load, that the optional input logits_to_keep (an input with a default
+        # initializer, on purpose) cannot be constant-folded: errors only
+        options.log_severity_level = max(options.log_severity_level, 3)
         if self.data is not None:
             options.add_external_initializers_from_files_in_memory([DATA_FILE], [self.data], [len(self.data)])
         try:

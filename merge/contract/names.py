@@ -49,8 +49,11 @@ ROPE_DELTAS_OUT = "rope_deltas_out"  # ONNX forbids an output with an input's na
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
 
-# The combined model's inputs before the cache, in the contract's order.
+LOGITS_TO_KEEP = "logits_to_keep"  # optional (default 0: every position), after the cache
+
+# The combined model's inputs before the cache, in the contract's order; then the cache; then the optional ones.
 COMBINED_INPUTS = (INPUT_IDS, ATTENTION_MASK, PIXEL_VALUES, IMAGE_GRID_THW, ROPE_DELTAS)
+OPTIONAL_INPUTS = (LOGITS_TO_KEEP,)
 
 # The decoder part's own inputs (the GenAI builder's, with exclude_embeds).
 DECODER_INPUTS_EMBEDS = "inputs_embeds"

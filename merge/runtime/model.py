@@ -24,6 +24,7 @@ from merge.contract.names import (
     IMAGE_GRID_THW,
     INPUT_IDS,
     LOGITS,
+    LOGITS_TO_KEEP,
     PAST_PREFIX,
     PIXEL_VALUES,
     ROPE_DELTAS,
@@ -113,6 +114,8 @@ class CombinedModel:
         self.head_dim = self.config.text.head_dim
         self.patch_dim = self.config.vision.patch_dim
         self.output_names = [o.name for o in self.session.get_outputs()]
+        optional = {i.name for i in self.session.get_overridable_initializers()}
+        self.keeps_logits = LOGITS_TO_KEEP in optional or LOGITS_TO_KEEP in inputs  # folders built before: no
 
     def empty_images(self) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros((0, self.patch_dim), np.float32), np.zeros((0, 3), np.int64)
@@ -170,11 +173,14 @@ class CombinedModel:
         pad_token_id: int = 0,
         on_token=None,
         forced_tokens: np.ndarray | None = None,
+        all_logits: bool = True,
     ) -> Generation:
         """Greedy decoding. Rows that produced an EOS token continue with ``pad_token_id`` (as HF does).
 
         ``forced_tokens`` [batch, n] (teacher forcing) feeds those tokens instead of the model's own choices,
         so each step's logits can be compared with a reference run; ``tokens`` still holds the greedy choices.
+        ``all_logits=False`` has the prefill compute the logits of the last position only (``logits_to_keep``:
+        the head's work on every other prompt position is skipped); ``prefill_logits`` then holds that one.
         """
         input_ids = np.asarray(input_ids, np.int64)
         limit = self.config.text.max_position_embeddings
@@ -185,6 +191,8 @@ class CombinedModel:
             attention_mask = np.ones_like(input_ids)
         attention_mask = np.asarray(attention_mask, np.int64)
         feeds = self.first_feeds(input_ids, attention_mask, pixel_values, image_grid_thw)
+        if not all_logits and self.keeps_logits:
+            feeds[LOGITS_TO_KEEP] = np.array(1, np.int64)
         start = time.perf_counter()
         out = self.forward(feeds)
         prefill_seconds = time.perf_counter() - start
@@ -279,6 +287,7 @@ class CombinedModel:
         generation = self.generate(
             inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], inputs["image_grid_thw"],
             max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=pre.pad_token_id, on_token=on_token,
+            all_logits=False,
         )
         for row, finished in enumerate(done):
             if not finished:

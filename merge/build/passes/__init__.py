@@ -10,6 +10,7 @@ decoder into the combined model:
 5. ``WirePositions``     3-D MRoPE positions and ``rope_deltas`` computed in the graph
 6. ``PadLeftPadding``    a real key padding mask for every attention
    ``CheckContract``     the inputs checked against each other inside the graph (merge/checks/*)
+   ``KeepLogits``        an optional input logits_to_keep: the head on the last positions only
 7. ``QuantizeInt4``      (int4 only) decoder MatMuls -> MatMulNBits, quantized while written
 8. ``QuantizeVisionInt8`` (vision int8 only) vision Gemms -> DynamicQuantizeMatMul, quantized while written
 9. ``ShareTiedTable``    (tied heads) the head's weight serves as the token embedding table
@@ -31,6 +32,7 @@ from .base import StitchError, StitchPass, run_passes
 from .check_contract import CheckContract
 from .guard_vision import GuardVision
 from .inject_deepstack import InjectDeepStack, deepstack_anchors
+from .keep_logits import KeepLogits
 from .merge_embeddings import MergeEmbeddings
 from .pad_left_padding import PadLeftPadding
 from .quantize_int4 import QuantizeInt4
@@ -65,6 +67,7 @@ def stitch_passes(config: ModelConfig, parts: Parts, quant: QuantSpec | None,
         WirePositions(parts.rope_index),
         PadLeftPadding(),
         CheckContract(),
+        KeepLogits(),
     ]
     if quant is not None:
         passes.append(QuantizeInt4(quant))

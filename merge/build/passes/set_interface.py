@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from merge.contract.names import COMBINED_INPUTS, LOGITS, MS_DOMAIN, OPSET, PAST_PREFIX, PRESENT_PREFIX, ROPE_DELTAS_OUT
+from merge.contract.names import (
+    COMBINED_INPUTS,
+    LOGITS,
+    MS_DOMAIN,
+    OPSET,
+    OPTIONAL_INPUTS,
+    PAST_PREFIX,
+    PRESENT_PREFIX,
+    ROPE_DELTAS_OUT,
+)
 
 from .base import StitchError, StitchPass
 
@@ -19,7 +28,8 @@ class SetInterface(StitchPass):
         missing = [n for n in COMBINED_INPUTS if n not in names]
         if missing:
             raise StitchError(f"the model lacks the input(s) {missing}")
-        unwired = [n for n in names if n not in COMBINED_INPUTS and not n.startswith(PAST_PREFIX)]
+        unwired = [n for n in names if n not in COMBINED_INPUTS and n not in OPTIONAL_INPUTS
+                   and not n.startswith(PAST_PREFIX)]
         if unwired:
             raise StitchError(f"decoder inputs left unwired: {unwired}")
         outputs = [v.name for v in model.graph.outputs]
@@ -31,7 +41,8 @@ class SetInterface(StitchPass):
         graph = model.graph
         by_name = {v.name: v for v in graph.inputs}
         past = [v for v in graph.inputs if v.name.startswith(PAST_PREFIX)]
-        ordered = [by_name[n] for n in COMBINED_INPUTS] + past
+        optional = [by_name[n] for n in OPTIONAL_INPUTS if n in by_name]
+        ordered = [by_name[n] for n in COMBINED_INPUTS] + past + optional
         graph.inputs.clear()
         graph.inputs.extend(ordered)
         outputs = {v.name: v for v in graph.outputs}
