@@ -21,7 +21,7 @@ import tarfile
 from pathlib import Path
 
 VERSION = "0.3.36"  # llama-cpp-python; its vendored llama.cpp is what gets built
-TARGETS = ("llama-bench", "llama-mtmd-cli", "llama-quantize", "llama-completion")
+TARGETS = ("llama-bench", "llama-batched-bench", "llama-mtmd-cli", "llama-quantize", "llama-completion")
 AMX_OFF = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 CONVERTER_PACKAGES = ["torch==2.13.0", "transformers>=5,<6", "numpy", "sentencepiece", "safetensors",
                       "protobuf>=4.21,<5", "pillow"]

@@ -77,3 +77,21 @@ def test_verify_int4_against_the_same_int4_weights(int4_folder, tmp_path, capsys
     broken = broken_copy(int4_folder, tmp_path / "broken", "no_deepstack")
     assert main(["verify", str(broken), "--reference", str(ref)]) == 1
     assert capsys.readouterr().out.strip().splitlines()[-1] == "FAILED: first failing stage: prefill logits"
+
+
+def test_block_size_option_builds_and_verifies(tmp_path, capsys):
+    """--block-size 64: fewer scales, the manifest says so, and verify (same 4-bit weights) passes; the option is
+    refused where it means nothing."""
+    import json
+
+    from merge.cli import main
+
+    out = tmp_path / "b64"
+    assert main(["build", "--precision", "int4", "--block-size", "64", "--out", str(out)]) == 0
+    assert json.loads((out / "merge.json").read_text())["quantization"]["block_size"] == 64
+    assert main(["verify", str(out), "--model", "tiny", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("PASSED")
+    assert main(["build", "--block-size", "64", "--out", str(tmp_path / "x")]) == 2
+    assert "--block-size applies to --precision int4 only" in capsys.readouterr().err
+    assert main(["build", "--precision", "int4", "--block-size", "48", "--out", str(tmp_path / "y")]) == 2
+    assert "power of two" in capsys.readouterr().err

@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from merge.contract.quant import quant_spec_for
     from merge.sources.resolve import resolve_model
 
-    quant = quant_spec_for(args.precision)
+    quant = quant_spec_for(args.precision, args.block_size)
     source = resolve_model(args.model, args.cache_dir)
     print(f"model: {source.spec} ({source.folder})")
     result = build(source, Path(args.out), quant=quant, vision_precision=args.vision_precision, force=args.force)
@@ -40,6 +40,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="decoder weights: fp32, or int4 (MatMulNBits, block 32) for the CPU")
+    p.add_argument("--block-size", type=int, default=None, metavar="N",
+                   help="int4 block along K (a power of two >= 16; default 32): larger blocks store fewer scales and "
+                        "run faster, at some accuracy (verify reports it)")
     p.add_argument("--vision-precision", default="fp32", choices=VISION_PRECISIONS,
                    help="vision products: fp32, or int8 (int8 weights, activations quantized at run time; uses the "
                         "CPU's AMX / VNNI int8 units; verify reports its error)")

@@ -84,11 +84,16 @@ class QuantSpec:
         return cls(**data)
 
 
-def quant_spec_for(precision: str) -> QuantSpec | None:
-    """``--precision``: ``fp32`` (no quantization) or ``int4`` (block 32, symmetric, int8 activations)."""
+def quant_spec_for(precision: str, block_size: int | None = None) -> QuantSpec | None:
+    """``--precision``: ``fp32`` (no quantization) or ``int4`` (block 32 unless ``block_size``, symmetric, int8
+    activations)."""
     if precision not in PRECISIONS:
         raise MergeError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
-    return QuantSpec() if precision == "int4" else None
+    if precision != "int4":
+        if block_size is not None:
+            raise MergeError("--block-size applies to --precision int4 only")
+        return None
+    return QuantSpec() if block_size is None else QuantSpec(block_size=block_size)
 
 
 def precision_of(quant: QuantSpec | None) -> str:
