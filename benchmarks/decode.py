@@ -81,9 +81,8 @@ def main() -> int:
 
     def combined_step(_):
         mask_now = np.concatenate([state["mask"], np.ones((1, 1), np.int64)], axis=1)
-        pv, grid = combined.empty_images()
-        f = {"input_ids": np.array([[5]], np.int64), "attention_mask": mask_now, "pixel_values": pv,
-             "image_grid_thw": grid, "rope_deltas": state["out"]["rope_deltas_out"]}
+        f = {"input_ids": np.array([[5]], np.int64), "attention_mask": mask_now, **combined.no_vision(),
+             "rope_deltas": state["out"]["rope_deltas_out"]}
         f.update({p: state["out"][p.replace("past_key_values.", "present.")] for p in combined.past_names})
         state["out"], state["mask"] = combined.forward(f), mask_now
 

@@ -22,7 +22,8 @@ from merge.contract.quant import (
 
 log = logging.getLogger(__name__)
 
-INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids",
+              "pixel_values_videos", "video_grid_thw")
 
 
 def use_int4_weights_(model, quant: QuantSpec, shared_table: bool = False) -> int:
@@ -87,23 +88,37 @@ def torch_reference(model, inputs: dict[str, np.ndarray], new_tokens: int) -> di
     import torch
 
     t = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
-    has_images = inputs["image_grid_thw"].shape[0] > 0
+    present = {kind: kind_grid in inputs and inputs[kind_grid].shape[0] > 0
+               for kind, kind_grid in (("image", "image_grid_thw"), ("video", "video_grid_thw"))}
     ref: dict[str, np.ndarray] = {}
     with torch.no_grad():
         embeds = model.model.get_input_embeddings()(t["input_ids"])
-        if has_images:
-            vision = model.model.visual(t["pixel_values"], grid_thw=t["image_grid_thw"])
-            ref[VISION_IMAGE_EMBEDS] = vision.pooler_output.numpy()
-            ref[VISION_DEEPSTACK_EMBEDS] = np.stack([d.numpy() for d in vision.deepstack_features])
-            mask = (t["input_ids"] == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+        features, deepstack = [], []
+        for kind, pixels, grid, token in (("image", "pixel_values", "image_grid_thw", model.config.image_token_id),
+                                          ("video", "pixel_values_videos", "video_grid_thw",
+                                           model.config.video_token_id)):
+            if not present[kind]:
+                continue
+            vision = model.model.visual(t[pixels], grid_thw=t[grid])
+            features.append(vision.pooler_output.numpy())
+            deepstack.append(np.stack([d.numpy() for d in vision.deepstack_features]))
+            mask = (t["input_ids"] == token).unsqueeze(-1).expand_as(embeds)
             embeds = embeds.masked_scatter(mask, vision.pooler_output)
+        if features:  # the combined model's order: the images' rows, then the videos'
+            ref[VISION_IMAGE_EMBEDS] = np.concatenate(features)
+            ref[VISION_DEEPSTACK_EMBEDS] = np.concatenate(deepstack, axis=1)
         ref["inputs_embeds"] = embeds.numpy()
         positions, _ = model.model.get_rope_index(
-            t["input_ids"], t["mm_token_type_ids"], t["image_grid_thw"] if has_images else None,
-            attention_mask=t["attention_mask"],
+            t["input_ids"], t["mm_token_type_ids"], t["image_grid_thw"] if present["image"] else None,
+            t["video_grid_thw"].clone() if present["video"] else None, attention_mask=t["attention_mask"],
         )
         ref["position_ids"] = positions.numpy()
-        kwargs = {k: t[k] for k in INPUT_KEYS if has_images or k not in ("pixel_values", "image_grid_thw")}
+        kwargs = {k: t[k] for k in INPUT_KEYS if k in t}
+        for kind, pixels, grid in (("image", "pixel_values", "image_grid_thw"),
+                                   ("video", "pixel_values_videos", "video_grid_thw")):
+            if not present[kind]:
+                kwargs.pop(pixels, None)
+                kwargs.pop(grid, None)
         ref["prefill_logits"] = model(**kwargs).logits.numpy()
         gen = model.generate(**kwargs, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
                              pad_token_id=0, output_logits=True, return_dict_in_generate=True)

@@ -3,23 +3,24 @@
 The graph reproduces what ``Qwen3VLModel.forward`` and ``Qwen3VLTextModel._deepstack_process`` do with the
 vision tower's outputs:
 
-- ``inputs_embeds = embed_tokens[input_ids].masked_scatter(visual_mask, image_embeds)``: the rows at image
-  tokens are replaced, in row-major order over the whole batch, by the rows of ``image_embeds``;
+- ``inputs_embeds = embed_tokens[input_ids].masked_scatter(image_mask, image_embeds)``, then the same at the
+  video tokens with the video features: the rows at image tokens are replaced, in row-major order over the
+  whole batch, by the image rows of ``image_embeds``, the rows at video tokens by its video rows;
 - per DeepStack level ``k``, the term that HF adds with ``hidden_states[visual_mask, :] += deepstack[k]``
   after decoder layer ``k``, here as a dense ``deepstack_k`` [batch, sequence, hidden] that holds the level's
   features at the image tokens and zeros elsewhere, so that the decoder adds it unconditionally.
 
 One index per token does both: the image token of rank ``r`` (row-major over the batch) gets ``r + 1`` (an
-inclusive CumSum of the flat mask), every other token gets 0 (the mask multiplies it away). Each visual
+inclusive CumSum of the flat mask), the video token of rank ``r`` gets ``image tokens + r + 1``, every other
+token gets 0 (the masks multiply it away). Each visual
 table gets one zero row *in front* (``Pad``), so index 0 reads zeros and index ``r + 1`` reads feature row
 ``r``. ``inputs_embeds`` picks between the gathered token embedding and the gathered image row with one
 ``Where``; each DeepStack term is one Gather from its level of the padded table: image tokens read their
 feature row, the rest read zeros, and no Where is needed. No Loop, no ScatterND, no copy of the vocabulary
 table: a decode step (no image rows) costs O(batch * sequence * hidden).
 
-Safety: more image tokens than feature rows gives an index past the table, which ONNX Runtime's Gather
-refuses (an error, never a silent read). Fewer image tokens than rows is not detected here (the host
-checks the counts before running, as HF's ``get_placeholder_mask`` does).
+Safety: the counts of image and video tokens are checked against the image and video feature rows in the
+graph (``check_equal``: an error naming both numbers), as HF's ``get_placeholder_mask`` does on the host.
 
 Every node and intermediate value name starts with ``prefix`` so that the model can be inlined into the
 combined graph.
@@ -33,7 +34,7 @@ import onnx_ir as ir
 from graphs.builder import BOOL, FLOAT, INT64, GraphBuilder, make_model, tensor_input
 from merge.contract.names import MS_DOMAIN
 
-INPUT_NAMES = ("input_ids", "embed_tokens", "image_embeds", "deepstack_embeds")
+INPUT_NAMES = ("input_ids", "embed_tokens", "image_embeds", "deepstack_embeds", "image_rows")
 OPSET = 21  # the combined model's default-domain opset (Pad's ``pads`` as an input needs 11)
 IR_VERSION = 10  # the smallest IR version that may carry opset 21
 
@@ -83,19 +84,24 @@ def build_embedding_merge(
     prefix: str = "merge/",
     table_layout: str = "vocab_major",
     block_size: int = 32,
+    *,
+    video_token_id: int,
 ) -> ir.Model:
     """A standalone model: ``input_ids`` int64 [batch, sequence], ``embed_tokens`` float [vocab, hidden],
-    ``image_embeds`` float [num_image_tokens, hidden], ``deepstack_embeds`` float [levels, num_image_tokens,
-    hidden] -> ``inputs_embeds`` float [batch, sequence, hidden], ``visual_mask`` bool [batch, sequence],
-    ``deepstack_0 .. deepstack_{levels-1}`` float [batch, sequence, hidden].
+    ``image_embeds`` float [visual_tokens, hidden], ``deepstack_embeds`` float [levels, visual_tokens, hidden],
+    ``image_rows`` int64 [1] -> ``inputs_embeds`` float [batch, sequence, hidden], ``visual_mask`` bool [batch,
+    sequence], ``deepstack_0 .. deepstack_{levels-1}`` float [batch, sequence, hidden].
 
-    ``embed_tokens`` is an input here so the graph can be tested alone; the combined model binds it to the
-    decoder's embedding table. With no images, feed 0 feature rows: the outputs are the plain token
-    embeddings and all-zero DeepStack terms. ``table_layout="hidden_major"`` takes the table as [hidden, vocab]:
-    a tied model's head weight as the decoder stores it, so the combined model does not store it twice.
-    ``table_layout="int4_blocks"`` takes a tied int4 head's own 4-bit blocks as MatMulNBits stores them:
-    ``embed_tokens`` uint8 [vocab, hidden/block_size, block_size/2] and ``embed_scales`` [vocab,
-    hidden/block_size] (symmetric), read by ``GatherBlockQuantized`` (see :func:`token_embeddings`).
+    The feature rows are the vision tower's output for the images, then for the videos (the tower runs once on
+    both): the first ``image_rows`` go to the image tokens in order, the rest to the video tokens in order, as
+    transformers' two ``masked_scatter`` calls put them. ``embed_tokens`` is an input here so the graph can be
+    tested alone; the combined model binds it to the decoder's embedding table. With no images or videos, feed
+    0 feature rows: the outputs are the plain token embeddings and all-zero DeepStack terms.
+    ``table_layout="hidden_major"`` takes the table as [hidden, vocab]: a tied model's head weight as the
+    decoder stores it, so the combined model does not store it twice. ``table_layout="int4_blocks"`` takes a
+    tied int4 head's own 4-bit blocks as MatMulNBits stores them: ``embed_tokens`` uint8 [vocab,
+    hidden/block_size, block_size/2] and ``embed_scales`` [vocab, hidden/block_size] (symmetric), read by
+    ``GatherBlockQuantized`` (see :func:`token_embeddings`).
     """
     if hidden_size < 1:
         raise ValueError(f"hidden_size must be a positive integer, got {hidden_size}")
@@ -103,6 +109,8 @@ def build_embedding_merge(
         raise ValueError(f"table_layout must be one of {TABLE_LAYOUTS}, got {table_layout!r}")
     if num_levels < 1:
         raise ValueError(f"Qwen3-VL has at least one DeepStack level, got num_levels={num_levels}")
+    if video_token_id == image_token_id:
+        raise ValueError(f"image and video tokens must differ, both are {image_token_id}")
 
     input_ids = tensor_input("input_ids", INT64, ["batch", "sequence"])
     embed_scales = None
@@ -115,24 +123,42 @@ def build_embedding_merge(
     else:
         table_shape = ["vocab", hidden_size] if table_layout == "vocab_major" else [hidden_size, "vocab"]
         embed_tokens = tensor_input("embed_tokens", FLOAT, table_shape)
-    image_embeds = tensor_input("image_embeds", FLOAT, ["num_image_tokens", hidden_size])
-    deepstack_embeds = tensor_input("deepstack_embeds", FLOAT, [num_levels, "num_image_tokens", hidden_size])
+    image_embeds = tensor_input("image_embeds", FLOAT, ["visual_tokens", hidden_size])
+    deepstack_embeds = tensor_input("deepstack_embeds", FLOAT, [num_levels, "visual_tokens", hidden_size])
+    image_rows = tensor_input("image_rows", INT64, [1])
 
     b = GraphBuilder(prefix)
-    visual_mask = b.op("Equal", [input_ids, b.const(np.int64(image_token_id), "image_token_id")], name="visual_mask")
+    is_image = b.op("Equal", [input_ids, b.const(np.int64(image_token_id), "image_token_id")], name="is_image")
+    is_video = b.op("Equal", [input_ids, b.const(np.int64(video_token_id), "video_token_id")], name="is_video")
+    visual_mask = b.op("Or", [is_image, is_video], name="visual_mask")
 
-    # Row of each token in the zero-headed visual tables: rank + 1 at image tokens, 0 elsewhere.
+    # Row of each token in the zero-headed visual tables: rank + 1 at image tokens, image rows + rank + 1 at video
+    # tokens, 0 elsewhere.
     with b.scope("index"):
-        mask_i64 = b.op("Cast", [visual_mask], {"to": INT64}, name="mask_i64")
-        flat = b.op("Reshape", [mask_i64, b.const([-1], "flat_shape")], name="flat_mask")
-        inclusive = b.op("CumSum", [flat, b.const(np.int64(0), "axis0")], name="rank_plus_one")
-        flat_index = b.op("Mul", [inclusive, flat], name="flat_index")
-        # the contract: as many image tokens as image feature rows (a client that sends 3 tokens for 4 features,
-        # or pixels with no image tokens, gets an error naming this check and both numbers)
-        tokens = b.op("ReduceSum", [flat, b.const([0], "all")], {"keepdims": 1}, name="image_tokens")
-        rows = b.op("Shape", [image_embeds], {"start": 0, "end": 1}, name="image_rows")
-        flat_index = b.op("Add", [flat_index, b.check_equal("image_tokens_vs_image_features", tokens, rows)],
-                          name="checked_index")
+        all_tokens = b.const([0], "all")
+        flat_shape = b.const([-1], "flat_shape")
+
+        def ranks(mask: ir.Value, kind: str) -> tuple[ir.Value, ir.Value, ir.Value]:
+            flat = b.op("Reshape", [b.op("Cast", [mask], {"to": INT64}, name=f"{kind}_i64"), flat_shape],
+                        name=f"flat_{kind}")
+            inclusive = b.op("CumSum", [flat, b.const(np.int64(0), f"{kind}_axis0")], name=f"{kind}_rank_plus_one")
+            count = b.op("ReduceSum", [flat, all_tokens], {"keepdims": 1}, name=f"{kind}_tokens")
+            return flat, inclusive, count
+
+        image_flat, image_rank, image_tokens = ranks(is_image, "image")
+        video_flat, video_rank, video_tokens = ranks(is_video, "video")
+        rows = b.op("Shape", [image_embeds], {"start": 0, "end": 1}, name="feature_rows")
+        video_rows = b.op("Sub", [rows, image_rows], name="video_rows")
+        # the contract: as many image tokens as image feature rows, and video tokens as video rows (a client that
+        # sends 3 tokens for 4 features, or pixels with no tokens, gets an error naming the check and both numbers)
+        image_index = b.op("Mul", [image_rank, image_flat], name="image_index")
+        video_index = b.op("Mul", [b.op("Add", [video_rank, image_tokens], name="video_rank_after_images"),
+                                   video_flat], name="video_index")
+        flat_index = b.op("Add", [image_index, video_index], name="flat_index")
+        checks = b.op("Add", [b.check_equal("image_tokens_vs_image_features", image_tokens, image_rows),
+                              b.check_equal("video_tokens_vs_video_features", video_tokens, video_rows)],
+                      name="checks")
+        flat_index = b.op("Add", [flat_index, checks], name="checked_index")
         index = b.op("Reshape", [flat_index, b.op("Shape", [input_ids], name="ids_shape")], name="token_row")
 
     with b.scope("embeds"):
@@ -159,7 +185,7 @@ def build_embedding_merge(
         value.type = ir.TensorType(BOOL if is_mask else FLOAT)
         value.shape = ir.Shape(per_token if is_mask else [*per_token, hidden_size])
 
-    inputs = [input_ids, embed_tokens, image_embeds, deepstack_embeds]
+    inputs = [input_ids, embed_tokens, image_embeds, deepstack_embeds, image_rows]
     assert [v.name for v in inputs] == list(INPUT_NAMES)
     if embed_scales is not None:
         inputs.append(embed_scales)

@@ -20,20 +20,31 @@ def load_preprocessors(folder: Path) -> tuple[Any, Any]:
     return AutoTokenizer.from_pretrained(str(folder)), AutoImageProcessor.from_pretrained(str(folder), backend="pil")
 
 
-def hf_processor(folder: Path):
-    """``Qwen3VLProcessor`` over the folder's tokenizer and image processor, without a video processor."""
+def hf_processor(folder: Path, video: bool = False):
+    """``Qwen3VLProcessor`` over the folder's tokenizer and image processor; without a video processor unless
+    ``video`` (transformers' ``Qwen3VLVideoProcessor`` from the folder's config: its sampling, sizes, timestamps and
+    placeholders run without torchvision, its resize needs it)."""
     from transformers import ProcessorMixin
     from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
     tokenizer, image_processor = load_preprocessors(folder)
+    video_processor = None
+    if video:
+        import json
+
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+        config = json.loads((Path(folder) / "video_preprocessor_config.json").read_text())
+        config = {k: v for k, v in config.items() if k not in ("processor_class", "video_processor_type")}
+        video_processor = Qwen3VLVideoProcessor(**config)
     check = ProcessorMixin.check_argument_for_proper_class
 
-    def allow_missing_video(self, name, arg):  # the one argument we leave out on purpose
-        return None if name == "video_processor" and arg is None else check(self, name, arg)
+    def allow_missing_video(self, name, arg):  # left out, or built above (its class lookup needs torchvision)
+        return None if name == "video_processor" else check(self, name, arg)
 
     ProcessorMixin.check_argument_for_proper_class = allow_missing_video
     try:
-        return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+        return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
                                 chat_template=tokenizer.chat_template)
     finally:
         ProcessorMixin.check_argument_for_proper_class = check
@@ -48,3 +59,14 @@ def hf_inputs(processor, prompt: str, images: list) -> dict:
                                          add_generation_prompt=True)
     out = processor(text=[text], images=images or None, return_tensors="np")
     return {k: np.asarray(v) for k, v in out.items()}
+
+
+def hf_kwargs(inputs: dict) -> dict:
+    """The runtime's inputs as HF's forward / generate take them: a modality with no rows is left out (HF would run
+    its tower on zero patches)."""
+    out = dict(inputs)
+    for pixels, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        if grid in out and len(out[grid]) == 0:
+            out.pop(pixels, None)
+            out.pop(grid)
+    return out

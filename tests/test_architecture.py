@@ -72,11 +72,15 @@ def test_bare_install_runs_a_combined_folder(bare_venv, combined, tmp_path):
                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert probe.stdout.strip() == "[]", probe.stdout + probe.stderr  # none of the build's packages came along
 
+    from tests.videos import write_clip
+
+    clip = write_clip(tmp_path / "clip.mp4", 9, 6, 64, 48)
     run = subprocess.run([str(bare_venv), "-m", "merge", "run", str(folder), "--prompt", "Hello there.",
-                          "--max-new-tokens", "4"], capture_output=True, text=True, cwd=tmp_path, env=env,
-                         timeout=300)
+                          "--video", str(clip), "--max-new-tokens", "4"], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().splitlines()[-1].startswith("vision+prefill")
+    assert "1 video)" in run.stdout  # the bare runtime reads video files too (PyAV)
 
     build = subprocess.run([str(bare_venv), "-m", "merge", "build", "--out", str(tmp_path / "out")],
                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)

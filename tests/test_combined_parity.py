@@ -58,10 +58,9 @@ def _case_inputs(name, preset, sources, prep):
 def _reference(model, inputs):
     import torch
 
-    kw = {k: torch.from_numpy(v) for k, v in inputs.items()}
-    if inputs["image_grid_thw"].shape[0] == 0:
-        kw.pop("pixel_values")
-        kw.pop("image_grid_thw")
+    from tests.hf import hf_kwargs
+
+    kw = {k: torch.from_numpy(v) for k, v in hf_kwargs(inputs).items()}
     with torch.no_grad():
         logits = model(**kw).logits.numpy()
         generated = model.generate(**kw, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
@@ -112,8 +111,9 @@ def test_combined_interface(combined, sources):
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
     layers = sources("tiny").config.text.num_layers
-    assert inputs[:5] == ["input_ids", "attention_mask", "pixel_values", "image_grid_thw", "rope_deltas"]
-    assert sorted(inputs[5:-1]) == sorted(f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value"))
+    assert inputs[:7] == ["input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
+                          "video_grid_thw", "rope_deltas"]
+    assert sorted(inputs[7:-1]) == sorted(f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value"))
     assert inputs[-1] == "logits_to_keep"  # optional: an initializer gives its default, 0 (every position)
     assert any(t.name == "logits_to_keep" for t in model.graph.initializer)
     assert outputs[0] == "logits" and outputs[-1] == "rope_deltas_out"

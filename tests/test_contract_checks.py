@@ -28,8 +28,7 @@ def _decode_feeds(raw):
     out = dict(zip(names, session.run(None, feeds), strict=True))
     step = {"input_ids": np.array([[5]], np.int64),
             "attention_mask": np.ones((1, feeds["input_ids"].shape[1] + 1), np.int64),
-            "pixel_values": np.zeros((0, model.patch_dim), np.float32), "image_grid_thw": np.zeros((0, 3), np.int64),
-            "rope_deltas": out["rope_deltas_out"]}
+            **model.no_vision(), "rope_deltas": out["rope_deltas_out"]}
     step.update({p: out[p.replace("past_key_values.", "present.")] for p in model.past_names})
     return step
 
@@ -73,7 +72,7 @@ def test_inconsistent_inputs_name_the_check(raw, case):
         check, numbers = "patches_on_a_decode_call_vs_none", None
     elif case == "patch_rows_vs_grid":
         feeds["pixel_values"] = feeds["pixel_values"][:-4]
-        check, numbers = "patch_rows_vs_image_grid", None
+        check, numbers = "image_patches_vs_image_grid", None
     else:  # a grid whose h is not a multiple of the merge size, with matching pixel rows
         t, h, w = feeds["image_grid_thw"][0]
         grid = feeds["image_grid_thw"].copy()

@@ -1,10 +1,11 @@
 """The embedding-merge subgraph against the PyTorch code it replaces.
 
-Reference: a tiny ``Qwen3VLModel``'s own embedding, ``get_placeholder_mask``, the ``masked_scatter`` of its
-``forward`` and ``Qwen3VLTextModel._deepstack_process`` applied to zeros (the dense term the decoder adds).
+Reference: a tiny ``Qwen3VLModel``'s own embedding, ``get_placeholder_mask``, the two ``masked_scatter`` calls of
+its ``forward`` (images, then videos), its joint image/video DeepStack table and
+``Qwen3VLTextModel._deepstack_process`` applied to zeros (the dense term the decoder adds).
 Same shape for every case: run the reference, run the ONNX subgraph in ONNX Runtime, check structure, compare
 bit for bit. Broken twins (image rows swapped, a graph that fills in reverse or one row late, DeepStack levels
-swapped) must fail the same comparison.
+swapped, video rows read before image rows) must fail the same comparison.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ PRESETS = ("tiny", "tiny-merge1")
 TEXT_VOCAB = 900  # text ids below the tiny presets' special tokens
 PAD_ID = 0  # != image_token_id
 
-# A row is a list of segments: ("text", n) or ("image", n) with n image tokens.
+# A row is a list of segments: ("text", n), ("image", n) or ("video", n) with n image or video tokens.
 Segment = tuple[str, int]
 
 
@@ -40,6 +41,7 @@ class Reference:
     num_levels: int
     embed_tokens: np.ndarray
     session: ort.InferenceSession
+    video_token_id: int
 
 
 @pytest.fixture(scope="module", params=PRESETS)
@@ -50,64 +52,97 @@ def ref(request) -> Reference:
     hidden = config.text_config.hidden_size
     levels = len(config.vision_config.deepstack_visual_indexes)
     embed_tokens = model.get_input_embeddings().weight.detach().numpy().copy()
-    session = checked_session(build_embedding_merge(config.image_token_id, hidden, levels))
-    return Reference(model, config.image_token_id, hidden, levels, embed_tokens, session)
+    session = checked_session(build_embedding_merge(config.image_token_id, hidden, levels,
+                                                    video_token_id=config.video_token_id))
+    return Reference(model, config.image_token_id, hidden, levels, embed_tokens, session, config.video_token_id)
 
 
 @dataclasses.dataclass
 class Inputs:
     input_ids: np.ndarray  # [batch, sequence]
-    image_embeds: np.ndarray  # [num_image_tokens, hidden]
-    deepstack_embeds: np.ndarray  # [levels, num_image_tokens, hidden]
+    image_embeds: np.ndarray  # [image tokens + video tokens, hidden]: the images' rows, then the videos'
+    deepstack_embeds: np.ndarray  # [levels, image tokens + video tokens, hidden]
+    image_rows: int = -1  # how many rows are the images'; -1: every one
+
+    def __post_init__(self) -> None:
+        if self.image_rows < 0:
+            self.image_rows = len(self.image_embeds)
+
+    def feeds(self, embed_tokens: np.ndarray) -> dict[str, np.ndarray]:
+        values = (self.input_ids, embed_tokens, self.image_embeds, self.deepstack_embeds,
+                  np.array([self.image_rows], np.int64))
+        return dict(zip(INPUT_NAMES, values, strict=True))
 
 
 def _make_inputs(ref: Reference, rows: list[list[Segment]], rng: random.Random) -> Inputs:
-    """Left-padded batch; one feature row per image token of the whole batch, row-major."""
+    """Left-padded batch; one feature row per image token of the whole batch, row-major, then one per video
+    token."""
     ids_rows = []
     for segments in rows:
         ids: list[int] = []
         for kind, n in segments:
-            ids += [ref.image_token_id] * n if kind == "image" else [rng.randrange(1, TEXT_VOCAB) for _ in range(n)]
+            if kind == "text":
+                ids += [rng.randrange(1, TEXT_VOCAB) for _ in range(n)]
+            else:
+                ids += [ref.image_token_id if kind == "image" else ref.video_token_id] * n
         ids_rows.append(ids)
     length = max(len(r) for r in ids_rows)
     input_ids = np.full((len(rows), length), PAD_ID, np.int64)
     for b, ids in enumerate(ids_rows):
         input_ids[b, length - len(ids) :] = ids
-    tokens = int((input_ids == ref.image_token_id).sum())
+    images = int((input_ids == ref.image_token_id).sum())
+    tokens = images + int((input_ids == ref.video_token_id).sum())
     # Features far from the embedding table's scale (std 0.02) and distinct per row, level and channel.
     np_rng = np.random.default_rng(rng.randrange(2**32))
     image = np_rng.standard_normal((tokens, ref.hidden_size)).astype(np.float32)
     deepstack = np_rng.standard_normal((ref.num_levels, tokens, ref.hidden_size)).astype(np.float32)
-    return Inputs(input_ids, image, deepstack)
+    return Inputs(input_ids, image, deepstack, images)
 
 
 def _hf(ref: Reference, x: Inputs) -> dict[str, np.ndarray]:
-    """What ``Qwen3VLModel.forward`` does with the vision outputs, and each level's DeepStack addition."""
+    """What ``Qwen3VLModel.forward`` does with the vision outputs (images, then videos), and each level's
+    DeepStack addition from its joint image/video table."""
     model = ref.model
     input_ids = torch.from_numpy(x.input_ids)
+    rows = x.image_rows
     with torch.no_grad():
         inputs_embeds = model.get_input_embeddings()(input_ids)
         zeros = torch.zeros_like(inputs_embeds)
-        if len(x.image_embeds) == 0:  # no pixel_values: HF merges nothing and adds no DeepStack
-            visual_mask = input_ids == ref.image_token_id
-            deepstack = [zeros] * ref.num_levels
-        else:
-            image_embeds = torch.from_numpy(x.image_embeds)
+        image_mask = video_mask = None
+        if rows:
+            image_embeds = torch.from_numpy(x.image_embeds[:rows])
             image_mask, _ = model.get_placeholder_mask(
                 input_ids, inputs_embeds=inputs_embeds, image_features=image_embeds
             )
             inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_embeds)
-            visual_mask = image_mask[..., 0]
-            deepstack = [
-                model.language_model._deepstack_process(zeros, visual_mask, torch.from_numpy(level))
-                for level in x.deepstack_embeds
-            ]
+            image_mask = image_mask[..., 0]
+        if len(x.image_embeds) > rows:
+            video_embeds = torch.from_numpy(x.image_embeds[rows:])
+            _, video_mask = model.get_placeholder_mask(
+                input_ids, inputs_embeds=inputs_embeds, video_features=video_embeds
+            )
+            inputs_embeds = inputs_embeds.masked_scatter(video_mask, video_embeds)
+            video_mask = video_mask[..., 0]
+        if image_mask is None and video_mask is None:  # no pixels: HF merges nothing and adds no DeepStack
+            visual_mask = (input_ids == ref.image_token_id) | (input_ids == ref.video_token_id)
+            deepstack = [zeros] * ref.num_levels
+        else:
+            masks = [m for m in (image_mask, video_mask) if m is not None]
+            visual_mask = masks[0] if len(masks) == 1 else masks[0] | masks[1]
+            deepstack = []
+            for level in x.deepstack_embeds:
+                joint = torch.zeros(int(visual_mask.sum()), ref.hidden_size)
+                if image_mask is not None:
+                    joint[image_mask[visual_mask]] = torch.from_numpy(level[:rows])
+                if video_mask is not None:
+                    joint[video_mask[visual_mask]] = torch.from_numpy(level[rows:])
+                deepstack.append(model.language_model._deepstack_process(zeros, visual_mask, joint))
     names = output_names(ref.num_levels)
     return dict(zip(names, [t.numpy() for t in (inputs_embeds, visual_mask, *deepstack)], strict=True))
 
 
 def _onnx(ref: Reference, x: Inputs, session: ort.InferenceSession | None = None) -> dict[str, np.ndarray]:
-    feeds = dict(zip(INPUT_NAMES, (x.input_ids, ref.embed_tokens, x.image_embeds, x.deepstack_embeds), strict=True))
+    feeds = x.feeds(ref.embed_tokens)
     names = output_names(ref.num_levels)
     return dict(zip(names, (session or ref.session).run(list(names), feeds), strict=True))
 
@@ -148,6 +183,11 @@ CASES: dict[str, list[list[Segment]]] = {
     "image_only": [[("image", 7)]],
     "single_image_token": [[("text", 1), ("image", 1), ("text", 1)]],
     "batch_with_a_text_only_row": [[("text", 5)], [("text", 1), ("image", 3), ("text", 1)], [("text", 2)]],
+    "one_video": [[("text", 3), ("video", 4), ("text", 2), ("video", 4), ("text", 1)]],
+    "video_between_images": [[("text", 1), ("image", 3), ("text", 2), ("video", 5), ("text", 1), ("image", 2)]],
+    "video_before_image": [[("video", 6), ("text", 2), ("image", 3)]],
+    "batch_video_in_one_row_only": [[("text", 2), ("image", 4), ("text", 1)], [("text", 1), ("video", 6)],
+                                    [("text", 3)]],
 }
 
 
@@ -158,7 +198,7 @@ def _random_rows(rng: random.Random) -> list[list[Segment]]:
         for _ in range(rng.randint(0, 3)):
             if rng.random() < 0.6:
                 segments.append(("text", rng.randint(1, 4)))
-            segments.append(("image", rng.randint(1, 12)))
+            segments.append(("video" if rng.random() < 0.35 else "image", rng.randint(1, 12)))
         if not segments or rng.random() < 0.5:
             segments.append(("text", rng.randint(1, 5)))
         rows.append(segments)
@@ -199,6 +239,23 @@ def test_decode_step(ref: Reference, batch: int):
     _check(ref, x)
 
 
+@pytest.mark.parametrize(("image_tokens", "video_tokens", "image_rows", "rows"),
+                         [(3, 2, 3, 6), (2, 3, 3, 6), (0, 4, 0, 3)])
+def test_video_tokens_must_match_video_rows(ref: Reference, image_tokens, video_tokens, image_rows, rows):
+    """Video tokens against the video rows (all rows past the images'), image tokens against the image rows: a
+    miscount of either fails with its check's name and both numbers."""
+    segments = [("text", 1), ("video", video_tokens)] + ([("text", 1), ("image", image_tokens)] if image_tokens else [])
+    x = _make_inputs(ref, [segments], random.Random(9))
+    features = np.resize(x.image_embeds, (rows, ref.hidden_size))
+    bad = Inputs(x.input_ids, features, np.resize(x.deepstack_embeds, (ref.num_levels, rows, ref.hidden_size)),
+                 image_rows)
+    check = "image_tokens_vs_image_features" if image_tokens != image_rows else "video_tokens_vs_video_features"
+    want = (image_tokens, image_rows) if image_tokens != image_rows else (video_tokens, rows - image_rows)
+    with pytest.raises(ort.capi.onnxruntime_pybind11_state.Fail,
+                       match=rf"{check}.*\{{{want[0]}\}}.*\{{{want[1]}\}}"):
+        _onnx(ref, bad)
+
+
 @pytest.mark.parametrize(("tokens", "rows"), [(4, 3), (3, 4), (0, 2)])
 def test_image_tokens_must_match_feature_rows(ref: Reference, tokens: int, rows: int):
     """The graph checks its own contract: any other count of image tokens than of feature rows (more, fewer, or
@@ -208,7 +265,7 @@ def test_image_tokens_must_match_feature_rows(ref: Reference, tokens: int, rows:
     if tokens < max(tokens, rows):
         ids[ids == ref.image_token_id] = PAD_ID  # no image token at all
         ids[0, 2:2 + tokens] = ref.image_token_id
-    bad = Inputs(ids, x.image_embeds[:rows], x.deepstack_embeds[:, :rows])
+    bad = Inputs(ids, x.image_embeds[:rows], x.deepstack_embeds[:, :rows])  # every row an image's
     with pytest.raises(ort.capi.onnxruntime_pybind11_state.Fail,
                        match=rf"image_tokens_vs_image_features.*\{{{tokens}\}}.*\{{{rows}\}}"):
         _onnx(ref, bad)
@@ -231,15 +288,28 @@ def test_twin_swapped_image_rows_fail(ref: Reference):
     _assert_bit_equal(expected, _onnx(ref, x))
     order = np.arange(len(x.image_embeds))
     order[[0, -1]] = order[[-1, 0]]
-    swapped = Inputs(x.input_ids, x.image_embeds[order], x.deepstack_embeds[:, order])
+    swapped = Inputs(x.input_ids, x.image_embeds[order], x.deepstack_embeds[:, order], x.image_rows)
     failed = _failed_outputs(expected, _onnx(ref, swapped))
+    assert failed == {"inputs_embeds", *(f"deepstack_{k}" for k in range(ref.num_levels))}, failed
+
+
+def test_twin_videos_read_first_fail(ref: Reference):
+    # the tower's rows are the images' then the videos': a merge that gives the video tokens the first rows fails
+    x = _make_inputs(ref, CASES["video_between_images"], random.Random(12))
+    expected = _hf(ref, x)
+    _assert_bit_equal(expected, _onnx(ref, x))
+    rows, total = x.image_rows, len(x.image_embeds)
+    assert rows == total - rows  # as many image as video tokens: no count check can catch the mistake
+    order = np.r_[np.arange(rows, total), np.arange(rows)]  # videos' rows first
+    same_count = Inputs(x.input_ids, x.image_embeds[order], x.deepstack_embeds[:, order], rows)
+    failed = _failed_outputs(expected, _onnx(ref, same_count))
     assert failed == {"inputs_embeds", *(f"deepstack_{k}" for k in range(ref.num_levels))}, failed
 
 
 def test_twin_swapped_deepstack_levels_fail(ref: Reference):
     x = _twin_inputs(ref)
     expected = _hf(ref, x)
-    swapped = Inputs(x.input_ids, x.image_embeds, x.deepstack_embeds[::-1])
+    swapped = Inputs(x.input_ids, x.image_embeds, x.deepstack_embeds[::-1], x.image_rows)
     failed = _failed_outputs(expected, _onnx(ref, swapped))
     assert {"deepstack_0", f"deepstack_{ref.num_levels - 1}"} <= failed, failed
     assert "inputs_embeds" not in failed
@@ -247,8 +317,9 @@ def test_twin_swapped_deepstack_levels_fail(ref: Reference):
 
 def _twin_graph(ref: Reference, **cumsum_attributes: int) -> ort.InferenceSession:
     """The same graph with the rank CumSum changed: ``reverse=1`` fills in reverse, ``exclusive=1`` a row late."""
-    model = build_embedding_merge(ref.image_token_id, ref.hidden_size, ref.num_levels)
-    (cumsum,) = [n for n in model.graph if n.op_type == "CumSum"]
+    model = build_embedding_merge(ref.image_token_id, ref.hidden_size, ref.num_levels,
+                                  video_token_id=ref.video_token_id)
+    (cumsum,) = [n for n in model.graph if n.op_type == "CumSum" and "image" in n.name]
     for key, value in cumsum_attributes.items():
         cumsum.attributes[key] = ir.AttrInt64(key, value)
     return checked_session(model)
@@ -264,19 +335,19 @@ def test_twin_graph_with_wrong_order_fails(ref: Reference, attribute: str):
 
 # -- structure -------------------------------------------------------------------------------------------------
 
-EXPECTED_OPS = {"Equal", "Cast", "Reshape", "CumSum", "Mul", "Shape", "Gather", "Pad", "Unsqueeze", "Where",
-                "ReduceSum", "ConstantOfShape", "Add"}  # the last three: the image tokens vs features check
+EXPECTED_OPS = {"Equal", "Or", "Cast", "Reshape", "CumSum", "Mul", "Shape", "Gather", "Pad", "Unsqueeze", "Where",
+                "ReduceSum", "ConstantOfShape", "Add", "Sub"}  # the tokens vs features checks use the last four
 
 
 @pytest.mark.parametrize("num_levels", [1, 3])
 def test_structure(num_levels: int):
     hidden = 32
-    model = build_embedding_merge(1004, hidden, num_levels, prefix="emb/")
+    model = build_embedding_merge(1004, hidden, num_levels, prefix="emb/", video_token_id=1005)
     graph = model.graph
     assert model.opset_imports == {"": 21}
     assert [v.name for v in graph.inputs] == list(INPUT_NAMES)
     assert [v.name for v in graph.outputs] == list(output_names(num_levels))
-    assert [v.dtype for v in graph.inputs] == [ir.DataType.INT64] + [ir.DataType.FLOAT] * 3
+    assert [v.dtype for v in graph.inputs] == [ir.DataType.INT64] + [ir.DataType.FLOAT] * 3 + [ir.DataType.INT64]
     assert [v.dtype for v in graph.outputs] == [ir.DataType.FLOAT, ir.DataType.BOOL] + [ir.DataType.FLOAT] * num_levels
     assert graph.outputs[0].shape == ir.Shape(["batch", "sequence", hidden])
     assert graph.outputs[1].shape == ir.Shape(["batch", "sequence"])
@@ -286,8 +357,9 @@ def test_structure(num_levels: int):
     assert set(ops) == EXPECTED_OPS, set(ops)
     assert ops.count("Where") == 1  # the only select: DeepStack terms gather zeros outside images
     assert ops.count("Gather") == 2 + 2 * num_levels
-    (check,) = [n for n in nodes if n.name.endswith("checks/image_tokens_vs_image_features")]
-    assert check.op_type == "Reshape"
+    for what in ("image_tokens_vs_image_features", "video_tokens_vs_video_features"):
+        (check,) = [n for n in nodes if n.name.endswith(f"checks/{what}")]
+        assert check.op_type == "Reshape"
     assert len({n.name for n in nodes}) == len(nodes), "node names must be unique"
     io_names = {v.name for v in [*graph.inputs, *graph.outputs]}
     for node in nodes:
@@ -306,24 +378,23 @@ def test_structure(num_levels: int):
 
 
 def test_default_prefix():
-    model = build_embedding_merge(7, 8, 2)
+    model = build_embedding_merge(7, 8, 2, video_token_id=8)
     assert all(n.name.startswith("merge/") for n in model.graph)
 
 
 @pytest.mark.parametrize(("hidden", "levels"), [(0, 3), (8, 0)])
 def test_bad_arguments_are_refused(hidden: int, levels: int):
     with pytest.raises(ValueError):
-        build_embedding_merge(7, hidden, levels)
+        build_embedding_merge(7, hidden, levels, video_token_id=8)
 
 
 @pytest.mark.parametrize("case", ["one_row_three_images", "batch_padded_different_image_counts"])
 def test_hidden_major_table_is_bit_equal(ref: Reference, case: str):
     """A tied model's head weight [hidden, vocab] serves as the table: same outputs, bit for bit."""
     session = checked_session(build_embedding_merge(ref.image_token_id, ref.hidden_size, ref.num_levels,
-                                             table_layout="hidden_major"))
+                                                    table_layout="hidden_major", video_token_id=ref.video_token_id))
     x = _make_inputs(ref, CASES[case], random.Random(3))
-    feeds = dict(zip(INPUT_NAMES, (x.input_ids, np.ascontiguousarray(ref.embed_tokens.T), x.image_embeds,
-                                   x.deepstack_embeds), strict=True))
+    feeds = x.feeds(np.ascontiguousarray(ref.embed_tokens.T))
     names = output_names(ref.num_levels)
     actual = dict(zip(names, session.run(list(names), feeds), strict=True))
     _assert_bit_equal(_hf(ref, x), actual)
@@ -338,11 +409,11 @@ def test_int4_blocks_table_matches_dequantized_rows(ref: Reference):
     vocab = ref.embed_tokens.shape[0]
     table = dequantize_int4(packed, scales, None, ref.hidden_size).T.astype(np.float32)
     session = checked_session(build_embedding_merge(ref.image_token_id, ref.hidden_size, ref.num_levels,
-                                             table_layout="int4_blocks", block_size=block))
+                                                    table_layout="int4_blocks", block_size=block,
+                                                    video_token_id=ref.video_token_id))
     x = _make_inputs(ref, CASES["one_row_three_images"], random.Random(4))
     assert packed.shape[0] == vocab  # MatMulNBits' own [vocab, blocks, block / 2] bytes, as the head stores them
-    feeds = {"input_ids": x.input_ids, "embed_tokens": packed, "embed_scales": scales,
-             "image_embeds": x.image_embeds, "deepstack_embeds": x.deepstack_embeds}
+    feeds = {**x.feeds(packed), "embed_scales": scales}
     out = session.run(["inputs_embeds"], feeds)[0]
-    mask = x.input_ids != ref.image_token_id
+    mask = (x.input_ids != ref.image_token_id) & (x.input_ids != ref.video_token_id)
     np.testing.assert_allclose(out[mask], table[x.input_ids[mask]], rtol=0, atol=1e-6)

@@ -200,8 +200,8 @@ def test_stitch_view(precision, built, sources, tmp_path):
     assert all(math.prod(t.dims) <= STITCH_INLINE_MAX_ELEMENTS for t in graph.initializer)
     assert all(t.data_type != onnx.TensorProto.FLOAT or not t.dims for t in graph.initializer)
     inputs = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input}
-    assert inputs["vision/image_embeds"] == ["num_image_tokens", hidden]
-    assert inputs["vision/deepstack_embeds"] == [levels, "num_image_tokens", hidden]
+    assert inputs["vision/image_embeds"] == ["num_visual_tokens", hidden]  # the images' rows, then the videos'
+    assert inputs["vision/deepstack_embeds"] == [levels, "num_visual_tokens", hidden]
     table_readers = [n for n in graph.node if n.name.startswith("merge/embedding/embeds/")
                      and n.op_type in ("Gather", "GatherBlockQuantized") and n.name.endswith(("_columns", "_blocks",
                                                                                              "token_embeds"))]

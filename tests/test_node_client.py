@@ -1,6 +1,7 @@
 """Another ONNX Runtime binding drives the combined model: Node.js (onnxruntime-node), a plain greedy loop.
 
-The JavaScript client has no glue beyond the loop: positions, the image merge and DeepStack are in the graph.
+The JavaScript client has no glue beyond the loop: positions, the image and video merge and DeepStack are in the
+graph.
 Its prefill argmax at every position and its greedy tokens must equal the Python runtime's.
 """
 
@@ -34,15 +35,24 @@ def node_client():
     return CLIENT / "generate.mjs"
 
 
-@pytest.mark.parametrize("case", ["text", "two_images"])
+@pytest.mark.parametrize("case", ["text", "two_images", "image_and_video"])
 def test_node_matches_python(case, node_client, combined, sources, prep, tmp_path):
     combined = combined("tiny")
     from merge.runtime.prompts import build_inputs
+    from merge.runtime.video import VideoProcessor
+    from tests.videos import write_clip
 
     tok, proc = prep("tiny")
     images = _images([(64, 96), (64, 96)], 9) if case == "two_images" else []
-    inputs = build_inputs(tok, proc, "Write a short poem about the sea and the sky.", images, sources("tiny").config)
-    feeds = {k: inputs[k].tolist() for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+    videos, video_processor = [], VideoProcessor.from_folder(sources("tiny").folder)
+    if case == "image_and_video":
+        images = _images([(80, 64)], 10)
+        videos = [video_processor.load(write_clip(tmp_path / "clip.mp4", 9, 6, 64, 48))]
+    inputs = build_inputs(tok, proc, "Write a short poem about the sea and the sky.", images, sources("tiny").config,
+                          video_processor, videos)
+    keys = ["input_ids", "attention_mask", "pixel_values", "image_grid_thw"]
+    keys += ["pixel_values_videos", "video_grid_thw"] if videos else []  # left out: the model's defaults
+    feeds = {k: inputs[k].tolist() for k in keys}
     (tmp_path / "inputs.json").write_text(json.dumps(feeds))
     proc_ = subprocess.run(["node", str(node_client), str(combined), str(tmp_path / "inputs.json"), str(NEW_TOKENS)],
                            capture_output=True, text=True, timeout=300)
@@ -50,10 +60,12 @@ def test_node_matches_python(case, node_client, combined, sources, prep, tmp_pat
     js = json.loads(proc_.stdout)
 
     gen = CombinedModel(combined).generate(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                                           inputs["image_grid_thw"], max_new_tokens=NEW_TOKENS)
+                                           inputs["image_grid_thw"], max_new_tokens=NEW_TOKENS,
+                                           pixel_values_videos=inputs["pixel_values_videos"],
+                                           video_grid_thw=inputs["video_grid_thw"])
     np.testing.assert_array_equal(np.array(js["prefill_argmax"]), gen.prefill_logits.argmax(-1))
     np.testing.assert_array_equal(np.array(js["tokens"]), gen.tokens)
-    if images:  # twin: the comparison can fail - the two same-size images swapped give other argmaxes
+    if case == "two_images":  # twin: the comparison can fail - the two same-size images swapped give other argmaxes
         first, second = np.split(inputs["pixel_values"], 2)
         swapped = CombinedModel(combined).generate(inputs["input_ids"], inputs["attention_mask"],
                                                    np.concatenate([second, first]), inputs["image_grid_thw"],

@@ -202,7 +202,9 @@ def _padded_row_error(model: ir.Model, config: ModelConfig, folder) -> tuple[flo
     def run(input_ids, mask):
         feeds = {"input_ids": input_ids, "attention_mask": mask,
                  "pixel_values": np.zeros((0, config.vision.patch_dim), np.float32),
-                 "image_grid_thw": np.zeros((0, 3), np.int64), "rope_deltas": np.zeros((len(input_ids), 1), np.int64)}
+                 "image_grid_thw": np.zeros((0, 3), np.int64), "rope_deltas": np.zeros((len(input_ids), 1), np.int64),
+                 "pixel_values_videos": np.zeros((0, config.vision.patch_dim), np.float32),
+                 "video_grid_thw": np.zeros((0, 3), np.int64)}
         empty = np.zeros((len(input_ids), kv.num_kv_heads, 0, kv.head_dim), np.float32)
         feeds.update({v.name: empty for v in model.graph.inputs if v.name.startswith("past_key_values.")})
         return session.run(["logits"], feeds)[0]
@@ -292,7 +294,9 @@ def test_keep_logits_runs_the_head_on_the_last_positions(fresh, tmp_path):
     ids = np.random.default_rng(1).integers(0, 900, (2, 7))
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
              "pixel_values": np.zeros((0, config.vision.patch_dim), np.float32),
-             "image_grid_thw": np.zeros((0, 3), np.int64), "rope_deltas": np.zeros((2, 1), np.int64)}
+             "image_grid_thw": np.zeros((0, 3), np.int64), "rope_deltas": np.zeros((2, 1), np.int64),
+             "pixel_values_videos": np.zeros((0, config.vision.patch_dim), np.float32),
+             "video_grid_thw": np.zeros((0, 3), np.int64)}
     empty = np.zeros((2, config.text.num_kv_heads, 0, config.text.head_dim), np.float32)
     feeds.update({v.name: empty for v in model.graph.inputs if v.name.startswith("past_key_values.")})
     everything = session.run(["logits"], feeds)[0]  # not fed: the default keeps every position
@@ -310,8 +314,9 @@ def test_set_interface_orders_the_contract(fresh):
     model, parts, config = fresh()
     model = _run_until(model, config, parts, SetInterface)
     names = [v.name for v in model.graph.inputs]
-    assert names[:5] == list(COMBINED_INPUTS)
-    assert all(n.startswith("past_key_values.") for n in names[5:-1]) and names[-1] == "logits_to_keep"
+    assert names[:len(COMBINED_INPUTS)] == list(COMBINED_INPUTS)
+    past = names[len(COMBINED_INPUTS):-1]
+    assert past and all(n.startswith("past_key_values.") for n in past) and names[-1] == "logits_to_keep"
     outputs = [v.name for v in model.graph.outputs]
     assert outputs[0] == "logits" and outputs[-1] == ROPE_DELTAS_OUT
 

@@ -146,6 +146,22 @@ def test_readme_inspect_and_run_output_match(tmp_path, combined):
         r"[\d.]+ ms|[\d.]+ tokens/s|[\d.]+ ms/token", "#", pasted_lines[-1])
 
 
+def test_readme_video_command_and_output_match(tmp_path, combined):
+    """The README's ``run --video`` command on the clip it describes: the same text, the same timing line's shape."""
+    from tests.videos import write_clip
+
+    readme = README.read_text()
+    command = re.search(r"```\n(python -m merge run combined/ --video clip\.mp4 .*?)\n```", readme).group(1)
+    write_clip(tmp_path / "clip.mp4", 25, 10, 96, 64)
+    command = command.replace("python ", f"{sys.executable} ", 1).replace("combined/", str(combined("tiny")))
+    proc = _run(command, tmp_path)
+    pasted = re.search(r"Real output on a clip.*?```\n(.*?)```", readme, flags=re.S).group(1).rstrip("\n")
+    got, want = proc.stdout.rstrip("\n").splitlines(), pasted.splitlines()
+    assert got[:-1] == want[:-1]  # same tokens (seeded preset, same clip)
+    number = r"[\d.]+ ms|[\d.]+ tokens/s|[\d.]+ ms/token"
+    assert re.sub(number, "#", got[-1]) == re.sub(number, "#", want[-1])
+
+
 def test_hub_id_goes_through_huggingface_hub(monkeypatch, sources, tmp_path):
     """A hub id resolves through snapshot_download; without hub access the error says so in one sentence."""
     import huggingface_hub

@@ -51,6 +51,42 @@ def test_verify_names_the_broken_stage(kind, stage, good, reference, tmp_path, c
     assert last == f"FAILED: first failing stage: {stage}"
 
 
+@pytest.fixture(scope="module")
+def video_reference(good, tmp_path_factory):
+    """A reference for an image and a clip (PyTorch once), reused by the video cases."""
+    from PIL import Image
+
+    from tests.videos import frame, write_clip
+
+    folder = tmp_path_factory.mktemp("video-ref")
+    clip = write_clip(folder / "clip.mp4", 11, 5, 64, 96)  # 4 frames sampled: 2 groups
+    Image.fromarray(frame(3, 80, 48)).save(folder / "picture.png")
+    path = folder / "reference.npz"
+    assert main(["verify", str(good), "--model", "tiny", "--video", str(clip), "--image", str(folder / "picture.png"),
+                 "--save-reference", str(path), "--max-new-tokens", "4"]) == 0
+    return path
+
+
+def test_verify_reports_the_video_stages(good, video_reference, tmp_path, capsys):
+    report = tmp_path / "report.json"
+    assert main(["verify", str(good), "--reference", str(video_reference), "--json", str(report)]) == 0
+    names = [s["name"] for s in json.loads(report.read_text())["stages"]]
+    levels = sum(name.startswith("deepstack level") for name in names)
+    assert names[:2 * (levels + 1)] == ["vision image_embeds", *(f"deepstack level {k}" for k in range(levels)),
+                                        "vision video_embeds", *(f"video deepstack level {k}" for k in range(levels))]
+
+
+@pytest.mark.parametrize(("kind", "stage"), [("vision_layer_weights", "vision image_embeds"),
+                                             ("positions_altered", "3-D position ids")])
+def test_verify_with_video_names_the_broken_stage(kind, stage, good, video_reference, tmp_path, capsys):
+    broken = broken_copy(good, tmp_path / kind, kind)
+    assert main(["verify", str(broken), "--reference", str(video_reference)]) == 1
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1] == f"FAILED: first failing stage: {stage}"
+    if kind == "vision_layer_weights":  # the tower serves both: the video rows fail as well
+        assert any(line.startswith("vision video_embeds") and line.endswith("FAILED") for line in out.splitlines())
+
+
 def test_verify_errors_are_one_line(tmp_path, capsys):
     assert main(["verify", str(tmp_path), "--reference", str(tmp_path / "none.npz")]) == 2
     err = capsys.readouterr().err

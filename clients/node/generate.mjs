@@ -4,7 +4,9 @@
 //   node generate.mjs COMBINED_DIR INPUTS.json NEW_TOKENS
 //
 // INPUTS.json: {"input_ids": [[...]], "attention_mask": [[...]], "pixel_values": [[...], ...],
-//               "image_grid_thw": [[t, h, w], ...]}   (pixel_values and image_grid_thw may be empty lists)
+//               "image_grid_thw": [[t, h, w], ...],
+//               "pixel_values_videos": [[...], ...], "video_grid_thw": [[t, h, w], ...]}
+//   (each pair may be empty lists; the video entries may be left out: the call then has no video)
 // Prints {"tokens": [[...]], "prefill_argmax": [[...]]} as JSON.
 import fs from "node:fs";
 import path from "node:path";
@@ -20,7 +22,8 @@ const inputs = JSON.parse(fs.readFileSync(inputsPath, "utf8"));
 
 const session = await ort.InferenceSession.create(path.join(folder, "model.onnx"));
 const pastNames = session.inputNames.filter((n) => n.startsWith("past_key_values."));
-const patchDim = inputs.pixel_values.length ? inputs.pixel_values[0].length : null;
+const patchDim = inputs.pixel_values.length ? inputs.pixel_values[0].length
+  : inputs.pixel_values_videos?.length ? inputs.pixel_values_videos[0].length : null;
 
 const int64 = (rows) => new ort.Tensor("int64", BigInt64Array.from(rows.flat().map(BigInt)), [rows.length, rows[0].length]);
 const batch = inputs.input_ids.length;
@@ -62,6 +65,10 @@ let feeds = {
   image_grid_thw: new ort.Tensor("int64", BigInt64Array.from(inputs.image_grid_thw.flat().map(BigInt)), [inputs.image_grid_thw.length, 3]),
   rope_deltas: new ort.Tensor("int64", new BigInt64Array(batch), [batch, 1]),
 };
+const videoRows = inputs.pixel_values_videos ?? [];
+const videoGrid = inputs.video_grid_thw ?? [];
+feeds.pixel_values_videos = new ort.Tensor("float32", Float32Array.from(videoRows.flat()), [videoRows.length, pixelDim]);
+feeds.video_grid_thw = new ort.Tensor("int64", BigInt64Array.from(videoGrid.flat().map(BigInt)), [videoGrid.length, 3]);
 for (const name of pastNames) feeds[name] = new ort.Tensor("float32", new Float32Array(0), [batch, kvHeads, 0, headDim]);
 
 const tokens = Array.from({ length: batch }, () => []);
@@ -77,6 +84,8 @@ for (let step = 0; step < newTokens; step++) {
     attention_mask: int64(mask),
     pixel_values: new ort.Tensor("float32", new Float32Array(0), [0, pixelDim]),
     image_grid_thw: new ort.Tensor("int64", new BigInt64Array(0), [0, 3]),
+    pixel_values_videos: new ort.Tensor("float32", new Float32Array(0), [0, pixelDim]),
+    video_grid_thw: new ort.Tensor("int64", new BigInt64Array(0), [0, 3]),
     rope_deltas: out.rope_deltas_out,
   };
   for (const name of pastNames) feeds[name] = out[name.replace("past_key_values.", "present.")];

@@ -33,9 +33,9 @@ def make_parts(source: ModelSource, checkpoint: Checkpoint | None = None) -> Par
         vision=build_vision_model(checkpoint, config.vision),
         embedding_merge=build_embedding_merge(config.image_token_id, config.text.hidden_size,
                                               len(config.vision.deepstack_visual_indexes),
-                                              prefix=EMBEDDING_PREFIX),
+                                              prefix=EMBEDDING_PREFIX, video_token_id=config.video_token_id),
         rope_index=build_rope_index(config.image_token_id, config.vision.spatial_merge_size, opset=OPSET,
-                                    prefix=POSITION_PREFIX),
+                                    prefix=POSITION_PREFIX, video_token_id=config.video_token_id),
         embed_tokens=token_table(checkpoint, config),
     )
 

@@ -16,7 +16,7 @@ from merge.errors import MergeError
 
 log = logging.getLogger(__name__)
 
-# ``--image N:PATH``: the image goes with prompt N (0-based); a plain PATH goes with prompt 0.
+# ``--image N:PATH`` / ``--video N:PATH``: it goes with prompt N (0-based); a plain PATH goes with prompt 0.
 IMAGE_SPEC = re.compile(r"^(\d+):(.+)$")
 
 
@@ -29,6 +29,11 @@ def run(args: argparse.Namespace) -> int:
     Images: --image PATH shows PATH with the first prompt; --image N:PATH with prompt N (counted from 0, in the
     order of the --prompt options). Repeat --image for several images; each prompt sees its own images in the
     order given, before its text. Write ./N:name for a file whose name itself starts with digits and a colon.
+
+    Videos: --video PATH (a video file, or a folder of frames taken as a clip at --fps), --video N:PATH likewise,
+    after the prompt's images. Frames are sampled as Qwen3-VL's video processor samples them: --fps frames per
+    second (default: the folder's video processor config, 2), at least 4 and at most --max-frames (default 768),
+    each frame group preceded by its timestamp.
 
     One --prompt streams its answer as the tokens arrive. Several --prompt run as one left-padded batch; each
     answer is printed under a header when the batch is done. The last line gives the timings: vision and prefill
@@ -44,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
         raise MergeError(f"--threads must be at least 1, got {args.threads}")
     prompts = list(args.prompt)
     images = [[load_image(path) for path in paths] for paths in _assign_images(args.image or [], len(prompts))]
+    videos = _assign_images(args.video or [], len(prompts), "--video")
+    if args.fps is not None and not 0 < args.fps <= 1000:
+        raise MergeError(f"--fps must be above 0 and at most 1000, got {args.fps}")
 
     for prompt in prompts:
         try:
@@ -52,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             shown = prompt.encode("utf-8", "replace").decode()
             raise MergeError(f"--prompt {shown!r} is not valid UTF-8 text") from None
     model = CombinedModel(folder, threads=args.threads, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-                          check_checksums=args.check_checksums)
+                          check_checksums=args.check_checksums, fps=args.fps, max_frames=args.max_frames)
     out = sys.stdout
     if len(prompts) == 1:
         shown: list[str] = []
@@ -62,11 +70,12 @@ def run(args: argparse.Namespace) -> int:
             out.write(piece)
             out.flush()
 
-        completion = model.complete(prompts[0], images[0], max_new_tokens=args.max_new_tokens, stream=stream)
+        completion = model.complete(prompts[0], images[0], videos=videos[0], max_new_tokens=args.max_new_tokens,
+                                    stream=stream)
         if not "".join(shown).endswith("\n"):
             out.write("\n")
     else:
-        completion = model.complete(prompts, images, max_new_tokens=args.max_new_tokens)
+        completion = model.complete(prompts, images, videos=videos, max_new_tokens=args.max_new_tokens)
         for row, (prompt, text) in enumerate(zip(prompts, completion.texts, strict=True)):
             out.write(f"--- [{row}] {prompt}\n{text}\n")
     out.write(timing_line(completion) + "\n")
@@ -74,14 +83,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _assign_images(specs: list[str], num_prompts: int) -> list[list[str]]:
-    """``--image`` values -> one list of paths per prompt."""
+def _assign_images(specs: list[str], num_prompts: int, option: str = "--image") -> list[list[str]]:
+    """``--image`` (or ``--video``) values -> one list of paths per prompt."""
     per_prompt: list[list[str]] = [[] for _ in range(num_prompts)]
     for spec in specs:
         match = IMAGE_SPEC.match(spec)
         row, path = (int(match.group(1)), match.group(2)) if match else (0, spec)
         if row >= num_prompts:
-            raise MergeError(f"--image {spec} names prompt {row}, but there {'is' if num_prompts == 1 else 'are'} "
+            raise MergeError(f"{option} {spec} names prompt {row}, but there {'is' if num_prompts == 1 else 'are'} "
                              f"{num_prompts} --prompt (prompts count from 0)")
         per_prompt[row].append(path)
     return per_prompt
@@ -94,8 +103,12 @@ def timing_line(completion) -> str:
     prefill_ms = gen.prefill_seconds * 1e3
     prefill_rate = completion.prompt_tokens / gen.prefill_seconds if gen.prefill_seconds > 0 else float("nan")
     images = f"{completion.num_images} image{'' if completion.num_images == 1 else 's'}"
+    videos = ""
+    if completion.num_videos:
+        plural = "" if completion.num_videos == 1 else "s"
+        videos = f", {completion.video_tokens} video tokens, {completion.num_videos} video{plural}"
     line = (f"vision+prefill {prefill_ms:.1f} ms for {completion.prompt_tokens} prompt tokens "
-            f"({completion.image_tokens} image tokens, {images}): {prefill_rate:.1f} tokens/s")
+            f"({completion.image_tokens} image tokens, {images}{videos}): {prefill_rate:.1f} tokens/s")
     steps = new_tokens - 1  # the first new token comes from the prefill call
     if steps < 1:
         return f"{line} | decode: no steps ({new_tokens} new token)"
@@ -116,14 +129,26 @@ def add_pixel_arguments(parser: argparse.ArgumentParser) -> None:
                              "for 448x448 worth of pixels; default: the folder's processor config)")
 
 
+def add_video_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--fps`` / ``--max-frames``: how many frames a video gives, as Qwen3-VL's video processor samples them."""
+    parser.add_argument("--fps", type=float, default=None, metavar="F",
+                        help="frames sampled per second of video (default: the folder's video processor config, 2); "
+                             "a folder of frames is taken as a clip at this rate")
+    parser.add_argument("--max-frames", type=int, default=None, metavar="N",
+                        help="at most this many frames per video (default: the folder's config, 768)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("combined", help="a combined folder written by `python -m merge build`")
     parser.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                         help="the user's text; repeat for a batch (prompt 0, 1, ...)")
     parser.add_argument("--image", action="append", metavar="[N:]PATH",
                         help="an image for prompt N (default 0); repeat for several images")
+    parser.add_argument("--video", action="append", metavar="[N:]PATH",
+                        help="a video file or a folder of frames for prompt N (default 0); repeat for several")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many tokens (default 128)")
     add_pixel_arguments(parser)
+    add_video_arguments(parser)
     parser.add_argument("--check-checksums", action="store_true",
                         help="also hash the model files against merge.json's SHA-256 and refuse unlisted files")
     parser.add_argument("--threads", type=int, default=None,

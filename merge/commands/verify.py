@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .run import add_pixel_arguments
+from .run import add_pixel_arguments, add_video_arguments
 
 
 def run(args: argparse.Namespace) -> int:
@@ -13,8 +13,9 @@ def run(args: argparse.Namespace) -> int:
 
     Runs the same processor output through PyTorch (--model, by default the model the folder was built from)
     and the combined model and prints one table: vision image_embeds, each DeepStack level, merged input
-    embeddings, 3-D position ids, prefill logits, each decode step's logits and the greedy tokens. With no
-    --image, a few test images of different sizes are generated. --save-reference stores the reference so that
+    embeddings, 3-D position ids, prefill logits, each decode step's logits and the greedy tokens; with --video,
+    the videos' vision rows and DeepStack levels too. With no --image and no --video, a few test images of
+    different sizes are generated. --save-reference stores the reference so that
     --reference can check again without PyTorch.
     """
     from .extras import BUILD_MODULES, INSPECT_MODULES, require
@@ -33,10 +34,11 @@ def run(args: argparse.Namespace) -> int:
         from merge.sources.resolve import resolve_model
 
         model_folder = resolve_model(args.model or combined.manifest.source_model, args.cache_dir).folder
-    images = load_images(args.image) if args.image else default_images()
+    images = load_images(args.image) if args.image else [] if args.video else default_images()
     stages = verify(combined, model_folder=model_folder, prompt=args.prompt, images=images,
                     new_tokens=args.max_new_tokens, reference=args.reference, save_to=args.save_reference,
-                    min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+                    min_pixels=args.min_pixels, max_pixels=args.max_pixels, videos=args.video, fps=args.fps,
+                    max_frames=args.max_frames)
     print(format_table(stages))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -50,9 +52,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default=None,
                    help="the PyTorch reference: preset, HF folder or hub id (default: the folder's source model)")
     p.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
+    p.add_argument("--video", action="append", default=[],
+                   help="a video file or a folder of frames (repeatable; after the images)")
     p.add_argument("--prompt", default="Describe these images.", help="the user prompt")
     p.add_argument("--max-new-tokens", type=int, default=8, help="decode steps to compare")
     add_pixel_arguments(p)
+    add_video_arguments(p)
     p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     p.add_argument("--save-reference", type=Path, default=None, help="save the PyTorch reference (.npz)")
     p.add_argument("--reference", type=Path, default=None, help="use a saved reference instead of PyTorch")

@@ -43,6 +43,8 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 PIXEL_VALUES = "pixel_values"
 IMAGE_GRID_THW = "image_grid_thw"
+PIXEL_VALUES_VIDEOS = "pixel_values_videos"  # 0 rows when a call has no video
+VIDEO_GRID_THW = "video_grid_thw"
 ROPE_DELTAS = "rope_deltas"
 LOGITS = "logits"
 ROPE_DELTAS_OUT = "rope_deltas_out"  # ONNX forbids an output with an input's name
@@ -51,8 +53,11 @@ PRESENT_PREFIX = "present."
 
 LOGITS_TO_KEEP = "logits_to_keep"  # optional (default 0: every position), after the cache
 
-# The combined model's inputs before the cache, in the contract's order; then the cache; then the optional ones.
-COMBINED_INPUTS = (INPUT_IDS, ATTENTION_MASK, PIXEL_VALUES, IMAGE_GRID_THW, ROPE_DELTAS)
+# The combined model's inputs before the cache, in the contract's order; then the cache; then the optional ones
+# (initializers that a fed input overrides; some bindings, onnxruntime-node among them, list and feed only the
+# required inputs, so nothing a client needs may be optional).
+COMBINED_INPUTS = (INPUT_IDS, ATTENTION_MASK, PIXEL_VALUES, IMAGE_GRID_THW, PIXEL_VALUES_VIDEOS, VIDEO_GRID_THW,
+                   ROPE_DELTAS)
 OPTIONAL_INPUTS = (LOGITS_TO_KEEP,)
 
 # The decoder part's own inputs (the GenAI builder's, with exclude_embeds).
@@ -79,6 +84,7 @@ SCOPES = (VISION_SCOPE, MERGE_SCOPE, DECODER_SCOPE)
 # Values inside the combined graph that the tools read (verify's debug outputs, inspect's stitch view).
 VISION_IMAGE_EMBEDS = "vision/image_embeds"
 VISION_DEEPSTACK_EMBEDS = "vision/deepstack_embeds"
+VISION_IMAGE_ROWS = "vision/image_rows"  # how many of the embeds' rows are the images' (the videos' follow)
 MERGED_INPUTS_EMBEDS = DECODER_INPUTS_EMBEDS  # the embedding merge's output keeps the decoder's input name
 MERGED_POSITION_IDS = DECODER_POSITION_IDS
 EMBEDDING_PREFIX = "merge/embedding/"

@@ -27,8 +27,10 @@ from merge.contract.names import (
     LOGITS_TO_KEEP,
     PAST_PREFIX,
     PIXEL_VALUES,
+    PIXEL_VALUES_VIDEOS,
     ROPE_DELTAS,
     ROPE_DELTAS_OUT,
+    VIDEO_GRID_THW,
     present_name,
 )
 from merge.contract.vision import check_vision_inputs
@@ -64,28 +66,32 @@ class Completion:
     texts: list[str]
     generation: Generation  # tokens [batch, new] (EOS included, then pad), logits, prefill and decode seconds
     inputs: dict[str, np.ndarray]  # the preprocessed batch (build_batch_inputs' keys)
-    prompt_tokens: int  # real (unpadded) prompt tokens over the batch, image tokens included
+    prompt_tokens: int  # real (unpadded) prompt tokens over the batch, image and video tokens included
     image_tokens: int
     num_images: int
+    video_tokens: int = 0
+    num_videos: int = 0
 
 
-def _as_batch(prompt: str | Sequence[str], images: Sequence) -> tuple[list[str], list[list]]:
-    """(prompts, one image list per prompt) from chat()'s ``prompt`` and ``images`` arguments."""
+def _as_batch(prompt: str | Sequence[str], items: Sequence, kind: str = "images",
+              nested: Callable[[Any], bool] = lambda i: isinstance(i, list | tuple)) -> tuple[list[str], list[list]]:
+    """(prompts, one list of ``kind`` per prompt) from chat()'s ``prompt`` and ``images`` / ``videos`` arguments.
+    ``nested`` tells a per-prompt list from one item (a video may itself be a list of frames)."""
     if isinstance(prompt, str):
-        images = list(images)
-        if any(isinstance(i, list | tuple) for i in images):
-            raise MergeError("with one prompt, images is a flat list of images (nested lists are for several prompts)")
-        return [prompt], [images]
+        items = list(items)
+        if kind == "images" and any(nested(i) for i in items):
+            raise MergeError(f"with one prompt, {kind} is a flat list (nested lists are for several prompts)")
+        return [prompt], [items]
     prompts = list(prompt)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise MergeError("prompt must be a string or a non-empty list of strings")
-    images = list(images)
-    if not images:
+    items = list(items)
+    if not items:
         return prompts, [[] for _ in prompts]
-    if len(images) != len(prompts) or not all(isinstance(i, list | tuple) for i in images):
-        raise MergeError(f"with {len(prompts)} prompts, images must hold one list of images per prompt "
-                         f"(got {len(images)} entries)")
-    return prompts, [list(i) for i in images]
+    if len(items) != len(prompts) or not all(nested(i) for i in items):
+        raise MergeError(f"with {len(prompts)} prompts, {kind} must hold one list of {kind} per prompt (got "
+                         f"{len(items)} entries)")
+    return prompts, [list(i) for i in items]
 
 
 class CombinedModel:
@@ -93,17 +99,20 @@ class CombinedModel:
 
     def __init__(self, folder: Path | str | CombinedFolder, *, threads: int | None = None,
                  providers: Sequence[str] | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
-                 check_checksums: bool = False, model_bytes: bytes | None = None):
+                 check_checksums: bool = False, model_bytes: bytes | None = None, fps: float | None = None,
+                 max_frames: int | None = None):
         """``folder`` is checked first (:class:`merge.contract.folder.CombinedFolder`, or one already opened); the
         session and the preprocessing then read only what was checked. ``check_checksums`` also hashes the model
-        files. ``model_bytes`` replaces the folder's graph (the same weights; verify adds debug outputs)."""
+        files. ``model_bytes`` replaces the folder's graph (the same weights; verify adds debug outputs). ``min_pixels``
+        / ``max_pixels`` bound the images' sizes, ``fps`` / ``max_frames`` the frames taken from videos."""
         import onnxruntime as ort
 
         self.combined = folder if isinstance(folder, CombinedFolder) else CombinedFolder.open(
             folder, check_checksums=check_checksums)
         self.folder = self.combined.path
         self.config = self.combined.config
-        self._pixel_limits = {"min_pixels": min_pixels, "max_pixels": max_pixels}
+        self._pixel_limits = {"min_pixels": min_pixels, "max_pixels": max_pixels, "fps": fps,
+                              "max_frames": max_frames}
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -116,14 +125,24 @@ class CombinedModel:
         self.output_names = [o.name for o in self.session.get_outputs()]
         optional = {i.name for i in self.session.get_overridable_initializers()}
         self.keeps_logits = LOGITS_TO_KEEP in optional or LOGITS_TO_KEEP in inputs  # folders built before: no
+        self.takes_videos = PIXEL_VALUES_VIDEOS in inputs  # folders built before videos: no
 
     def empty_images(self) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros((0, self.patch_dim), np.float32), np.zeros((0, 3), np.int64)
 
+    def no_vision(self) -> dict[str, np.ndarray]:
+        """The vision inputs of a call without images or videos (every decode step): 0 rows each."""
+        pv, grid = self.empty_images()
+        feeds = {PIXEL_VALUES: pv, IMAGE_GRID_THW: grid}
+        if self.takes_videos:
+            feeds.update({PIXEL_VALUES_VIDEOS: pv, VIDEO_GRID_THW: grid})
+        return feeds
+
     def forward(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
 
-    def check_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw) -> None:
+    def check_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos=None,
+                     video_grid_thw=None) -> None:
         """Refuse a first call the model cannot run right, before running anything (names the numbers)."""
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise MergeError(f"input_ids must be [batch, sequence] with sequence > 0, got shape {input_ids.shape}")
@@ -133,23 +152,34 @@ class CombinedModel:
                 "call they must match"
             )
         spec = self.config.vision
-        check_vision_inputs(pixel_values, image_grid_thw, spec)
-        image_token = self.config.image_token_id
-        tokens = int(((input_ids == image_token) & (attention_mask != 0)).sum())
-        features = int(image_grid_thw.prod(axis=1).sum()) // spec.merge_unit if len(image_grid_thw) else 0
-        if tokens != features:
-            raise MergeError(
-                f"input_ids hold {tokens} image tokens (id {image_token}) but image_grid_thw gives {features} image "
-                f"features (sum of t*h*w / {spec.merge_unit}); the prompt and the images do not belong together"
-            )
+        kinds = [("image", pixel_values, image_grid_thw, self.config.image_token_id)]
+        if pixel_values_videos is not None:
+            kinds.append(("video", pixel_values_videos, video_grid_thw, self.config.video_token_id))
+        for kind, pixels, grid, token in kinds:
+            check_vision_inputs(pixels, grid, spec)
+            tokens = int(((input_ids == token) & (attention_mask != 0)).sum())
+            features = int(grid.prod(axis=1).sum()) // spec.merge_unit if len(grid) else 0
+            if tokens != features:
+                raise MergeError(
+                    f"input_ids hold {tokens} {kind} tokens (id {token}) but {kind}_grid_thw gives {features} {kind} "
+                    f"features (sum of t*h*w / {spec.merge_unit}); the prompt and the {kind}s do not belong together"
+                )
 
-    def first_feeds(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None) -> dict:
+    def first_feeds(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+                    video_grid_thw=None) -> dict:
         input_ids = np.asarray(input_ids)
         attention_mask = np.asarray(attention_mask)
         batch = input_ids.shape[0]
         if pixel_values is None:
             pixel_values, image_grid_thw = self.empty_images()
-        self.check_inputs(input_ids, attention_mask, np.asarray(pixel_values), np.asarray(image_grid_thw))
+        videos = pixel_values_videos is not None and len(pixel_values_videos) > 0
+        if videos and not self.takes_videos:
+            raise MergeError(f"{self.folder} was built before videos were supported (its model has no "
+                             f"{PIXEL_VALUES_VIDEOS} input); build it again to use videos")
+        if pixel_values_videos is None:
+            pixel_values_videos, video_grid_thw = self.empty_images()
+        self.check_inputs(input_ids, attention_mask, np.asarray(pixel_values), np.asarray(image_grid_thw),
+                          np.asarray(pixel_values_videos), np.asarray(video_grid_thw).reshape(-1, 3))
         feeds = {
             INPUT_IDS: np.ascontiguousarray(input_ids, np.int64),
             ATTENTION_MASK: np.ascontiguousarray(attention_mask, np.int64),
@@ -157,6 +187,9 @@ class CombinedModel:
             IMAGE_GRID_THW: np.ascontiguousarray(image_grid_thw, np.int64).reshape(-1, 3),
             ROPE_DELTAS: np.zeros((batch, 1), np.int64),
         }
+        if self.takes_videos:
+            feeds[PIXEL_VALUES_VIDEOS] = np.ascontiguousarray(pixel_values_videos, np.float32)
+            feeds[VIDEO_GRID_THW] = np.ascontiguousarray(video_grid_thw, np.int64).reshape(-1, 3)
         empty = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), np.float32)
         feeds.update(dict.fromkeys(self.past_names, empty))
         return feeds
@@ -174,6 +207,8 @@ class CombinedModel:
         on_token=None,
         forced_tokens: np.ndarray | None = None,
         all_logits: bool = True,
+        pixel_values_videos: np.ndarray | None = None,
+        video_grid_thw: np.ndarray | None = None,
     ) -> Generation:
         """Greedy decoding. Rows that produced an EOS token continue with ``pad_token_id`` (as HF does).
 
@@ -190,7 +225,8 @@ class CombinedModel:
         if attention_mask is None:
             attention_mask = np.ones_like(input_ids)
         attention_mask = np.asarray(attention_mask, np.int64)
-        feeds = self.first_feeds(input_ids, attention_mask, pixel_values, image_grid_thw)
+        feeds = self.first_feeds(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+                                 video_grid_thw)
         if not all_logits and self.keeps_logits:
             feeds[LOGITS_TO_KEEP] = np.array(1, np.int64)
         start = time.perf_counter()
@@ -215,9 +251,8 @@ class CombinedModel:
             if step == max_new_tokens - 1 or finished.all():
                 break
             attention_mask = np.concatenate([attention_mask, np.ones((len(token), 1), np.int64)], axis=1)
-            pv, grid = self.empty_images()
-            feeds = {INPUT_IDS: token[:, None], ATTENTION_MASK: attention_mask, PIXEL_VALUES: pv,
-                     IMAGE_GRID_THW: grid, ROPE_DELTAS: out[ROPE_DELTAS_OUT]}
+            feeds = {INPUT_IDS: token[:, None], ATTENTION_MASK: attention_mask, **self.no_vision(),
+                     ROPE_DELTAS: out[ROPE_DELTAS_OUT]}
             feeds.update({p: out[present_name(p)] for p in self.past_names})
             out = self.forward(feeds)
             logits = out[LOGITS][:, -1]
@@ -237,6 +272,7 @@ class CombinedModel:
         prompt: str | Sequence[str],
         images: Sequence[Any] = (),
         *,
+        videos: Sequence[Any] = (),
         max_new_tokens: int = DEFAULT_NEW_TOKENS,
         stream: Callable[[int, str], None] | None = None,
     ) -> list[str]:
@@ -244,16 +280,19 @@ class CombinedModel:
 
         ``prompt``: a string, or a list of strings for a left-padded batch. ``images``: for one prompt, a list of
         PIL images or image paths shown before the text; for a list of prompts, one such list per prompt (or
-        nothing). ``stream(row, piece)`` is called with each new piece of text as tokens arrive (pieces never
-        split a UTF-8 character; row is the prompt's index). See :meth:`complete` for timings and tokens.
+        nothing). ``videos`` likewise, after the images: each a video file, a folder of frames, a list of frames
+        (PIL images) or a :class:`merge.runtime.video.Video`. ``stream(row, piece)`` is called with each new piece
+        of text as tokens arrive (pieces never split a UTF-8 character; row is the prompt's index). See
+        :meth:`complete` for timings and tokens.
         """
-        return self.complete(prompt, images, max_new_tokens=max_new_tokens, stream=stream).texts
+        return self.complete(prompt, images, videos=videos, max_new_tokens=max_new_tokens, stream=stream).texts
 
     def complete(
         self,
         prompt: str | Sequence[str],
         images: Sequence[Any] = (),
         *,
+        videos: Sequence[Any] = (),
         max_new_tokens: int = DEFAULT_NEW_TOKENS,
         stream: Callable[[int, str], None] | None = None,
     ) -> Completion:
@@ -263,9 +302,10 @@ class CombinedModel:
         if max_new_tokens < 1:
             raise MergeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         prompts, image_lists = _as_batch(prompt, images)
+        _, video_lists = _as_batch(prompt, videos, "videos", _is_video_list)
         image_lists = [[load_image(i) if isinstance(i, str | Path) else i for i in row] for row in image_lists]
         pre = self.preprocessor
-        inputs = pre.build_batch_inputs(prompts, image_lists)
+        inputs = pre.build_batch_inputs(prompts, image_lists, video_lists)
         eos = pre.eos_token_ids
         streams = [pre.stream() for _ in prompts]
         done = [False] * len(prompts)
@@ -287,7 +327,7 @@ class CombinedModel:
         generation = self.generate(
             inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], inputs["image_grid_thw"],
             max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=pre.pad_token_id, on_token=on_token,
-            all_logits=False,
+            all_logits=False, pixel_values_videos=inputs[PIXEL_VALUES_VIDEOS], video_grid_thw=inputs[VIDEO_GRID_THW],
         )
         for row, finished in enumerate(done):
             if not finished:
@@ -298,5 +338,17 @@ class CombinedModel:
             texts.append(pre.decode(row[:end]))
         mask = inputs["attention_mask"].astype(bool)
         image_tokens = int(((inputs["input_ids"] == self.config.image_token_id) & mask).sum())
+        video_tokens = int(((inputs["input_ids"] == self.config.video_token_id) & mask).sum())
         return Completion(texts=texts, generation=generation, inputs=inputs, prompt_tokens=int(mask.sum()),
-                          image_tokens=image_tokens, num_images=int(inputs["image_grid_thw"].shape[0]))
+                          image_tokens=image_tokens, num_images=int(inputs["image_grid_thw"].shape[0]),
+                          video_tokens=video_tokens, num_videos=int(inputs[VIDEO_GRID_THW].shape[0]))
+
+
+def _is_video_list(item: Any) -> bool:
+    """With several prompts, ``videos`` holds one list of videos per prompt; a video may itself be a list of frames,
+    so a per-prompt list is a list whose items are videos (paths, Video objects or lists of frames), or empty."""
+    from .video import Video
+
+    if not isinstance(item, list | tuple):
+        return False
+    return all(isinstance(v, str | Path | Video | list | tuple) for v in item)

@@ -13,20 +13,22 @@ import numpy as np
 
 from merge.contract.config import ModelConfig
 from merge.contract.folder import CombinedFolder
-from merge.contract.names import GENERATION_CONFIG_FILE, PREPROCESSOR_CONFIG_FILE
+from merge.contract.names import GENERATION_CONFIG_FILE, PREPROCESSOR_CONFIG_FILE, VIDEO_PREPROCESSOR_CONFIG_FILE
 from merge.errors import MergeError
 
 from .files import Files
 from .images import ImageProcessor
 from .prompts import build_batch_inputs, build_inputs
 from .text import TextStream, TextTokenizer
+from .video import Video, VideoProcessor
 
 
 class Preprocessor:
-    """The folder's tokenizer, chat template, image processor and generation config."""
+    """The folder's tokenizer, chat template, image and video processors and generation config."""
 
     def __init__(self, folder: Path | str | CombinedFolder, config: ModelConfig | None = None, *,
-                 min_pixels: int | None = None, max_pixels: int | None = None):
+                 min_pixels: int | None = None, max_pixels: int | None = None, fps: float | None = None,
+                 max_frames: int | None = None):
         """``folder``: a combined folder as its loader holds it (its files are read from there, not by path), or a
         checkpoint folder's path."""
         files = Files(folder)
@@ -36,13 +38,17 @@ class Preprocessor:
         self.config = config
         self.tokenizer = TextTokenizer(files)
         self.image_processor = ImageProcessor.from_folder(files, min_pixels=min_pixels, max_pixels=max_pixels)
-        vision, images = self.config.vision, self.image_processor
-        for ours, theirs, key in ((images.patch_size, vision.patch_size, "patch_size"),
-                                  (images.temporal_patch_size, vision.temporal_patch_size, "temporal_patch_size"),
-                                  (images.merge_size, vision.spatial_merge_size, "merge_size")):
-            if ours != theirs:
-                raise MergeError(f"{self.folder / PREPROCESSOR_CONFIG_FILE}: {key} {ours} but the model's vision "
-                                 f"config says {theirs}; the images would not fit the vision part")
+        self.video_processor = VideoProcessor.from_folder(files, fps=fps, max_frames=max_frames)
+        vision = self.config.vision
+        for processor, file in ((self.image_processor, PREPROCESSOR_CONFIG_FILE),
+                                (self.video_processor, VIDEO_PREPROCESSOR_CONFIG_FILE)):
+            for key, theirs in (("patch_size", vision.patch_size), ("temporal_patch_size", vision.temporal_patch_size),
+                                ("merge_size", vision.spatial_merge_size)):
+                ours = getattr(processor, key)
+                if ours != theirs:
+                    raise MergeError(f"{self.folder / file}: {key} {ours} but the model's vision config says "
+                                     f"{theirs}; the {'images' if processor is self.image_processor else 'videos'} "
+                                     "would not fit the vision part")
         self.generation_config = files.json(GENERATION_CONFIG_FILE, required=False) or {}
 
     @property
@@ -69,14 +75,22 @@ class Preprocessor:
             pad = eos[0] if eos else 0
         return int(pad)
 
-    def build_inputs(self, prompt: str, images: Sequence = ()) -> dict[str, np.ndarray]:
-        """One user turn (see :func:`merge.runtime.prompts.build_inputs`)."""
-        return build_inputs(self.tokenizer, self.image_processor, prompt, list(images), self.config)
+    def load_video(self, video, source_fps: float | None = None) -> Video:
+        """A :class:`Video` from a file, a folder of frames, a list of frames, or one already loaded."""
+        return video if isinstance(video, Video) else self.video_processor.load(video, source_fps)
 
-    def build_batch_inputs(self, prompts: Sequence[str], images: Sequence[Sequence]) -> dict[str, np.ndarray]:
+    def build_inputs(self, prompt: str, images: Sequence = (), videos: Sequence = ()) -> dict[str, np.ndarray]:
+        """One user turn (see :func:`merge.runtime.prompts.build_inputs`); ``videos`` as :meth:`load_video` takes."""
+        return build_inputs(self.tokenizer, self.image_processor, prompt, list(images), self.config,
+                            self.video_processor, [self.load_video(v) for v in videos])
+
+    def build_batch_inputs(self, prompts: Sequence[str], images: Sequence[Sequence],
+                           videos: Sequence[Sequence] | None = None) -> dict[str, np.ndarray]:
         """A left-padded batch (see :func:`merge.runtime.prompts.build_batch_inputs`)."""
+        videos = [[] for _ in prompts] if videos is None else videos
         return build_batch_inputs(self.tokenizer, self.image_processor, list(prompts), [list(i) for i in images],
-                                  self.config)
+                                  self.config, self.video_processor,
+                                  [[self.load_video(v) for v in row] for row in videos])
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -1,13 +1,16 @@
-"""Prompt building: chat template, image placeholder expansion, tokenization, left-padded batches.
+"""Prompt building: chat template, image and video placeholder expansion, tokenization, left-padded batches.
 
-What ``Qwen3VLProcessor.__call__`` does for images, written against two small duck types so that it runs on
-the runtime's own tokenizer and image processor (:mod:`merge.runtime.text`, :mod:`merge.runtime.images`) and
-equally on transformers' (the tests hold both to transformers' own processor):
+What ``Qwen3VLProcessor.__call__`` does for images and videos, written against small duck types so that it runs
+on the runtime's own tokenizer, image and video processors (:mod:`merge.runtime.text`, :mod:`merge.runtime.images`,
+:mod:`merge.runtime.video`) and equally on transformers' tokenizer and image processor (the tests hold them to
+transformers' own processor):
 
 - ``tokenizer``: ``apply_chat_template(messages, tokenize=False, add_generation_prompt=True)``,
   ``convert_tokens_to_ids(token)``, ``__call__(text, add_special_tokens=True)["input_ids"]``, ``pad_token_id``;
 - ``image_processor``: ``__call__(images=[...], return_tensors="np")`` giving ``pixel_values`` and
-  ``image_grid_thw``, and ``merge_size``.
+  ``image_grid_thw``, and ``merge_size``;
+- ``video_processor`` (:class:`merge.runtime.video.VideoProcessor`): ``__call__(videos)`` giving
+  ``pixel_values_videos``, ``video_grid_thw`` and each video's frame-group ``timestamps``.
 """
 
 from __future__ import annotations
@@ -18,13 +21,23 @@ from typing import Any
 import numpy as np
 
 from merge.contract.config import ModelConfig
-from merge.contract.names import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END_TOKEN, VISION_START_TOKEN
+from merge.contract.names import (
+    IMAGE_GRID_THW,
+    IMAGE_TOKEN,
+    PIXEL_VALUES,
+    PIXEL_VALUES_VIDEOS,
+    VIDEO_GRID_THW,
+    VIDEO_TOKEN,
+    VISION_END_TOKEN,
+    VISION_START_TOKEN,
+)
 from merge.errors import MergeError
 
 
-def chat_text(tokenizer: Any, prompt: str, n_images: int) -> str:
-    """One user turn: ``n_images`` images, then ``prompt``; then the assistant's turn begins."""
+def chat_text(tokenizer: Any, prompt: str, n_images: int, n_videos: int = 0) -> str:
+    """One user turn: ``n_images`` images, ``n_videos`` videos, then ``prompt``; then the assistant's turn begins."""
     content: list[dict] = [{"type": "image"} for _ in range(n_images)]
+    content += [{"type": "video"} for _ in range(n_videos)]
     content.append({"type": "text", "text": prompt})
     messages = [{"role": "user", "content": content}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -51,9 +64,38 @@ def expand_image_tokens(text: str, image_grid_thw: np.ndarray, merge_size: int, 
     return "".join(out)
 
 
-def encode_prompt(tokenizer: Any, image_processor: Any, prompt: str, images: Sequence,
-                  config: ModelConfig) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """(ids, pixel_values, image_grid_thw) of one user turn."""
+def process_videos(video_processor: Any, videos: Sequence, config: ModelConfig) -> dict[str, Any]:
+    if not videos:
+        return {PIXEL_VALUES_VIDEOS: np.zeros((0, config.vision.patch_dim), np.float32),
+                VIDEO_GRID_THW: np.zeros((0, 3), np.int64), "timestamps": []}
+    if video_processor is None:
+        raise MergeError("videos were given but there is no video processor")
+    out = video_processor(list(videos))
+    return {PIXEL_VALUES_VIDEOS: np.asarray(out[PIXEL_VALUES_VIDEOS], np.float32),
+            VIDEO_GRID_THW: np.asarray(out[VIDEO_GRID_THW], np.int64), "timestamps": out["timestamps"]}
+
+
+def expand_video_tokens(text: str, video_grid_thw: np.ndarray, timestamps: Sequence[Sequence[float]],
+                        merge_size: int) -> str:
+    """The processor's placeholder expansion for videos: the i-th video token becomes, per frame group ``g``,
+    ``<{t_g:.1f} seconds>`` + vision start + ``h * w // merge**2`` video tokens + vision end."""
+    pieces = text.split(VIDEO_TOKEN)
+    if len(pieces) - 1 != len(video_grid_thw):
+        raise MergeError(f"the prompt holds {len(pieces) - 1} {VIDEO_TOKEN} placeholders but {len(video_grid_thw)} "
+                         "videos were given")
+    out = [pieces[0]]
+    for grid, times, piece in zip(video_grid_thw, timestamps, pieces[1:], strict=True):
+        frame_tokens = int(grid[1]) * int(grid[2]) // merge_size**2
+        if len(times) != int(grid[0]):
+            raise MergeError(f"a video of {int(grid[0])} frame groups came with {len(times)} timestamps")
+        out += [f"<{t:.1f} seconds>{VISION_START_TOKEN}{VIDEO_TOKEN * frame_tokens}{VISION_END_TOKEN}" for t in times]
+        out.append(piece)
+    return "".join(out)
+
+
+def encode_prompt(tokenizer: Any, image_processor: Any, prompt: str, images: Sequence, config: ModelConfig,
+                  video_processor: Any = None, videos: Sequence = ()) -> tuple[list[int], dict[str, np.ndarray]]:
+    """(ids, {pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw}) of one user turn."""
     typed = [t for t in (IMAGE_TOKEN, VIDEO_TOKEN, VISION_START_TOKEN, VISION_END_TOKEN) if t in prompt]
     if typed:
         raise MergeError(f"the prompt text contains {', '.join(typed)}: vision placeholders come from the images "
@@ -62,11 +104,18 @@ def encode_prompt(tokenizer: Any, image_processor: Any, prompt: str, images: Seq
     if found != config.image_token_id:
         raise MergeError(f"the tokenizer maps {IMAGE_TOKEN} to {found}, but config.json says image_token_id "
                          f"{config.image_token_id}")
+    if videos and tokenizer.convert_tokens_to_ids(VIDEO_TOKEN) != config.video_token_id:
+        raise MergeError(f"the tokenizer maps {VIDEO_TOKEN} to {tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)}, but "
+                         f"config.json says video_token_id {config.video_token_id}")
     pixel_values, image_grid_thw = process_images(image_processor, images, config)
-    text = expand_image_tokens(chat_text(tokenizer, prompt, len(images)), image_grid_thw,
-                               int(image_processor.merge_size))
+    video = process_videos(video_processor, videos, config)
+    text = chat_text(tokenizer, prompt, len(images), len(videos))
+    text = expand_image_tokens(text, image_grid_thw, int(image_processor.merge_size))
+    if videos:
+        text = expand_video_tokens(text, video[VIDEO_GRID_THW], video["timestamps"], int(video_processor.merge_size))
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    return list(ids), pixel_values, image_grid_thw
+    return list(ids), {PIXEL_VALUES: pixel_values, IMAGE_GRID_THW: image_grid_thw,
+                       PIXEL_VALUES_VIDEOS: video[PIXEL_VALUES_VIDEOS], VIDEO_GRID_THW: video[VIDEO_GRID_THW]}
 
 
 def mm_token_type_ids(input_ids: np.ndarray, config: ModelConfig) -> np.ndarray:
@@ -77,43 +126,49 @@ def mm_token_type_ids(input_ids: np.ndarray, config: ModelConfig) -> np.ndarray:
     return types
 
 
-def build_inputs(tokenizer: Any, image_processor: Any, prompt: str, images: Sequence,
-                 config: ModelConfig) -> dict[str, np.ndarray]:
-    """Model inputs for one user turn: the images (in order), then ``prompt``, then the assistant prompt.
+def build_inputs(tokenizer: Any, image_processor: Any, prompt: str, images: Sequence, config: ModelConfig,
+                 video_processor: Any = None, videos: Sequence = ()) -> dict[str, np.ndarray]:
+    """Model inputs for one user turn: the images (in order), the videos, then ``prompt``, then the assistant
+    prompt.
 
-    Same result as ``Qwen3VLProcessor(text=chat_template(...), images=images)``: ``input_ids`` and
+    Same result as ``Qwen3VLProcessor(text=chat_template(...), images=images, videos=videos)``: ``input_ids`` and
     ``attention_mask`` int64 [1, S], ``pixel_values`` float32 [sum t*h*w, C*T*P*P] (``[0, C*T*P*P]`` without
-    images), ``image_grid_thw`` int64 [n_images, 3] and ``mm_token_type_ids`` int64 [1, S] (1 at image tokens).
+    images), ``image_grid_thw`` int64 [n_images, 3], ``pixel_values_videos`` and ``video_grid_thw`` likewise for
+    the videos, and ``mm_token_type_ids`` int64 [1, S] (1 at image tokens, 2 at video tokens).
     """
-    return build_batch_inputs(tokenizer, image_processor, [prompt], [images], config)
+    return build_batch_inputs(tokenizer, image_processor, [prompt], [images], config, video_processor, [videos])
 
 
 def build_batch_inputs(tokenizer: Any, image_processor: Any, prompts: Sequence[str], images: Sequence[Sequence],
-                       config: ModelConfig) -> dict[str, np.ndarray]:
-    """:func:`build_inputs` for several prompts (``images[i]`` go with ``prompts[i]``), left-padded with the pad id.
+                       config: ModelConfig, video_processor: Any = None,
+                       videos: Sequence[Sequence] | None = None) -> dict[str, np.ndarray]:
+    """:func:`build_inputs` for several prompts (``images[i]`` and ``videos[i]`` go with ``prompts[i]``),
+    left-padded with the pad id.
 
-    ``pixel_values`` and ``image_grid_thw`` are the concatenation over the batch, in prompt order.
+    ``pixel_values`` and ``image_grid_thw`` (and the videos') are the concatenation over the batch, in prompt order.
     """
-    if len(prompts) != len(images):
-        raise MergeError(f"{len(prompts)} prompts but {len(images)} image lists")
+    videos = [[] for _ in prompts] if videos is None else videos
+    if len(prompts) != len(images) or len(prompts) != len(videos):
+        raise MergeError(f"{len(prompts)} prompts but {len(images)} image lists and {len(videos)} video lists")
     if not prompts:
         raise MergeError("no prompt to encode")
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         raise MergeError("the tokenizer has no pad token")
-    encoded = [encode_prompt(tokenizer, image_processor, p, imgs, config) for p, imgs in zip(prompts, images,
-                                                                                               strict=True)]
-    length = max(len(ids) for ids, _, _ in encoded)
+    encoded = [encode_prompt(tokenizer, image_processor, p, imgs, config, video_processor, vids)
+               for p, imgs, vids in zip(prompts, images, videos, strict=True)]
+    length = max(len(ids) for ids, _ in encoded)
     input_ids = np.full((len(encoded), length), int(pad_id), np.int64)
     attention_mask = np.zeros((len(encoded), length), np.int64)
-    for row, (ids, _, _) in enumerate(encoded):
+    for row, (ids, _) in enumerate(encoded):
         if ids:
             input_ids[row, length - len(ids):] = ids
             attention_mask[row, length - len(ids):] = 1
+    vision = {name: np.concatenate([v[name] for _, v in encoded], axis=0)
+              for name in (PIXEL_VALUES, IMAGE_GRID_THW, PIXEL_VALUES_VIDEOS, VIDEO_GRID_THW)}
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
-        "pixel_values": np.concatenate([pv for _, pv, _ in encoded], axis=0),
-        "image_grid_thw": np.concatenate([g for _, _, g in encoded], axis=0),
+        **vision,
         "mm_token_type_ids": mm_token_type_ids(input_ids, config) * attention_mask,
     }

@@ -1,6 +1,7 @@
 """``merge verify``: the same processor output through PyTorch and the combined model, stage by stage.
 
-Stages, in the order data flows: vision ``image_embeds``, each DeepStack level, the merged input
+Stages, in the order data flows: vision ``image_embeds`` and each DeepStack level (then the same for the videos'
+rows when the prompt has videos), the merged input
 embeddings, the 3-D position ids, prefill logits, each decode step's logits (teacher-forced with the
 reference's tokens, so every step compares like with like), and the greedy tokens. Intermediate stages
 come from a *debug copy* of the graph with extra outputs, created in memory; the shipped model is not
@@ -35,6 +36,7 @@ DEBUG_OUTPUTS = {
     MERGED_POSITION_IDS: "int64",
 }
 INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw")  # absent from references saved before videos
 # int4 folders are checked against PyTorch carrying the *same* 4-bit weights (dequantized), so the check
 # separates graph mistakes from quantization error. What remains is MatMulNBits' int8 activations
 # (accuracy_level 4): measured ~1e-2 of the logit scale on the presets; DeepStack or position mistakes move
@@ -89,13 +91,15 @@ def load_images(paths: list[str]):
 
 
 def prepare_inputs(folder: CombinedFolder, prompt: str, images, min_pixels: int | None = None,
-                   max_pixels: int | None = None) -> dict[str, np.ndarray]:
-    """The folder's own chat template, tokenizer and image processor (the runtime's; tests hold them equal to
-    transformers' processor), with the pixel budget given."""
+                   max_pixels: int | None = None, videos=(), fps: float | None = None,
+                   max_frames: int | None = None) -> dict[str, np.ndarray]:
+    """The folder's own chat template, tokenizer, image and video processors (the runtime's; tests hold them equal
+    to transformers' processor), with the pixel budget and frame sampling given."""
     from merge.runtime.preprocess import Preprocessor
 
-    pre = Preprocessor(folder, folder.config, min_pixels=min_pixels, max_pixels=max_pixels)
-    return pre.build_inputs(prompt, images)
+    pre = Preprocessor(folder, folder.config, min_pixels=min_pixels, max_pixels=max_pixels, fps=fps,
+                       max_frames=max_frames)
+    return pre.build_inputs(prompt, images, videos)
 
 
 # -- reference (PyTorch, saved and loaded) ----------------------------------------------------------------------
@@ -125,6 +129,9 @@ def load_reference(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndar
         raise MergeError(f"--reference {path}: not a verify reference file ({exc})") from None
     inputs = {k[6:]: v for k, v in arrays.items() if k.startswith("input/")}
     ref = {k[4:]: v for k, v in arrays.items() if k.startswith("ref/")}
+    if "pixel_values" in inputs and not all(k in inputs for k in VIDEO_KEYS):
+        inputs["pixel_values_videos"] = np.zeros((0, inputs["pixel_values"].shape[-1]), np.float32)
+        inputs["video_grid_thw"] = np.zeros((0, 3), np.int64)
     needed = ("prefill_logits", "tokens", "step_logits", "inputs_embeds", "position_ids")
     missing = [k for k in INPUT_KEYS if k not in inputs] + [k for k in needed if k not in ref]
     if missing or "precision" not in arrays:
@@ -135,6 +142,8 @@ def load_reference(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndar
         "attention_mask": inputs["attention_mask"].shape == ids.shape,
         "image_grid_thw": inputs["image_grid_thw"].ndim == 2 and inputs["image_grid_thw"].shape[1:] == (3,),
         "pixel_values": inputs["pixel_values"].ndim == 2,
+        "video_grid_thw": inputs["video_grid_thw"].ndim == 2 and inputs["video_grid_thw"].shape[1:] == (3,),
+        "pixel_values_videos": inputs["pixel_values_videos"].ndim == 2,
         "prefill_logits": ref["prefill_logits"].shape[:2] == ids.shape,
         "tokens": ref["tokens"].ndim == 2 and ref["tokens"].shape[0] == ids.shape[0],
     }
@@ -169,7 +178,9 @@ def onnx_run(folder: CombinedFolder, inputs: dict[str, np.ndarray], forced: np.n
 
     model = CombinedModel(folder, model_bytes=debug_graph(folder))
     return model.generate(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                          inputs["image_grid_thw"], max_new_tokens=forced.shape[1], forced_tokens=forced)
+                          inputs["image_grid_thw"], max_new_tokens=forced.shape[1], forced_tokens=forced,
+                          pixel_values_videos=inputs.get("pixel_values_videos"),
+                          video_grid_thw=inputs.get("video_grid_thw"))
 
 
 # -- comparison ----------------------------------------------------------------------------------------------
@@ -191,17 +202,24 @@ def compare_stages(gen, ref: dict[str, np.ndarray], inputs: dict[str, np.ndarray
     where the folder quantizes activations at run time (int4 decoder, int8 vision: the reference already carries
     the same weights), for the stages downstream of it."""
     images = inputs["image_grid_thw"].shape[0] > 0
-    vision_int8 = manifest.vision_precision == "int8" and images
+    videos = "video_grid_thw" in inputs and inputs["video_grid_thw"].shape[0] > 0
+    vision_int8 = manifest.vision_precision == "int8" and (images or videos)
     vision_scale = INT8_SCALE if vision_int8 else FP32_SCALE
     logits_scale = INT4_SCALE if manifest.precision == "int4" else vision_scale
     outs = gen.prefill_outputs
     stages = []
-    if images:
-        stages.append(_stage("vision image_embeds", outs[VISION_IMAGE_EMBEDS], ref[VISION_IMAGE_EMBEDS],
+    # the vision outputs hold the images' rows, then the videos': one group of stages per modality
+    merge_unit = manifest_merge_unit(inputs, outs)
+    image_rows = int(inputs["image_grid_thw"].prod(axis=1).sum()) // merge_unit if images else 0
+    for kind, rows, present in (("image", slice(0, image_rows), images), ("video", slice(image_rows, None), videos)):
+        if not present:
+            continue
+        prefix = "" if kind == "image" else "video "
+        stages.append(_stage(f"vision {kind}_embeds", outs[VISION_IMAGE_EMBEDS][rows], ref[VISION_IMAGE_EMBEDS][rows],
                              scale=vision_scale))
         for k in range(ref[VISION_DEEPSTACK_EMBEDS].shape[0]):
-            stages.append(_stage(f"deepstack level {k}", outs[VISION_DEEPSTACK_EMBEDS][k],
-                                 ref[VISION_DEEPSTACK_EMBEDS][k], scale=vision_scale))
+            stages.append(_stage(f"{prefix}deepstack level {k}", outs[VISION_DEEPSTACK_EMBEDS][k][rows],
+                                 ref[VISION_DEEPSTACK_EMBEDS][k][rows], scale=vision_scale))
     stages.append(_stage("merged input embeddings", outs[MERGED_INPUTS_EMBEDS], ref["inputs_embeds"],
                          scale=vision_scale))
     real = inputs["attention_mask"].astype(bool)
@@ -219,6 +237,15 @@ def compare_stages(gen, ref: dict[str, np.ndarray], inputs: dict[str, np.ndarray
     return stages
 
 
+def manifest_merge_unit(inputs: dict[str, np.ndarray], outs: dict[str, np.ndarray]) -> int:
+    """Patches per vision feature row (spatial merge squared), from the call's own patch and feature counts."""
+    patches = int(inputs["image_grid_thw"].prod(axis=1).sum())
+    if "video_grid_thw" in inputs:
+        patches += int(inputs["video_grid_thw"].prod(axis=1).sum())
+    rows = outs[VISION_IMAGE_EMBEDS].shape[0]
+    return max(patches // rows, 1) if rows else 1
+
+
 STAGE_COLUMNS = ["stage", "shape", "max_abs", "max_rel", "cosine", "top-1", "tolerance", "status"]
 
 
@@ -234,7 +261,8 @@ def format_table(stages: list[Stage]) -> str:
 
 def verify(folder: Path | CombinedFolder, *, model_folder: Path | None, prompt: str, images, new_tokens: int,
            reference: Path | None = None, save_to: Path | None = None, min_pixels: int | None = None,
-           max_pixels: int | None = None) -> list[Stage]:
+           max_pixels: int | None = None, videos=(), fps: float | None = None,
+           max_frames: int | None = None) -> list[Stage]:
     """Compare ``folder`` with PyTorch (``model_folder``) or with a saved reference, stage by stage."""
     combined = folder if isinstance(folder, CombinedFolder) else CombinedFolder.open(folder)
     manifest = combined.manifest
@@ -250,7 +278,7 @@ def verify(folder: Path | CombinedFolder, *, model_folder: Path | None, prompt: 
             raise MergeError("verify needs --model (the PyTorch reference) or --reference (a saved one)")
         from export.reference import load_model, torch_reference
 
-        inputs = prepare_inputs(combined, prompt, images, min_pixels, max_pixels)
+        inputs = prepare_inputs(combined, prompt, images, min_pixels, max_pixels, videos, fps, max_frames)
         model = load_model(model_folder, manifest.quantization, shared_table=manifest.embedding_table == "int4_blocks",
                            vision_int8=manifest.vision_precision == "int8")
         ref = torch_reference(model, inputs, new_tokens)

@@ -61,7 +61,7 @@ def stitch_passes(config: ModelConfig, parts: Parts, quant: QuantSpec | None,
     levels = len(vision.deepstack_visual_indexes)
     passes: list[ir.passes.PassBase] = [
         ScopeDecoder(),
-        GuardVision(parts.vision, vision.patch_dim, text.hidden_size, levels),
+        GuardVision(parts.vision, vision.patch_dim, text.hidden_size, levels, vision.spatial_merge_size),
         MergeEmbeddings(parts.embedding_merge, parts.embed_tokens, levels),
         InjectDeepStack(text.num_layers, levels),
         WirePositions(parts.rope_index),

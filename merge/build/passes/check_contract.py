@@ -3,7 +3,7 @@ fails with an error that names the check (``merge/checks/...``) and both numbers
 
 - ``attention_mask`` has as many rows as ``input_ids``, and as many columns as past + new tokens;
 - ``rope_deltas`` has one row per ``input_ids`` row;
-- a call with a past (a decode step) carries no patches.
+- a call with a past (a decode step) carries no patches, of images or of videos.
 
 (The embedding merge checks image tokens against image features, and the vision part patch rows against the
 grid: see :mod:`graphs.embedding_merge`, :mod:`graphs.vision`.) Each check yields a zero added to the position
@@ -27,8 +27,8 @@ from merge.contract.names import (
 )
 
 from .base import StitchError, StitchPass, find_node, graph_input, register_builder, require_value
+from .guard_vision import HAS_PATCHES as GUARD_INPUT
 
-GUARD_INPUT = "vision/guard/has_patches"  # Greater(num_patches, 0): what GuardVision's If tests
 CHECKS = ("attention_mask_rows_vs_input_ids_rows", "attention_mask_length_vs_past_plus_sequence",
           "rope_deltas_rows_vs_input_ids_rows", "patches_on_a_decode_call_vs_none")
 
@@ -46,7 +46,12 @@ class CheckContract(StitchPass):
     def apply(self, model: ir.Model) -> None:
         graph = model.graph
         ids, mask = graph_input(graph, INPUT_IDS, str(self)), graph_input(graph, ATTENTION_MASK, str(self))
-        deltas, pixels = graph_input(graph, ROPE_DELTAS, str(self)), graph_input(graph, PIXEL_VALUES, str(self))
+        deltas = graph_input(graph, ROPE_DELTAS, str(self))
+        # the decode check gates the vision part itself: it fails before any vision work starts
+        guard = find_node(graph, GUARD_INPUT)
+        if guard is None:
+            raise StitchError(f"no vision guard {GUARD_INPUT!r} to check decode calls in")
+        patches = guard.inputs[0]  # image + video patches
         past = next(v for v in graph.inputs if v.name.startswith(PAST_PREFIX))
         positions = require_value(graph, DECODER_POSITION_IDS, str(self))
         b = GraphBuilder(MERGE_SCOPE)
@@ -61,7 +66,7 @@ class CheckContract(StitchPass):
             b.check_equal(CHECKS[1], dim(mask, 1, "attention_mask_length"),
                           b.op("Add", [past_length, sequence], name="past_plus_sequence")),
             b.check_equal(CHECKS[2], dim(deltas, 0, "rope_deltas_rows"), rows),
-            b.check_equal(CHECKS[3], b.op("Mul", [dim(pixels, 0, "patches"),
+            b.check_equal(CHECKS[3], b.op("Mul", [patches,
                                                   b.op("Min", [past_length, b.const([1], "one")], name="has_past")],
                                           name="patches_with_past"), b.const(np.array([0], np.int64), "none")),
         ]
@@ -69,10 +74,6 @@ class CheckContract(StitchPass):
         for zero in zeros[1:3]:
             total = b.op("Add", [total, zero], name="checks/all_passed")
         checked = b.op("Add", [positions, total], name="checks/position_ids")
-        # the decode check gates the vision part itself: it fails before any vision work starts
-        guard = find_node(graph, GUARD_INPUT)
-        if guard is None:
-            raise StitchError(f"no vision guard {GUARD_INPUT!r} to check decode calls in")
         gated = b.op("Add", [guard.inputs[0], zeros[3]], name="checks/patches_checked")
         register_builder(graph, b)
         for node in list(positions.uses()):

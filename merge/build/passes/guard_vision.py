@@ -1,27 +1,47 @@
-"""The vision part goes inside ``If(num_patches > 0)``: decode steps (no patches) never run it."""
+"""The vision part goes inside ``If(num_patches > 0)``: decode steps (no patches) never run it. Images and videos
+share the tower: the branch runs it once on the image patches followed by the video patches."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
 
-from merge.contract.names import IMAGE_GRID_THW, PIXEL_VALUES, VISION_DEEPSTACK_EMBEDS, VISION_IMAGE_EMBEDS
+from graphs.builder import GraphBuilder
+from merge.contract.names import (
+    IMAGE_GRID_THW,
+    PIXEL_VALUES,
+    PIXEL_VALUES_VIDEOS,
+    VIDEO_GRID_THW,
+    VISION_DEEPSTACK_EMBEDS,
+    VISION_IMAGE_EMBEDS,
+    VISION_IMAGE_ROWS,
+    VISION_SCOPE,
+)
 from merge.contract.vision import VISION_INPUTS, VISION_OUTPUTS
 
-from .base import StitchError, StitchPass, constant_node, has_input, inline_part, named_node, tensor_value
+from .base import StitchError, StitchPass, constant_node, has_input, inline_part, register_builder, tensor_value
+
+NUM_PATCHES = "vision/guard/num_patches"  # image + video patches of the call
+HAS_PATCHES = "vision/guard/has_patches"  # Greater(num_patches, 0): what the If tests
 
 
 class GuardVision(StitchPass):
-    """Adds the inputs ``pixel_values`` [num_patches, patch_dim] and ``image_grid_thw`` [num_images, 3] and the
-    values ``vision/image_embeds`` and ``vision/deepstack_embeds`` (empty when the call has no patches)."""
+    """Adds the inputs ``pixel_values`` [num_patches, patch_dim], ``image_grid_thw`` [num_images, 3],
+    ``pixel_values_videos`` [num_video_patches, patch_dim] and ``video_grid_thw`` [num_videos, 3] (0 rows when a call
+    has none); the values ``vision/image_embeds`` and ``vision/deepstack_embeds`` (the images' rows, then the
+    videos'; empty when the call has no patches) and ``vision/image_rows`` (how many of those rows are the
+    images')."""
 
-    summary = "vision part behind If(num_patches > 0); inputs pixel_values, image_grid_thw"
+    summary = ("vision part behind If(num_patches > 0) on image then video patches; inputs pixel_values, "
+               "image_grid_thw, pixel_values_videos, video_grid_thw")
 
-    def __init__(self, vision: ir.Model, patch_dim: int, hidden_size: int, num_levels: int) -> None:
+    def __init__(self, vision: ir.Model, patch_dim: int, hidden_size: int, num_levels: int,
+                 spatial_merge_size: int) -> None:
         self.vision = vision
         self.patch_dim = patch_dim
         self.hidden_size = hidden_size
         self.num_levels = num_levels
+        self.merge = spatial_merge_size
 
     def requires(self, model: ir.Model) -> None:
         outputs = [v.name for v in self.vision.graph.outputs]
@@ -30,17 +50,54 @@ class GuardVision(StitchPass):
         inputs = [v.name for v in self.vision.graph.inputs]
         if inputs != list(VISION_INPUTS):
             raise StitchError(f"the vision part's inputs are {inputs}, not {list(VISION_INPUTS)}")
-        if has_input(model.graph, PIXEL_VALUES):
-            raise StitchError(f"the model already has an input {PIXEL_VALUES!r}")
+        for name in (PIXEL_VALUES, PIXEL_VALUES_VIDEOS):
+            if has_input(model.graph, name):
+                raise StitchError(f"the model already has an input {name!r}")
 
     def apply(self, model: ir.Model) -> None:
         graph = model.graph
         pixel_values = tensor_value(PIXEL_VALUES, ir.DataType.FLOAT, ["num_patches", self.patch_dim])
         image_grid_thw = tensor_value(IMAGE_GRID_THW, ir.DataType.INT64, ["num_images", 3])
-        graph.inputs.extend([pixel_values, image_grid_thw])
+        video_values = tensor_value(PIXEL_VALUES_VIDEOS, ir.DataType.FLOAT, ["num_video_patches", self.patch_dim])
+        video_grid_thw = tensor_value(VIDEO_GRID_THW, ir.DataType.INT64, ["num_videos", 3])
+        graph.inputs.extend([pixel_values, image_grid_thw, video_values, video_grid_thw])
+
+        # Outside the If (a few scalar ops per call): each modality's patch rows against its own grid (the tower
+        # checks only their sums), the images' share of the feature rows, and the guard's condition.
+        b = GraphBuilder(VISION_SCOPE)
+        with b.scope("guard"):
+            def patch_rows(grid: ir.Value, kind: str) -> ir.Value:
+                per = b.op("ReduceProd", [grid, b.const([1], f"{kind}_axis1")], {"keepdims": 0},
+                           name=f"{kind}_grid_patches")
+                return b.op("ReduceSum", [per, b.const([0], f"{kind}_axis0")], {"keepdims": 1},
+                            name=f"{kind}_grid_total")
+
+            def rows(values: ir.Value, kind: str) -> ir.Value:
+                return b.op("Shape", [values], {"start": 0, "end": 1}, name=f"{kind}_patches")
+
+            image_patches, video_patches = rows(pixel_values, "image"), rows(video_values, "video")
+            zero = b.op("Add", [b.check_equal("image_patches_vs_image_grid", image_patches,
+                                              patch_rows(image_grid_thw, "image")),
+                                b.check_equal("video_patches_vs_video_grid", video_patches,
+                                              patch_rows(video_grid_thw, "video"))], name="patch_checks")
+            image_tokens = b.op("Div", [image_patches, b.const([self.merge * self.merge], "merge_area")],
+                                name="image_tokens")
+            b.op("Add", [image_tokens, zero], name="image_rows").name = VISION_IMAGE_ROWS
+            # the checks gate the If: a mismatch fails here, naming the modality, before any vision work starts
+            num = b.op("Add", [b.op("Add", [image_patches, video_patches], name="patches"), zero],
+                       name="num_patches")
+            has = b.op("Greater", [num, b.const(np.array([0], np.int64), "zero")], name="has_patches")
+            flag = b.op("Squeeze", [has], name="condition")
+        register_builder(graph, b)
+
         branch = ir.Graph([], [], nodes=[], name="vision")  # filled below; weights stay in the main graph
-        outputs = inline_part(branch, self.vision, {PIXEL_VALUES: pixel_values, IMAGE_GRID_THW: image_grid_thw},
-                              str(self), weights_to=graph)
+        concat = [ir.node("Concat", [pixel_values, video_values], {"axis": 0}, name="vision/inputs/pixel_values"),
+                  ir.node("Concat", [image_grid_thw, video_grid_thw], {"axis": 0}, name="vision/inputs/grid_thw")]
+        for node in concat:
+            node.outputs[0].name = node.name
+        branch.extend(concat)
+        feeds = {PIXEL_VALUES: concat[0].outputs[0], IMAGE_GRID_THW: concat[1].outputs[0]}
+        outputs = inline_part(branch, self.vision, feeds, str(self), weights_to=graph)
         branch.outputs.extend(outputs[name] for name in VISION_OUTPUTS)
         empty = [
             constant_node("vision/skipped/image_embeds", np.zeros((0, self.hidden_size), np.float32)),
@@ -48,16 +105,11 @@ class GuardVision(StitchPass):
                           np.zeros((self.num_levels, 0, self.hidden_size), np.float32)),
         ]
         skipped = ir.Graph([], [n.outputs[0] for n in empty], nodes=empty, name="vision/skipped")
-
-        shape = named_node("Shape", [pixel_values], "vision/guard/num_patches", {"start": 0, "end": 1})
-        zero = constant_node("vision/guard/zero", np.array([0], np.int64))
-        has = named_node("Greater", [shape.outputs[0], zero.outputs[0]], "vision/guard/has_patches")
-        flag = named_node("Squeeze", [has.outputs[0]], "vision/guard/condition")
-        guard = ir.node("If", [flag.outputs[0]], {"then_branch": branch, "else_branch": skipped}, num_outputs=2,
+        guard = ir.node("If", [flag], {"then_branch": branch, "else_branch": skipped}, num_outputs=2,
                         name="vision/if_has_patches")
         image_embeds, deepstack = guard.outputs
         image_embeds.name, deepstack.name = VISION_IMAGE_EMBEDS, VISION_DEEPSTACK_EMBEDS
         image_embeds.type = deepstack.type = ir.TensorType(ir.DataType.FLOAT)
-        image_embeds.shape = ir.Shape([ir.SymbolicDim("num_image_tokens"), self.hidden_size])
-        deepstack.shape = ir.Shape([self.num_levels, ir.SymbolicDim("num_image_tokens"), self.hidden_size])
-        graph.extend([shape, zero, has, flag, guard])
+        image_embeds.shape = ir.Shape([ir.SymbolicDim("num_visual_tokens"), self.hidden_size])
+        deepstack.shape = ir.Shape([self.num_levels, ir.SymbolicDim("num_visual_tokens"), self.hidden_size])
+        graph.append(guard)

@@ -1,5 +1,5 @@
-"""The decoder's ``inputs_embeds`` now come from the embedding merge: token embeddings with the image features
-put in place at the image tokens, and one dense DeepStack term per level."""
+"""The decoder's ``inputs_embeds`` now come from the embedding merge: token embeddings with the image and video
+features put in place at the image and video tokens, and one dense DeepStack term per level."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from merge.contract.names import (
     INPUT_IDS,
     VISION_DEEPSTACK_EMBEDS,
     VISION_IMAGE_EMBEDS,
+    VISION_IMAGE_ROWS,
 )
 
 from .base import StitchError, StitchPass, graph_input, has_input, inline_part, require_value, tensor_value
@@ -29,7 +30,7 @@ class MergeEmbeddings(StitchPass):
     table [vocab, hidden] (a lazy initializer); :class:`~merge.build.passes.share_tied_table.ShareTiedTable`
     may later point the token lookup at a tied head instead."""
 
-    summary = "embedding merge: input_ids -> inputs_embeds with image features and DeepStack terms"
+    summary = "embedding merge: input_ids -> inputs_embeds with image/video features and DeepStack terms"
 
     def __init__(self, embedding_merge: ir.Model, table: ir.Value, num_levels: int) -> None:
         self.part = embedding_merge
@@ -55,7 +56,8 @@ class MergeEmbeddings(StitchPass):
         graph.register_initializer(self.table)
         feeds = {"input_ids": input_ids, "embed_tokens": self.table,
                  "image_embeds": require_value(graph, VISION_IMAGE_EMBEDS, str(self)),
-                 "deepstack_embeds": require_value(graph, VISION_DEEPSTACK_EMBEDS, str(self))}
+                 "deepstack_embeds": require_value(graph, VISION_DEEPSTACK_EMBEDS, str(self)),
+                 "image_rows": require_value(graph, VISION_IMAGE_ROWS, str(self))}
         outputs = inline_part(graph, self.part, feeds, str(self))
         ir.convenience.replace_all_uses_with(decoder_embeds, outputs["inputs_embeds"])
         graph.inputs.remove(decoder_embeds)

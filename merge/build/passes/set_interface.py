@@ -58,4 +58,4 @@ class SetInterface(StitchPass):
     def ensures(self, model: ir.Model) -> None:
         names = [v.name for v in model.graph.inputs]
         if names[: len(COMBINED_INPUTS)] != list(COMBINED_INPUTS):
-            raise StitchError(f"inputs are {names[:5]}, not {list(COMBINED_INPUTS)}")
+            raise StitchError(f"inputs are {names[:len(COMBINED_INPUTS)]}, not {list(COMBINED_INPUTS)}")

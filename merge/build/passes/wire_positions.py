@@ -13,6 +13,7 @@ from merge.contract.names import (
     INPUT_IDS,
     ROPE_DELTAS,
     ROPE_DELTAS_OUT,
+    VIDEO_GRID_THW,
 )
 
 from .base import StitchError, StitchPass, graph_input, has_input, inline_part, tensor_value
@@ -25,7 +26,7 @@ class WirePositions(StitchPass):
         self.part = rope_index
 
     def requires(self, model: ir.Model) -> None:
-        for name in (DECODER_POSITION_IDS, INPUT_IDS, ATTENTION_MASK, IMAGE_GRID_THW):
+        for name in (DECODER_POSITION_IDS, INPUT_IDS, ATTENTION_MASK, IMAGE_GRID_THW, VIDEO_GRID_THW):
             graph_input(model.graph, name, str(self))
         if has_input(model.graph, ROPE_DELTAS):
             raise StitchError(f"the model already has an input {ROPE_DELTAS!r}")
@@ -38,7 +39,8 @@ class WirePositions(StitchPass):
         positions = graph_input(graph, DECODER_POSITION_IDS, str(self))
         rope_deltas = tensor_value(ROPE_DELTAS, ir.DataType.INT64, ["batch_size", 1])
         graph.inputs.append(rope_deltas)
-        feeds = {name: graph_input(graph, name, str(self)) for name in (INPUT_IDS, ATTENTION_MASK, IMAGE_GRID_THW)}
+        feeds = {name: graph_input(graph, name, str(self))
+                 for name in (INPUT_IDS, ATTENTION_MASK, IMAGE_GRID_THW, VIDEO_GRID_THW)}
         outputs = inline_part(graph, self.part, {**feeds, ROPE_DELTAS: rope_deltas}, str(self))
         ir.convenience.replace_all_uses_with(positions, outputs[DECODER_POSITION_IDS])
         graph.inputs.remove(positions)

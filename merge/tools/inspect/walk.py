@@ -73,9 +73,16 @@ def walk_nodes(graph: onnx.GraphProto, scope: str | None = None) -> Iterator[tup
 
 
 def walk_initializers(graph: onnx.GraphProto, scope: str | None = None) -> Iterator[tuple[onnx.TensorProto, str]]:
-    """Every initializer with its scope, those of subgraphs included."""
+    """Every initializer with its scope, those of subgraphs included. An optional input's default (an initializer
+    named as the input, so unscoped) takes the scope of the node that reads it."""
+    readers: dict[str, str] = {}
+    inputs = {v.name for v in graph.input}
+    for node in graph.node:
+        for name in node.input:
+            if name in inputs:
+                readers.setdefault(name, scope_of(node.name, scope))
     for tensor in graph.initializer:
-        yield tensor, scope_of(tensor.name, scope)
+        yield tensor, scope_of(tensor.name, readers.get(tensor.name, scope))
     for node in graph.node:
         for sub in subgraphs(node):
             yield from walk_initializers(sub, scope_of(node.name, scope))
