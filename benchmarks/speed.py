@@ -1,0 +1,411 @@
+"""The decoder's phases, side by side in one run: the combined model against the GenAI builder's bare decoder (the
+same 4-bit weights), llama.cpp (Q4_0 and Q4_K_M, from the same preset converted to GGUF) and PyTorch eager (fp32,
+bf16). Figures, not pass/fail.
+
+Phases: prefill of 226 and 2048 text tokens; decode at a context of 256, 4096 and 16384 tokens (the context is
+filled in chunks of 2048 first; the figure is the decode step at that depth); the first call with one 448x448
+image (vision included); decode throughput at batch 1, 4 and 8. Each (repetition, system) runs in a child process
+of its own, systems interleaved within each repetition; the table gives medians, minimums and ratios, and a JSON
+report keeps everything with the machine it ran on.
+
+    python benchmarks/speed.py --model qwen3-vl-2b --json speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import machine  # noqa: E402
+
+PHASES = ("prefill-226", "prefill-2048", "decode-256", "decode-4096", "decode-16384", "image-448", "batch-1",
+          "batch-4", "batch-8")
+SYSTEMS = ("combined", "bare", "llama-Q4_0", "llama-Q4_K_M", "torch-fp32", "torch-bf16")
+CHUNK = 2048  # context is filled this many tokens at a time (a 16k prefill in one call would materialise scores)
+DECODE_STEPS = 16
+TEXT_IDS = (100, 3000)  # ordinary tokens of the presets' tokenizer
+
+
+def _ids(rng, batch: int, length: int) -> np.ndarray:
+    return rng.integers(*TEXT_IDS, (batch, length)).astype(np.int64)
+
+
+def _median_step(step, steps: int) -> float:
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+# -- ONNX: the combined model and the bare decoder ----------------------------------------------------------------
+
+class OnnxDecoder:
+    """One calling convention over both: ``prefill(ids)`` then ``step(token)``; the bare decoder takes random
+    embeddings for the tokens (its cost does not depend on their values) and plain positions."""
+
+    def __init__(self, system: str, path: Path, threads: int):
+        import onnxruntime as ort
+
+        from merge.runtime import CombinedModel
+
+        self.combined = system == "combined"
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        if self.combined:
+            self.model = CombinedModel(path, threads=threads)
+            self.session = self.model.session
+            self.hidden = self.model.config.text.hidden_size
+            kv, head = self.model.num_kv_heads, self.model.head_dim
+        else:
+            from merge.contract.config import ModelConfig
+
+            self.session = ort.InferenceSession(str(path / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
+            config = ModelConfig.from_folder(path)
+            self.hidden, kv, head = config.text.hidden_size, config.text.num_kv_heads, config.text.head_dim
+        self.kv, self.head = kv, head
+        self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.rng = np.random.default_rng(0)
+
+    def _run(self, feeds):
+        return dict(zip(self.outputs, self.session.run(self.outputs, feeds), strict=True))
+
+    def call(self, ids: np.ndarray, state: dict | None, keep_last: bool = True) -> dict:
+        """One call of ``ids`` [batch, n] after ``state`` (None: the first call)."""
+        batch, n = ids.shape
+        past = 0 if state is None else state["length"]
+        mask = np.ones((batch, past + n), np.int64)
+        if state is None:
+            cache = {p: np.zeros((batch, self.kv, 0, self.head), np.float32) for p in self.past_names}
+        else:
+            cache = {p: state["out"][p.replace("past_key_values.", "present.")] for p in self.past_names}
+        if self.combined:
+            feeds = {"input_ids": ids, "attention_mask": mask, **self.model.no_vision(),
+                     "rope_deltas": np.zeros((batch, 1), np.int64) if state is None else state["out"][
+                         "rope_deltas_out"]}
+            if keep_last and self.model.keeps_logits:
+                feeds["logits_to_keep"] = np.array(1, np.int64)
+        else:
+            positions = np.broadcast_to(np.arange(past, past + n), (3, batch, n)).astype(np.int64)
+            feeds = {"inputs_embeds": self.rng.standard_normal((batch, n, self.hidden), dtype=np.float32),
+                     "attention_mask": mask, "position_ids": positions}
+        feeds.update(cache)
+        return {"out": self._run(feeds), "length": past + n}
+
+    def fill(self, length: int, batch: int = 1) -> dict:
+        state = None
+        while (state or {"length": 0})["length"] < length:
+            size = min(CHUNK, length - (state or {"length": 0})["length"])
+            state = self.call(_ids(self.rng, batch, size), state)
+        return state
+
+
+def run_onnx(system: str, path: Path, phases: list[str], threads: int) -> dict:
+    decoder = OnnxDecoder(system, path, threads)
+    rng = np.random.default_rng(1)
+    results = {}
+    decoder.call(_ids(rng, 1, 16), None)  # warm: weights packed, first-call allocations done
+    for phase in phases:
+        kind, _, value = phase.partition("-")
+        if kind == "prefill":
+            ids = _ids(rng, 1, int(value))
+            start = time.perf_counter()
+            decoder.call(ids, None) if int(value) <= CHUNK else decoder.fill(int(value))
+            results[phase] = {"seconds": time.perf_counter() - start}
+        elif kind == "decode":
+            state = decoder.fill(int(value))
+            holder = {"state": state}
+
+            def step(_, holder=holder):
+                holder["state"] = decoder.call(np.array([[5]], np.int64), holder["state"])
+
+            results[phase] = {"tokens_per_s": 1 / _median_step(step, DECODE_STEPS)}
+        elif kind == "batch":
+            batch = int(value)
+            holder = {"state": decoder.fill(128, batch)}
+
+            def step(_, holder=holder, batch=batch):
+                holder["state"] = decoder.call(np.full((batch, 1), 5, np.int64), holder["state"])
+
+            results[phase] = {"tokens_per_s": batch / _median_step(step, DECODE_STEPS)}
+        elif kind == "image" and decoder.combined:
+            from benchmarks.vision import photo
+
+            side = int(value)
+            model = decoder.model
+            inputs = model.preprocessor.build_inputs("Describe the picture in detail.",
+                                                     [photo(side, side)])
+            start = time.perf_counter()
+            model.generate(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                           inputs["image_grid_thw"], max_new_tokens=1, all_logits=False)
+            results[phase] = {"seconds": time.perf_counter() - start,
+                              "tokens": int(inputs["input_ids"].shape[1])}
+    return results
+
+
+# -- PyTorch -------------------------------------------------------------------------------------------------------
+
+def run_torch(system: str, folder: Path, phases: list[str], threads: int) -> dict:
+    import torch
+    from transformers import DynamicCache, Qwen3VLForConditionalGeneration
+
+    torch.set_num_threads(threads)
+    dtype = torch.bfloat16 if system == "torch-bf16" else torch.float32
+    model = Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
+    rng = np.random.default_rng(1)
+
+    def call(ids, cache, length):
+        batch, n = ids.shape
+        mask = torch.ones((batch, length + n), dtype=torch.long)
+        out = model(input_ids=torch.from_numpy(ids), attention_mask=mask, past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+        return out.past_key_values, length + n
+
+    def fill(length, batch=1):
+        cache, done = DynamicCache(config=model.config), 0
+        while done < length:
+            size = min(CHUNK, length - done)
+            cache, done = call(_ids(rng, batch, size), cache, done)
+        return cache, done
+
+    results = {}
+    with torch.no_grad():
+        fill(16)
+        for phase in phases:
+            kind, _, value = phase.partition("-")
+            if kind == "prefill":
+                start = time.perf_counter()
+                fill(int(value))
+                results[phase] = {"seconds": time.perf_counter() - start}
+            elif kind in ("decode", "batch"):
+                batch = int(value) if kind == "batch" else 1
+                holder = {"state": fill(int(value) if kind == "decode" else 128, batch)}
+
+                def step(_, holder=holder, batch=batch):
+                    holder["state"] = call(np.full((batch, 1), 5, np.int64), *holder["state"])
+
+                results[phase] = {"tokens_per_s": batch / _median_step(step, DECODE_STEPS)}
+            elif kind == "image":
+                from benchmarks.vision import photo
+                from merge.runtime.preprocess import Preprocessor
+
+                side = int(value)
+                inputs = Preprocessor(folder).build_inputs("Describe the picture in detail.", [photo(side, side)])
+                kwargs = {k: torch.from_numpy(v) for k, v in inputs.items()}
+                kwargs["pixel_values"] = kwargs["pixel_values"].to(dtype)
+                start = time.perf_counter()
+                model(**kwargs, logits_to_keep=1)
+                results[phase] = {"seconds": time.perf_counter() - start, "tokens": int(inputs["input_ids"].shape[1])}
+    return results
+
+
+# -- llama.cpp -------------------------------------------------------------------------------------------------------
+
+def run_llama(system: str, llama: dict, phases: list[str], threads: int, work: Path) -> tuple[dict, float]:
+    kind = system.split("-", 1)[1]
+    gguf, bin_dir = str(llama["files"][kind]), llama["bin"]
+    results, peak = {}, 0.0
+
+    def bench(args: list[str]) -> list[dict]:
+        nonlocal peak
+        result = machine.measured_run([str(bin_dir / "llama-bench"), "-m", gguf, "-t", str(threads), "-r", "1",
+                                       "-o", "json", *args])
+        peak = max(peak, result["peak_gib"])
+        if result["returncode"]:
+            raise RuntimeError(result["stderr"].strip().splitlines()[-1:])
+        return json.loads(result["stdout"])
+
+    prefills = [p for p in phases if p.startswith("prefill")]
+    if prefills:
+        for row in bench(["-p", ",".join(p.split("-")[1] for p in prefills), "-n", "0"]):
+            results[f"prefill-{row['n_prompt']}"] = {"seconds": row["n_prompt"] / row["avg_ts"]}
+    for phase in (p for p in phases if p.startswith("decode")):
+        depth = int(phase.split("-")[1])
+        (row,) = bench(["-p", "0", "-n", str(DECODE_STEPS), "-d", str(depth)])
+        results[phase] = {"tokens_per_s": row["avg_ts"]}
+    batches = [p.split("-")[1] for p in phases if p.startswith("batch")]
+    if batches:
+        result = machine.measured_run([str(bin_dir / "llama-batched-bench"), "-m", gguf, "-t", str(threads),
+                                       "-c", str(8 * (128 + 2 * DECODE_STEPS)), "-npp", "128",
+                                       "-ntg", str(DECODE_STEPS), "-npl", ",".join(batches)])
+        peak = max(peak, result["peak_gib"])
+        for line in result["stdout"].splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            # | PP | TG | B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s |
+            if len(cells) >= 10 and cells[2].isdigit() and cells[2] in batches:
+                results[f"batch-{cells[2]}"] = {"tokens_per_s": float(cells[7])}
+    if "image-448" in phases:
+        from benchmarks.vision import photo
+
+        image = work / "photo-448.png"
+        photo(448, 448).save(image)
+        result = machine.measured_run([str(bin_dir / "llama-mtmd-cli"), "-m", gguf, "--mmproj",
+                                       str(llama["files"]["mmproj-f16"]), "--image", str(image), "-p",
+                                       "Describe the picture in detail.", "-n", "1", "-t", str(threads), "-c", "4096",
+                                       "--perf"])
+        peak = max(peak, result["peak_gib"])
+        log = result["stdout"] + result["stderr"]
+        # the context's prompt time counts from the first prompt chunk: the projector's encoding, the image
+        # embeddings' and the text's decoding (measured: 9.1 s encoding + 2.3 s image decode inside 12.6 s)
+        found = re.findall(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens", log)
+        if found:
+            results["image-448"] = {"seconds": float(found[-1][0]) / 1e3, "tokens": int(found[-1][1])}
+    return results, peak
+
+
+# -- the parent ----------------------------------------------------------------------------------------------------
+
+def child(args) -> int:
+    phases = args.phases
+    if args.child.startswith("torch"):
+        results = run_torch(args.child, Path(args.path), phases, args.threads)
+    else:
+        results = run_onnx(args.child, Path(args.path), phases, args.threads)
+    print(json.dumps(results))
+    return 0
+
+
+def prepare(args, work: Path, source) -> dict[str, Path]:
+    """The combined int4 folder (built if absent) and the bare decoder with the same 4-bit weights."""
+    from merge.build.pipeline import build
+    from merge.contract.quant import QuantSpec
+
+    paths = {}
+    combined = args.combined or work / "combined"
+    if not (combined / "model.onnx").is_file():
+        print(f"building {combined} (int4)", flush=True)
+        build(source, combined, quant=QuantSpec(), force=True)
+    paths["combined"] = combined
+    bare = work / "bare"
+    if "bare" in args.systems and not (bare / "decoder.onnx").is_file():
+        import onnx_ir as ir
+
+        from merge.build.decoder import export_decoder
+        from merge.build.passes.quantize_int4 import quantize_matmuls_int4
+
+        spec = QuantSpec()
+        model, _ = export_decoder(source.folder, work / "bare-fp32", source.config.text)
+        quantize_matmuls_int4(model, block_size=spec.block_size, accuracy_level=spec.accuracy_level,
+                              symmetric=spec.symmetric)
+        bare.mkdir(parents=True, exist_ok=True)
+        ir.save(model, bare / "decoder.onnx", external_data="decoder.onnx.data")
+        (bare / "config.json").write_text((source.folder / "config.json").read_text())
+        del model
+        import shutil
+
+        shutil.rmtree(work / "bare-fp32", ignore_errors=True)
+    paths["bare"] = bare
+    paths["torch-fp32"] = paths["torch-bf16"] = source.folder
+    return paths
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen3-vl-2b")
+    parser.add_argument("--combined", type=Path, default=None, help="an int4 combined folder of --model (built "
+                                                                    "into --workdir if not given)")
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--llama-dir", type=Path, default=None)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--path", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    from merge.sources.resolve import resolve_model
+
+    info = machine.describe(args.threads)
+    print(machine.header(info), flush=True)
+    scratch = None if args.workdir else tempfile.TemporaryDirectory(prefix="speed-bench-")
+    work = Path(args.workdir or scratch.name)
+    work.mkdir(parents=True, exist_ok=True)
+    source = resolve_model(args.model)
+    paths = prepare(args, work, source)
+    llama = None
+    if any(s.startswith("llama") for s in args.systems):
+        from benchmarks import llama_cpp
+
+        root = args.llama_dir or llama_cpp.default_dir()
+        llama = {"bin": llama_cpp.ensure_built(root), "files": llama_cpp.convert(root, source.folder, args.model)}
+
+    runs: dict[str, list[dict]] = {s: [] for s in args.systems}
+    peaks: dict[str, float] = dict.fromkeys(args.systems, 0.0)
+    for rep in range(args.repeat):
+        for system in args.systems:
+            start = time.perf_counter()
+            if system.startswith("llama"):
+                try:
+                    results, peak = run_llama(system, llama, args.phases, args.threads, work)
+                except RuntimeError as exc:
+                    results, peak = {"error": str(exc)}, 0.0
+            else:
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--child", system, "--path", str(paths[system]),
+                       "--threads", str(args.threads), "--phases", *args.phases]
+                result = machine.measured_run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                peak = result["peak_gib"]
+                results = (json.loads(result["stdout"].strip().splitlines()[-1]) if result["returncode"] == 0
+                           else {"error": result["stderr"].strip().splitlines()[-1:]})
+            runs[system].append(results)
+            peaks[system] = max(peaks[system], peak)
+            print(f"  run {rep + 1}/{args.repeat} {system:13s} {time.perf_counter() - start:6.0f} s "
+                  f"{json.dumps(results)}", flush=True)
+
+    report = {"machine": info, "model": args.model, "systems": {}, "peak_gib": peaks}
+    print(f"\n{args.model}: medians of {args.repeat} interleaved runs (min in brackets); ratios: combined / system, "
+          "> 1 means the combined model is faster")
+    header = f"  {'phase':14}" + "".join(f"{s:>22}" for s in args.systems)
+    print(header)
+    for phase in args.phases:
+        unit = "s" if phase.startswith(("prefill", "image")) else "tok/s"
+        cells, summary = [], {}
+        for system in args.systems:
+            values = [r[phase]["seconds" if unit == "s" else "tokens_per_s"] for r in runs[system] if phase in r]
+            if not values:
+                cells.append(f"{'-':>22}")
+                continue
+            median = statistics.median(values)
+            best = min(values) if unit == "s" else max(values)
+            summary[system] = {"median": median, "best": best, "unit": unit, "runs": values}
+            cells.append(f"{median:>11.2f} ({best:6.2f}) {unit:<3}")
+        report["systems"].setdefault(phase, summary)
+        print(f"  {phase:14}" + "".join(cells))
+        base = summary.get("combined")
+        if base:
+            ratios = []
+            for system in args.systems:
+                other = summary.get(system)
+                if not other:
+                    ratios.append(f"{'':>22}")
+                    continue
+                ratio = other["median"] / base["median"] if unit == "s" else base["median"] / other["median"]
+                ratios.append(f"{ratio:>20.2f}x ")
+            print(f"  {'  vs combined':14}" + "".join(ratios))
+    print("  peak memory GiB: " + ", ".join(f"{s} {peaks[s]:.2f}" for s in args.systems))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if scratch:
+        scratch.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""The README's performance tables, rendered from the benchmarks' JSON reports (vision.py, video.py, speed.py), each
+under the machine it ran on. Several vision reports (say small images and photos, run apart) merge into one table.
+
+    python benchmarks/tables.py vision.json photo.json video.json speed.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def machine_line(info: dict) -> str:
+    features = ", ".join(info.get("features", [])) or "no AVX-512/AMX"
+    return (f"{info['model']}, {info['cores']} cores ({features}), {info['threads']} threads, memory read "
+            f"{info['read_bandwidth_gbs']:.1f} GB/s")
+
+
+def vision_table(reports: list[dict]) -> list[str]:
+    lines = [f"Vision tower, {reports[0]['model']}, one image per call (median, peak memory of the process; "
+             f"ratios > 1: ours faster). Machine: {machine_line(reports[0]['machine'])}.", "",
+             "| image | patches | system | time | peak | vs torch fp32 | vs torch bf16 |",
+             "|---|---|---|---|---|---|---|"]
+    for report in reports:
+        for size, entry in report["sizes"].items():
+            t, h, w = entry["grid"]
+            rows = entry["systems"]
+            for system, row in rows.items():
+                if "error" in row:
+                    lines.append(f"| {size} | {t * h * w:,} | {system} | failed: {str(row['error'])[:60]} | | | |")
+                    continue
+                ratios = []
+                for base in ("torch-fp32", "torch-bf16"):
+                    ref = rows.get(base, {})
+                    ratios.append(f"{ref['median_s'] / row['median_s']:.2f}x" if "median_s" in ref else "-")
+                runs = f" ({row['runs']} run{'s' if row['runs'] > 1 else ''})"
+                lines.append(f"| {size} | {t * h * w:,} | {system} | {row['median_s']:.2f} s{runs} | "
+                             f"{row['peak_gib']:.2f} GiB | {ratios[0]} | {ratios[1]} |")
+    return lines
+
+
+def video_table(report: dict) -> list[str]:
+    lines = [f"Video, {report['model']} ({Path(report['combined']).name}): first call (preprocessing excluded) on a "
+             f"{report['size']}x{report['size']} clip at {report['fps']:g} fps. Machine: "
+             f"{machine_line(report['machine'])}.", "",
+             "| clip | frames | video tokens | preprocessing | first call | per video token | peak |",
+             "|---|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        if "first_call_s" not in row:
+            lines.append(f"| {row['seconds']:g} s | | | | failed: {row['runs'][-1].get('error', '')[:60]} | | |")
+            continue
+        frames = int(row["seconds"] * report["fps"])
+        lines.append(f"| {row['seconds']:g} s | {frames} | {row['video_tokens']:,} | {row['preprocess_s']:.1f} s | "
+                     f"{row['first_call_s']:.1f} s | {row['first_call_s'] / row['video_tokens'] * 1e3:.1f} ms | "
+                     f"{row['peak_gib']:.2f} GiB |")
+    return lines
+
+
+def speed_table(report: dict) -> list[str]:
+    phases = report["systems"]
+    systems = sorted({s for summary in phases.values() for s in summary},
+                     key=lambda s: ["combined", "bare", "llama-Q4_0", "llama-Q4_K_M", "torch-fp32",
+                                    "torch-bf16"].index(s) if s in ("combined", "bare", "llama-Q4_0", "llama-Q4_K_M",
+                                                                    "torch-fp32", "torch-bf16") else 99)
+    lines = [f"Decoder phases, {report['model']}, int4 (medians; in brackets: how many times faster the combined "
+             f"model is). Machine: {machine_line(report['machine'])}.", "",
+             "| phase | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems)]
+    for phase, summary in phases.items():
+        base = summary.get("combined")
+        cells = []
+        for system in systems:
+            row = summary.get(system)
+            if not row:
+                cells.append("-")
+                continue
+            unit = row["unit"]
+            text = f"{row['median']:.2f} {unit}"
+            if base and system != "combined":
+                r = row["median"] / base["median"] if unit == "s" else base["median"] / row["median"]
+                text += f" ({r:.2f}x)"
+            cells.append(text)
+        lines.append(f"| {phase} | " + " | ".join(cells) + " |")
+    peaks = report.get("peak_gib", {})
+    lines.append("")
+    lines.append("Peak memory: " + ", ".join(f"{s} {peaks[s]:.2f} GiB" for s in systems if s in peaks) + ".")
+    return lines
+
+
+def main(paths: list[str]) -> int:
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    vision = [r for r in reports if "sizes" in r]
+    out: list[str] = []
+    if vision:
+        out += [*vision_table(vision), ""]
+    for report in reports:
+        if "rows" in report and "fps" in report:
+            out += [*video_table(report), ""]
+        elif "systems" in report and "peak_gib" in report:
+            out += [*speed_table(report), ""]
+    print("\n".join(out).rstrip())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
