@@ -66,14 +66,19 @@ _LAUNCHER = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); _,
 
 
 def measured_run(cmd: list[str], env: dict | None = None) -> dict:
-    """Run ``cmd`` to completion; its stdout, stderr, exit status and peak resident memory (GiB, its own)."""
+    """Run ``cmd`` to completion; its stdout, stderr, exit status, wall time (s) and peak resident memory (GiB, its
+    own)."""
     import subprocess
     import sys
     import tempfile
+    import time
 
     with tempfile.TemporaryDirectory() as scratch:
         report = Path(scratch) / "peak"
+        start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", _LAUNCHER, str(report), *cmd], env=env, capture_output=True,
                               text=True)
+        seconds = time.perf_counter() - start
         peak = int(report.read_text()) / 1024**2 if report.is_file() else float("nan")
-    return {"returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr, "peak_gib": peak}
+    return {"returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr, "peak_gib": peak,
+            "seconds": seconds}

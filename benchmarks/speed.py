@@ -32,7 +32,7 @@ from benchmarks import machine  # noqa: E402
 
 PHASES = ("prefill-226", "prefill-2048", "decode-256", "decode-4096", "decode-16384", "image-448", "batch-1",
           "batch-4", "batch-8")
-SYSTEMS = ("combined", "bare", "llama-Q4_0", "llama-Q4_K_M", "torch-fp32", "torch-bf16")
+SYSTEMS = ("combined", "combined-growing", "bare", "llama-Q4_0", "llama-Q4_K_M", "torch-fp32", "torch-bf16")
 CHUNK = 2048  # context is filled this many tokens at a time (a 16k prefill in one call would materialise scores)
 DECODE_STEPS = 16
 TEXT_IDS = (100, 3000)  # ordinary tokens of the presets' tokenizer
@@ -57,12 +57,12 @@ class OnnxDecoder:
     """One calling convention over both: ``prefill(ids)`` then ``step(token)``; the bare decoder takes random
     embeddings for the tokens (its cost does not depend on their values) and plain positions."""
 
-    def __init__(self, system: str, path: Path, threads: int):
+    def __init__(self, system: str, path: Path, threads: int, in_place: bool = True):
         import onnxruntime as ort
 
         from merge.runtime import CombinedModel
 
-        self.combined = system == "combined"
+        self.combined = system.startswith("combined")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         if self.combined:
@@ -77,6 +77,7 @@ class OnnxDecoder:
             config = ModelConfig.from_folder(path)
             self.hidden, kv, head = config.text.hidden_size, config.text.num_kv_heads, config.text.head_dim
         self.kv, self.head = kv, head
+        self.in_place = in_place  # the KV cache in buffers written in place (IOBinding), else present fed back
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.rng = np.random.default_rng(0)
@@ -84,12 +85,20 @@ class OnnxDecoder:
     def _run(self, feeds):
         return dict(zip(self.outputs, self.session.run(self.outputs, feeds), strict=True))
 
-    def call(self, ids: np.ndarray, state: dict | None, keep_last: bool = True) -> dict:
-        """One call of ``ids`` [batch, n] after ``state`` (None: the first call)."""
+    def call(self, ids: np.ndarray, state: dict | None, keep_last: bool = True, capacity: int = 0) -> dict:
+        """One call of ``ids`` [batch, n] after ``state`` (None: the first call, with room for ``capacity``
+        positions in an in-place cache)."""
+        from merge.runtime.cache import InPlaceCache
+
         batch, n = ids.shape
         past = 0 if state is None else state["length"]
         mask = np.ones((batch, past + n), np.int64)
-        if state is None:
+        in_place = state["cache"] if state else None
+        if state is None and self.in_place:
+            in_place = InPlaceCache(self.session, self.past_names, batch, self.kv, self.head, max(capacity, n))
+        if in_place is not None:
+            cache = {}
+        elif state is None:
             cache = {p: np.zeros((batch, self.kv, 0, self.head), np.float32) for p in self.past_names}
         else:
             cache = {p: state["out"][p.replace("past_key_values.", "present.")] for p in self.past_names}
@@ -97,25 +106,27 @@ class OnnxDecoder:
             feeds = {"input_ids": ids, "attention_mask": mask, **self.model.no_vision(),
                      "rope_deltas": np.zeros((batch, 1), np.int64) if state is None else state["out"][
                          "rope_deltas_out"]}
-            if keep_last and self.model.keeps_logits:
+            if keep_last and n > 1 and self.model.keeps_logits:  # a decode step has one position anyway
                 feeds["logits_to_keep"] = np.array(1, np.int64)
         else:
             positions = np.broadcast_to(np.arange(past, past + n), (3, batch, n)).astype(np.int64)
             feeds = {"inputs_embeds": self.rng.standard_normal((batch, n, self.hidden), dtype=np.float32),
                      "attention_mask": mask, "position_ids": positions}
         feeds.update(cache)
-        return {"out": self._run(feeds), "length": past + n}
+        out = self._run(feeds) if in_place is None else in_place.run(feeds)
+        return {"out": out, "length": past + n, "cache": in_place}
 
     def fill(self, length: int, batch: int = 1) -> dict:
+        """A context of ``length`` tokens, with room for the decode steps after it."""
         state = None
         while (state or {"length": 0})["length"] < length:
             size = min(CHUNK, length - (state or {"length": 0})["length"])
-            state = self.call(_ids(self.rng, batch, size), state)
+            state = self.call(_ids(self.rng, batch, size), state, capacity=length + DECODE_STEPS + 1)
         return state
 
 
 def run_onnx(system: str, path: Path, phases: list[str], threads: int) -> dict:
-    decoder = OnnxDecoder(system, path, threads)
+    decoder = OnnxDecoder(system, path, threads, in_place=not system.endswith("-growing"))
     rng = np.random.default_rng(1)
     results = {}
     decoder.call(_ids(rng, 1, 16), None)  # warm: weights packed, first-call allocations done
@@ -259,11 +270,14 @@ def run_llama(system: str, llama: dict, phases: list[str], threads: int, work: P
                                        "--perf"])
         peak = max(peak, result["peak_gib"])
         log = result["stdout"] + result["stderr"]
-        # the context's prompt time counts from the first prompt chunk: the projector's encoding, the image
-        # embeddings' and the text's decoding (measured: 9.1 s encoding + 2.3 s image decode inside 12.6 s)
-        found = re.findall(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens", log)
-        if found:
-            results["image-448"] = {"seconds": float(found[-1][0]) / 1e3, "tokens": int(found[-1][1])}
+        # this build prints no timings at the end; its log lines carry the time since start (min.s.ms.us): the
+        # first call is from the start of the image's encoding to the end (projector, the image embeddings' and
+        # the text's decoding, one token)
+        found = re.search(r"^(\d+)\.(\d+)\.(\d+)\.(\d+) I encoding mtmd batch", log, re.MULTILINE)
+        if result["returncode"] == 0 and found:
+            minutes, seconds, ms, us = (int(g) for g in found.groups())
+            started = minutes * 60 + seconds + ms / 1e3 + us / 1e6
+            results["image-448"] = {"seconds": result["seconds"] - started}
     return results, peak
 
 
@@ -289,7 +303,7 @@ def prepare(args, work: Path, source) -> dict[str, Path]:
     if not (combined / "model.onnx").is_file():
         print(f"building {combined} (int4)", flush=True)
         build(source, combined, quant=QuantSpec(), force=True)
-    paths["combined"] = combined
+    paths["combined"] = paths["combined-growing"] = combined
     bare = work / "bare"
     if "bare" in args.systems and not (bare / "decoder.onnx").is_file():
         import onnx_ir as ir
@@ -319,6 +333,9 @@ def main() -> int:
     parser.add_argument("--combined", type=Path, default=None, help="an int4 combined folder of --model (built "
                                                                     "into --workdir if not given)")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=FOLDER",
+                        help="another combined folder of --model (e.g. built with --block-size 128), run as the "
+                             "system combined-LABEL beside the others; repeatable")
     parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -340,6 +357,12 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     source = resolve_model(args.model)
     paths = prepare(args, work, source)
+    for variant in args.variant:
+        label, sep, folder = variant.partition("=")
+        if not sep or not (Path(folder) / "model.onnx").is_file():
+            parser.error(f"--variant {variant!r}: expected LABEL=FOLDER with a combined folder (model.onnx in it)")
+        paths[f"combined-{label}"] = Path(folder)
+        args.systems.append(f"combined-{label}")
     llama = None
     if any(s.startswith("llama") for s in args.systems):
         from benchmarks import llama_cpp
@@ -370,7 +393,7 @@ def main() -> int:
                   f"{json.dumps(results)}", flush=True)
 
     report = {"machine": info, "model": args.model, "systems": {}, "peak_gib": peaks}
-    print(f"\n{args.model}: medians of {args.repeat} interleaved runs (min in brackets); ratios: combined / system, "
+    print(f"\n{args.model}: medians of {args.repeat} interleaved runs (best in brackets); ratios: combined / system, "
           "> 1 means the combined model is faster")
     header = f"  {'phase':14}" + "".join(f"{s:>22}" for s in args.systems)
     print(header)

@@ -57,14 +57,23 @@ def video_table(report: dict) -> list[str]:
     return lines
 
 
-def speed_table(report: dict) -> list[str]:
-    phases = report["systems"]
+SPEED_ORDER = ("combined", "combined-growing", "bare", "llama-Q4_0", "llama-Q4_K_M", "torch-fp32", "torch-bf16")
+
+
+def speed_table(reports: list[dict]) -> list[str]:
+    """One table from one or more speed reports of the same model (e.g. a long-context run kept apart)."""
+    phases: dict[str, dict] = {}
+    peaks: dict[str, float] = {}
+    for report in reports:
+        for phase, summary in report["systems"].items():
+            phases.setdefault(phase, {}).update(summary)
+        for system, peak in report.get("peak_gib", {}).items():
+            peaks[system] = max(peaks.get(system, 0.0), peak)
     systems = sorted({s for summary in phases.values() for s in summary},
-                     key=lambda s: ["combined", "bare", "llama-Q4_0", "llama-Q4_K_M", "torch-fp32",
-                                    "torch-bf16"].index(s) if s in ("combined", "bare", "llama-Q4_0", "llama-Q4_K_M",
-                                                                    "torch-fp32", "torch-bf16") else 99)
-    lines = [f"Decoder phases, {report['model']}, int4 (medians; in brackets: how many times faster the combined "
-             f"model is). Machine: {machine_line(report['machine'])}.", "",
+                     key=lambda s: (SPEED_ORDER.index(s) if s in SPEED_ORDER else 1, s))
+    first = reports[0]
+    lines = [f"Decoder phases, {first['model']}, int4 (medians of the runs in brackets; then how many times faster the "
+             f"combined model is). Machine: {machine_line(first['machine'])}.", "",
              "| phase | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems)]
     for phase, summary in phases.items():
         base = summary.get("combined")
@@ -75,13 +84,12 @@ def speed_table(report: dict) -> list[str]:
                 cells.append("-")
                 continue
             unit = row["unit"]
-            text = f"{row['median']:.2f} {unit}"
+            text = f"{row['median']:.2f} {unit} ({len(row.get('runs', [0]))})"
             if base and system != "combined":
                 r = row["median"] / base["median"] if unit == "s" else base["median"] / row["median"]
-                text += f" ({r:.2f}x)"
+                text += f", {r:.2f}x"
             cells.append(text)
         lines.append(f"| {phase} | " + " | ".join(cells) + " |")
-    peaks = report.get("peak_gib", {})
     lines.append("")
     lines.append("Peak memory: " + ", ".join(f"{s} {peaks[s]:.2f} GiB" for s in systems if s in peaks) + ".")
     return lines
@@ -96,8 +104,9 @@ def main(paths: list[str]) -> int:
     for report in reports:
         if "rows" in report and "fps" in report:
             out += [*video_table(report), ""]
-        elif "systems" in report and "peak_gib" in report:
-            out += [*speed_table(report), ""]
+    speed = [r for r in reports if "systems" in r and "peak_gib" in r]
+    if speed:
+        out += [*speed_table(speed), ""]
     print("\n".join(out).rstrip())
     return 0
 

@@ -34,12 +34,17 @@ def _decode_feeds(raw):
 
 
 def test_consistent_inputs_run(raw):
-    session, _, feeds = raw
+    session, model, feeds = raw
     session.run(None, feeds)
     session.run(None, _decode_feeds(raw))
+    roomy = dict(feeds)  # past buffers with room for more than the whole call (a cache written in place)
+    for name in model.past_names:
+        roomy[name] = np.zeros((1, model.num_kv_heads, feeds["input_ids"].shape[1] + 1, model.head_dim), np.float32)
+    session.run(None, roomy)
 
 
-@pytest.mark.parametrize("case", ["fewer_image_tokens", "pixels_without_tokens", "mask_too_short", "mask_rows",
+@pytest.mark.parametrize("case", ["fewer_image_tokens", "pixels_without_tokens", "mask_too_short",
+                                  "past_buffer_too_small", "past_buffer_exactly_the_call", "mask_rows",
                                   "rope_deltas_rows", "patches_on_decode", "patch_rows_vs_grid", "grid_off_merge"])
 def test_inconsistent_inputs_name_the_check(raw, case):
     session, model, first = raw
@@ -60,6 +65,16 @@ def test_inconsistent_inputs_name_the_check(raw, case):
         feeds["attention_mask"] = feeds["attention_mask"][:, 1:]
         past = feeds["past_key_values.0.key"].shape[2]
         check, numbers = "attention_mask_length_vs_past_plus_sequence", (f"{{{past}}}", f"{{{past + 1}}}")
+    elif case == "past_buffer_too_small":  # neither exactly the past (0) nor room for the whole call
+        length = feeds["input_ids"].shape[1]
+        for name in model.past_names:
+            feeds[name] = np.zeros((1, model.num_kv_heads, length - 1, model.head_dim), np.float32)
+        check, numbers = "attention_mask_length_vs_past_plus_sequence", (f"{{{length}}}", f"{{{2 * length - 1}}}")
+    elif case == "past_buffer_exactly_the_call":  # a buffer must be longer than the mask (see mask_too_short)
+        length = feeds["input_ids"].shape[1]
+        for name in model.past_names:
+            feeds[name] = np.zeros((1, model.num_kv_heads, length, model.head_dim), np.float32)
+        check, numbers = "attention_mask_length_vs_past_plus_sequence", (f"{{{length}}}", f"{{{2 * length}}}")
     elif case == "mask_rows":
         feeds["attention_mask"] = np.concatenate([feeds["attention_mask"]] * 2)
         check, numbers = "attention_mask_rows_vs_input_ids_rows", ("{2}", "{1}")

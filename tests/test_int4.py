@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -69,11 +71,17 @@ def test_verify_int4_against_the_same_int4_weights(int4_folder, tmp_path, capsys
     from merge.cli import main
     from tests.sabotage import broken_copy
 
-    ref = tmp_path / "ref.npz"
+    ref, report = tmp_path / "ref.npz", tmp_path / "report.json"
     assert main(["verify", str(int4_folder), "--model", "tiny", "--max-new-tokens", "4",
-                 "--save-reference", str(ref)]) == 0
+                 "--save-reference", str(ref), "--json", str(report)]) == 0
     table = capsys.readouterr().out
     assert table.strip().splitlines()[-1].startswith("PASSED")
+    # beside the judged stages, what 4 bits cost against the fp32 weights, reported: further from PyTorch than
+    # the same-weights comparison (were the fp32 reference the 4-bit one, the two would be equal)
+    stages = {s["name"]: s for s in json.loads(report.read_text())["stages"]}
+    same, fp32 = stages["prefill logits"], stages["vs fp32: prefill logits"]
+    assert fp32["status"] == "INFO" and stages["vs fp32: greedy tokens"]["status"] == "INFO"
+    assert 0.9 < fp32["cosine"] < same["cosine"] and fp32["max_abs"] > same["max_abs"]
     broken = broken_copy(int4_folder, tmp_path / "broken", "no_deepstack")
     assert main(["verify", str(broken), "--reference", str(ref)]) == 1
     assert capsys.readouterr().out.strip().splitlines()[-1] == "FAILED: first failing stage: prefill logits"

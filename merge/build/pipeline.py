@@ -23,7 +23,7 @@ import onnx_ir as ir
 from merge import __version__
 from merge.contract.folder import file_sha256
 from merge.contract.manifest import Manifest, TensorInfo
-from merge.contract.names import DATA_FILE, MODEL_FILE, PREPROCESSING_FILES, TOOL_NAME
+from merge.contract.names import DATA_FILE, KV_CACHE_IN_PLACE, MODEL_FILE, PREPROCESSING_FILES, TOOL_NAME
 from merge.contract.quant import QuantSpec, check_vision_precision, precision_of
 from merge.sources.checkpoint import Checkpoint
 from merge.sources.source import ModelSource
@@ -73,6 +73,7 @@ def build(source: ModelSource, out: Path, *, quant: QuantSpec | None = None, vis
                                      "vision_precision": vision_precision,
                                      "tool": TOOL_NAME, "tool_version": __version__,
                                      "image_token_id": str(source.config.image_token_id),
+                                   KV_CACHE_IN_PLACE: "1",
                                      "embedding_table": layout})
         log.info("writing %s (weights streamed into %s%s)", MODEL_FILE, DATA_FILE,
                  ", quantized one tensor at a time" if quant else "")

@@ -102,3 +102,7 @@ IMAGE_TOKEN = "<|image_pad|>"
 VIDEO_TOKEN = "<|video_pad|>"
 VISION_START_TOKEN = "<|vision_start|>"
 VISION_END_TOKEN = "<|vision_end|>"
+
+# model metadata: "1" when past_key_values.* may be buffers of a fixed capacity written in place (see
+# merge.runtime.cache); folders built before lack it
+KV_CACHE_IN_PLACE = "kv_cache_in_place"

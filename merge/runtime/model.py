@@ -36,6 +36,9 @@ from merge.contract.names import (
 from merge.contract.vision import check_vision_inputs
 from merge.errors import MergeError
 
+from .cache import METADATA_KEY as CACHE_METADATA_KEY
+from .cache import InPlaceCache
+
 if TYPE_CHECKING:
     from .preprocess import Preprocessor
 
@@ -126,6 +129,8 @@ class CombinedModel:
         optional = {i.name for i in self.session.get_overridable_initializers()}
         self.keeps_logits = LOGITS_TO_KEEP in optional or LOGITS_TO_KEEP in inputs  # folders built before: no
         self.takes_videos = PIXEL_VALUES_VIDEOS in inputs  # folders built before videos: no
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        self.cache_in_place = metadata.get(CACHE_METADATA_KEY) == "1"  # folders built before: the growing cache
 
     def empty_images(self) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros((0, self.patch_dim), np.float32), np.zeros((0, 3), np.int64)
@@ -140,6 +145,12 @@ class CombinedModel:
 
     def forward(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
+
+    def new_cache(self, batch: int, capacity: int) -> InPlaceCache:
+        """A KV cache of ``capacity`` positions that the model writes in place (see :mod:`merge.runtime.cache`)."""
+        if not self.cache_in_place:
+            raise MergeError(f"{self.folder} was built before the KV cache could be written in place; build it again")
+        return InPlaceCache(self.session, self.past_names, batch, self.num_kv_heads, self.head_dim, capacity)
 
     def check_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos=None,
                      video_grid_thw=None) -> None:
@@ -209,6 +220,7 @@ class CombinedModel:
         all_logits: bool = True,
         pixel_values_videos: np.ndarray | None = None,
         video_grid_thw: np.ndarray | None = None,
+        in_place: bool | None = None,
     ) -> Generation:
         """Greedy decoding. Rows that produced an EOS token continue with ``pad_token_id`` (as HF does).
 
@@ -216,6 +228,9 @@ class CombinedModel:
         so each step's logits can be compared with a reference run; ``tokens`` still holds the greedy choices.
         ``all_logits=False`` has the prefill compute the logits of the last position only (``logits_to_keep``:
         the head's work on every other prompt position is skipped); ``prefill_logits`` then holds that one.
+        ``in_place`` (default: when the folder allows it) keeps the KV cache in buffers of the prompt's length plus
+        ``max_new_tokens`` that the model writes in place, instead of feeding each call's ``present`` back;
+        ``prefill_outputs`` then holds no ``present.*``.
         """
         input_ids = np.asarray(input_ids, np.int64)
         limit = self.config.text.max_position_embeddings
@@ -229,8 +244,14 @@ class CombinedModel:
                                  video_grid_thw)
         if not all_logits and self.keeps_logits:
             feeds[LOGITS_TO_KEEP] = np.array(1, np.int64)
+        cache = None
+        if self.cache_in_place if in_place is None else in_place:
+            cache = self.new_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+            for name in self.past_names:
+                del feeds[name]
+        run = self.forward if cache is None else cache.run
         start = time.perf_counter()
-        out = self.forward(feeds)
+        out = run(feeds)
         prefill_seconds = time.perf_counter() - start
         result = Generation(tokens=np.zeros((input_ids.shape[0], 0), np.int64), prefill_logits=out[LOGITS],
                             prefill_seconds=prefill_seconds, prefill_outputs=out)
@@ -253,8 +274,9 @@ class CombinedModel:
             attention_mask = np.concatenate([attention_mask, np.ones((len(token), 1), np.int64)], axis=1)
             feeds = {INPUT_IDS: token[:, None], ATTENTION_MASK: attention_mask, **self.no_vision(),
                      ROPE_DELTAS: out[ROPE_DELTAS_OUT]}
-            feeds.update({p: out[present_name(p)] for p in self.past_names})
-            out = self.forward(feeds)
+            if cache is None:
+                feeds.update({p: out[present_name(p)] for p in self.past_names})
+            out = run(feeds)
             logits = out[LOGITS][:, -1]
         result.decode_seconds = time.perf_counter() - start
         result.tokens = np.stack(tokens, axis=1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -268,6 +268,7 @@ def verify(folder: Path | CombinedFolder, *, model_folder: Path | None, prompt: 
     manifest = combined.manifest
     if save_to is not None:
         check_writable(save_to, combined)
+    fp32 = None
     if reference is not None:
         inputs, ref, saved = load_reference(reference)
         if saved != precision_key(manifest):
@@ -282,10 +283,33 @@ def verify(folder: Path | CombinedFolder, *, model_folder: Path | None, prompt: 
         model = load_model(model_folder, manifest.quantization, shared_table=manifest.embedding_table == "int4_blocks",
                            vision_int8=manifest.vision_precision == "int8")
         ref = torch_reference(model, inputs, new_tokens)
+        del model
         if save_to is not None:
             save_reference(save_to, inputs, ref, precision_key(manifest))
+        if quantized_folder(manifest):  # what quantizing cost: the same call against the fp32 weights
+            fp32 = torch_reference(load_model(model_folder), inputs, new_tokens)
     gen = onnx_run(combined, inputs, ref["tokens"])
-    return compare_stages(gen, ref, inputs, manifest)
+    stages = compare_stages(gen, ref, inputs, manifest)
+    if fp32 is not None:
+        stages += against_fp32(gen, fp32, inputs)
+    return stages
+
+
+def quantized_folder(manifest: Manifest) -> bool:
+    return manifest.precision != "fp32" or manifest.vision_precision != "fp32"
+
+
+def against_fp32(gen, fp32: dict[str, np.ndarray], inputs: dict[str, np.ndarray]) -> list[Stage]:
+    """Reported, not judged: a quantized folder against PyTorch with the fp32 weights (the error quantizing the
+    weights adds, which the stages above leave out by giving the reference the same quantized weights)."""
+    real = inputs["attention_mask"].astype(bool)
+    prefill = _stage("vs fp32: prefill logits", gen.prefill_logits, fp32["prefill_logits"], mask=real, logits=True,
+                     scale=INT4_SCALE)
+    steps = min(len(gen.tokens[0]), len(fp32["tokens"][0]))
+    agree = float((gen.tokens[:, :steps] == fp32["tokens"][:, :steps]).mean()) if steps else float("nan")
+    greedy = Stage("vs fp32: greedy tokens", tuple(gen.tokens.shape), float(agree < 1), 0.0, float("nan"), agree,
+                   "reported", agree == 1.0, counted=False)
+    return [replace(prefill, tolerance="reported", counted=False), greedy]
 
 
 def precision_key(manifest: Manifest) -> str:

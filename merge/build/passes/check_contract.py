@@ -1,7 +1,10 @@
 """The combined model checks its own inputs, for clients in any language: when two inputs disagree, the session
 fails with an error that names the check (``merge/checks/...``) and both numbers, instead of computing on.
 
-- ``attention_mask`` has as many rows as ``input_ids``, and as many columns as past + new tokens;
+- ``attention_mask`` has as many rows as ``input_ids``, and as many columns as past + new tokens: the past
+  tensors hold exactly the past (the cache grows by ``present``), or they are buffers of a fixed capacity larger
+  than the mask's length, bound to the same memory as ``present`` (the attention then writes the new keys and
+  values in place and nothing is copied per step; the past's length is the mask's length minus the new tokens);
 - ``rope_deltas`` has one row per ``input_ids`` row;
 - a call with a past (a decode step) carries no patches, of images or of videos.
 
@@ -60,20 +63,28 @@ class CheckContract(StitchPass):
             return b.op("Shape", [value], {"start": axis, "end": axis + 1}, name=name)
 
         rows, sequence = dim(ids, 0, "input_ids_rows"), dim(ids, 1, "input_ids_sequence")
-        past_length = dim(past, 2, "past_length")
+        total = dim(mask, 1, "attention_mask_length")
+        # the past tensors hold exactly the past (a growing cache), or are buffers with room for more than the
+        # whole call (capacity > total; the attention writes the new keys in place). Not >=: a mask that was not
+        # grown on a decode step (total == past) must still fail here, not overwrite the last key.
+        capacity = dim(past, 2, "past_capacity")
+        expected_total = b.op("Where", [b.op("Greater", [capacity, total], name="past_is_a_buffer"), total,
+                                        b.op("Add", [capacity, sequence], name="past_plus_sequence")],
+                              name="expected_attention_mask_length")
+        past_length = b.op("Sub", [total, sequence], name="past_length")
+        has_past = b.op("Clip", [past_length, b.const(np.array(0, np.int64), "zero"),
+                                 b.const(np.array(1, np.int64), "one")], name="has_past")
         zeros = [
             b.check_equal(CHECKS[0], dim(mask, 0, "attention_mask_rows"), rows),
-            b.check_equal(CHECKS[1], dim(mask, 1, "attention_mask_length"),
-                          b.op("Add", [past_length, sequence], name="past_plus_sequence")),
+            b.check_equal(CHECKS[1], total, expected_total),
             b.check_equal(CHECKS[2], dim(deltas, 0, "rope_deltas_rows"), rows),
-            b.check_equal(CHECKS[3], b.op("Mul", [patches,
-                                                  b.op("Min", [past_length, b.const([1], "one")], name="has_past")],
-                                          name="patches_with_past"), b.const(np.array([0], np.int64), "none")),
+            b.check_equal(CHECKS[3], b.op("Mul", [patches, has_past], name="patches_with_past"),
+                          b.const(np.array([0], np.int64), "none")),
         ]
-        total = zeros[0]
+        passed = zeros[0]
         for zero in zeros[1:3]:
-            total = b.op("Add", [total, zero], name="checks/all_passed")
-        checked = b.op("Add", [positions, total], name="checks/position_ids")
+            passed = b.op("Add", [passed, zero], name="checks/all_passed")
+        checked = b.op("Add", [positions, passed], name="checks/position_ids")
         gated = b.op("Add", [guard.inputs[0], zeros[3]], name="checks/patches_checked")
         register_builder(graph, b)
         for node in list(positions.uses()):

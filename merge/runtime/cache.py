@@ -1,0 +1,76 @@
+"""A KV cache the attention writes in place: one buffer per past tensor, of a fixed capacity, bound (ONNX Runtime
+IOBinding) both as ``past_key_values.*`` and as ``present.*``.
+
+Without it each call returns ``present`` = past + new, a fresh copy of the whole cache that the next call takes
+back: at long contexts the copying costs more than the attention reading it. With it the decoder's
+GroupQueryAttention sees ``present`` bound to the memory of ``past`` and appends the new keys and values there,
+at the position the attention mask gives (every row's past is the mask's length minus the new tokens).
+
+The model's contract allows both: a past tensor either holds exactly the past, or is longer than the call's
+attention mask (not equal: a decode step whose mask was not grown must still fail the model's check). A client
+without IOBinding keeps feeding ``present`` back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from merge.contract.names import KV_CACHE_IN_PLACE, present_name
+from merge.errors import MergeError
+
+METADATA_KEY = KV_CACHE_IN_PLACE  # the build sets it to "1": the model accepts past buffers of a capacity
+
+
+class InPlaceCache:
+    """Past and present in the same buffers, room for ``capacity`` positions (each buffer holds one more: the model
+    takes a past tensor as a buffer only when it is longer than the call's attention mask)."""
+
+    def __init__(self, session, past_names: Sequence[str], batch: int, kv_heads: int, head_dim: int,
+                 capacity: int):
+        import onnxruntime as ort
+
+        if capacity <= 0:
+            raise MergeError(f"a KV cache needs a positive capacity, got {capacity}")
+        self.session = session
+        self.capacity = capacity
+        shape = (batch, kv_heads, capacity + 1, head_dim)
+        # the arrays own the memory; the OrtValues wrap it (no copy), so the model's writes show in the arrays
+        self.arrays = {name: np.zeros(shape, np.float32) for name in past_names}
+        self.buffers = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in self.arrays.items()}
+        self.output_names = [o.name for o in session.get_outputs()
+                             if o.name not in {present_name(p) for p in past_names}]
+        # IOBinding cannot bind an input backed by an initializer (logits_to_keep): such a call runs plainly
+        self.unbindable = {i.name for i in session.get_overridable_initializers()}
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One call; the outputs other than ``present.*`` (those are in the buffers)."""
+        total = feeds["attention_mask"].shape[1]
+        if total > self.capacity:
+            raise MergeError(f"the call needs {total} positions in the KV cache but it holds {self.capacity}")
+        for name in feeds:
+            if name in self.buffers:
+                raise MergeError(f"{name} is the in-place cache's own buffer; do not feed it")
+        if self.unbindable & set(feeds):
+            return self._run_plainly(feeds)
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self.output_names:  # ONNX Runtime allocates these; they come back in this order
+            binding.bind_output(name)
+        for name, buffer in self.buffers.items():
+            binding.bind_ortvalue_input(name, buffer)
+            binding.bind_ortvalue_output(present_name(name), buffer)
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()[:len(self.output_names)]
+        return {name: value.numpy() for name, value in zip(self.output_names, values, strict=True)}
+
+    def _run_plainly(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The same call through ``session.run``: the buffers go in as plain arrays, and what comes back as
+        ``present`` (the same capacity) is copied into them: one copy of the cache, for this call only."""
+        presents = [present_name(name) for name in self.arrays]
+        values = self.session.run(self.output_names + presents, {**feeds, **self.arrays})
+        for array, present in zip(self.arrays.values(), values[len(self.output_names):], strict=True):
+            np.copyto(array, present)
+        return dict(zip(self.output_names, values[:len(self.output_names)], strict=True))

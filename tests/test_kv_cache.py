@@ -1,0 +1,123 @@
+"""The KV cache written in place (past and present bound to the same buffers of a fixed capacity) gives exactly
+what the growing cache gives (``present`` fed back each call), on a left-padded batch with images; a plain client
+may also feed capacity buffers without IOBinding. Twin: a cache whose new keys never reach the past must fail."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from merge.contract.names import present_name
+from merge.errors import MergeError
+from merge.runtime import CombinedModel
+from merge.runtime.cache import InPlaceCache
+from merge.tools.verify import default_images
+
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def model(combined):
+    return CombinedModel(combined("tiny"))
+
+
+@pytest.fixture(scope="module")
+def batch(model):
+    """Two rows, left padded, the images in the first row only."""
+    return model.preprocessor.build_batch_inputs(
+        ["Describe both pictures, one after the other, in detail.", "Hi"], [default_images(2), []])
+
+
+def _generate(model, inputs, **kwargs):
+    return model.generate(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                          inputs["image_grid_thw"], max_new_tokens=NEW_TOKENS, **kwargs)
+
+
+def _same(a, b):
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.prefill_logits, b.prefill_logits)
+    for x, y in zip(a.step_logits, b.step_logits, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_folder_allows_it_and_generate_uses_it(model):
+    assert model.cache_in_place
+    gen = _generate(model, {"input_ids": np.array([[5, 6, 7]]), "attention_mask": None, "pixel_values": None,
+                            "image_grid_thw": None})
+    assert not any(name.startswith("present.") for name in gen.prefill_outputs)  # the cache stayed in place
+
+
+@pytest.mark.parametrize("all_logits", [True, False])
+def test_in_place_equals_growing_on_a_left_padded_batch(model, batch, all_logits):
+    """``all_logits=False`` feeds logits_to_keep, which IOBinding cannot bind: that call runs plainly and its
+    present is copied into the buffers once."""
+    assert (batch["attention_mask"] == 0).any()  # the second row is padded
+    _same(_generate(model, batch, in_place=True, all_logits=all_logits),
+          _generate(model, batch, in_place=False, all_logits=all_logits))
+
+
+class _PresentElsewhere(InPlaceCache):
+    """Broken on purpose: ``present`` goes to buffers of its own, so the past buffers never get the new keys."""
+
+    def run(self, feeds):
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self.output_names:
+            binding.bind_output(name)
+        for name, buffer in self.buffers.items():
+            binding.bind_ortvalue_input(name, buffer)
+            binding.bind_output(present_name(name))
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()[:len(self.output_names)]
+        return {name: value.numpy() for name, value in zip(self.output_names, values, strict=True)}
+
+
+def test_twin_new_keys_not_written_in_place_fails(model, batch, monkeypatch):
+    growing = _generate(model, batch, in_place=False)
+    monkeypatch.setattr(model, "new_cache", lambda b, c: _PresentElsewhere(
+        model.session, model.past_names, b, model.num_kv_heads, model.head_dim, c))
+    broken = _generate(model, batch, in_place=True)
+    np.testing.assert_array_equal(broken.prefill_logits, growing.prefill_logits)  # the first call has no past
+    assert not np.allclose(broken.step_logits[-1], growing.step_logits[-1], atol=1e-3)
+
+
+def test_plain_client_may_feed_capacity_buffers(model, batch):
+    """No IOBinding: past tensors with room for 8 more positions than the call needs, as plain arrays; present
+    comes back with that capacity."""
+    session = ort.InferenceSession(str(model.folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    growing = _generate(model, batch, in_place=False)
+    feeds = model.first_feeds(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                              batch["image_grid_thw"])
+    rows, capacity = batch["input_ids"].shape[0], batch["input_ids"].shape[1] + 8
+    for name in model.past_names:
+        feeds[name] = np.zeros((rows, model.num_kv_heads, capacity, model.head_dim), np.float32)
+    out = dict(zip(names, session.run(None, feeds), strict=True))
+    np.testing.assert_array_equal(out["logits"], growing.prefill_logits)
+    assert out[present_name(model.past_names[0])].shape[2] == capacity
+    mask = batch["attention_mask"]
+    for step in range(3):
+        mask = np.concatenate([mask, np.ones((rows, 1), np.int64)], axis=1)
+        feeds = {"input_ids": growing.tokens[:, step:step + 1], "attention_mask": mask, **model.no_vision(),
+                 "rope_deltas": out["rope_deltas_out"]}
+        feeds.update({p: out[present_name(p)] for p in model.past_names})
+        out = dict(zip(names, session.run(None, feeds), strict=True))
+        np.testing.assert_allclose(out["logits"][:, -1], growing.step_logits[step], rtol=0, atol=1e-5)
+
+
+def test_a_full_cache_is_refused_by_name(model):
+    cache = model.new_cache(1, 4)
+    feeds = model.first_feeds(np.array([[5, 6, 7, 8, 9]]), np.ones((1, 5), np.int64))
+    for name in model.past_names:
+        del feeds[name]
+    with pytest.raises(MergeError, match="needs 5 positions in the KV cache but it holds 4"):
+        cache.run(feeds)
+
+
+def test_a_folder_built_before_keeps_the_growing_cache(model, batch, monkeypatch):
+    monkeypatch.setattr(model, "cache_in_place", False)
+    with pytest.raises(MergeError, match="built before the KV cache could be written in place"):
+        model.new_cache(1, 8)
+    _same(_generate(model, batch), _generate(model, batch, in_place=False))
