@@ -72,8 +72,9 @@ def speed_table(reports: list[dict]) -> list[str]:
     systems = sorted({s for summary in phases.values() for s in summary},
                      key=lambda s: (SPEED_ORDER.index(s) if s in SPEED_ORDER else 1, s))
     first = reports[0]
-    lines = [f"Decoder phases, {first['model']}, int4 (medians of the runs in brackets; then how many times faster the "
-             f"combined model is). Machine: {machine_line(first['machine'])}.", "",
+    lines = [f"Decoder phases, {first['model']}, int4: medians (how many runs in brackets), then how many times faster "
+             f"the combined model (block 32, KV cache in place) is than each system. Machine: "
+             f"{machine_line(first['machine'])}.", "",
              "| phase | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems)]
     for phase, summary in phases.items():
         base = summary.get("combined")

@@ -208,3 +208,20 @@ def test_readme_layout_matches_the_tree():
     loose = {str(p.relative_to(ROOT)) for p in (ROOT / "merge").glob("*.py") if p.name not in ("__init__.py",
                                                                                                  "__main__.py")}
     assert loose <= named, f"modules at merge/'s top missing from the layout: {sorted(loose - named)}"
+
+
+def test_readme_benchmark_tables_come_from_the_reports():
+    """Every table row that benchmarks/tables.py renders from benchmarks/results/*.json is in the README as is, and
+    the README's benchmark section names the machine each ran on (the reports carry it)."""
+    reports = sorted(str(p) for p in (ROOT / "benchmarks" / "results").glob("*.json"))
+    assert reports
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tables.py"), *reports], capture_output=True,
+                          text=True, check=True)
+    readme = README.read_text()
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert rows
+    missing = [row for row in rows if row not in readme]
+    assert not missing, f"README rows not regenerated from the reports: {missing[:3]}"
+    for report in reports:
+        machine = json.loads(Path(report).read_text())["machine"]
+        assert machine["model"] in readme and ", ".join(machine["features"]) in readme
