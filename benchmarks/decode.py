@@ -10,27 +10,17 @@ attention) must not slow a batch-1 step either. Prints figures, asserts nothing:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import machine
 from merge.runtime import CombinedModel
 from merge.sources.resolve import resolve_model
-
-
-def median_step(run, steps: int) -> float:
-    times = []
-    for i in range(steps):
-        start = time.perf_counter()
-        run(i)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:] or times)
 
 
 def main() -> int:
@@ -76,7 +66,7 @@ def main() -> int:
     # Combined: prefill then decode steps.
     feeds = combined.first_feeds(ids, mask)
     out = combined.forward(feeds)  # warm-up: the first call also pages the weights in
-    combined_prefill = median_step(lambda _: combined.forward(feeds), 3)
+    combined_prefill = machine.median_step(lambda _: combined.forward(feeds), 3)
     state = {"out": out, "mask": mask}
 
     def combined_step(_):
@@ -86,7 +76,7 @@ def main() -> int:
         f.update({p: state["out"][p.replace("past_key_values.", "present.")] for p in combined.past_names})
         state["out"], state["mask"] = combined.forward(f), mask_now
 
-    combined_decode = median_step(combined_step, args.steps)
+    combined_decode = machine.median_step(combined_step, args.steps)
 
     # Bare decoder: the same shapes, inputs_embeds given directly.
     names = [o.name for o in bare.get_outputs()]
@@ -97,7 +87,7 @@ def main() -> int:
     bfeeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions,
               **dict.fromkeys(past_names, empty)}
     bout = dict(zip(names, bare.run(names, bfeeds), strict=True))  # warm-up, as above
-    bare_prefill = median_step(lambda _: bare.run(names, bfeeds), 3)
+    bare_prefill = machine.median_step(lambda _: bare.run(names, bfeeds), 3)
     bstate = {"out": bout, "mask": mask}
 
     def bare_step(_):
@@ -109,7 +99,7 @@ def main() -> int:
         bstate["out"] = dict(zip(names, bare.run(names, f), strict=True))
         bstate["mask"] = mask_now
 
-    bare_decode = median_step(bare_step, args.steps)
+    bare_decode = machine.median_step(bare_step, args.steps)
 
     print(f"model {args.model} ({precision}), prompt {args.prompt_tokens} tokens, text only")
     print(f"  {'':22}{'combined':>12}{'bare decoder':>14}{'ratio':>8}")

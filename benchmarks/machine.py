@@ -82,3 +82,16 @@ def measured_run(cmd: list[str], env: dict | None = None) -> dict:
         peak = int(report.read_text()) / 1024**2 if report.is_file() else float("nan")
     return {"returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr, "peak_gib": peak,
             "seconds": seconds}
+
+
+def median_step(run, steps: int) -> float:
+    """Median seconds of ``run(i)`` over ``steps`` calls, the first (warm-up) left out."""
+    import statistics
+    import time
+
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        run(i)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:] or times)

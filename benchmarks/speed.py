@@ -42,15 +42,6 @@ def _ids(rng, batch: int, length: int) -> np.ndarray:
     return rng.integers(*TEXT_IDS, (batch, length)).astype(np.int64)
 
 
-def _median_step(step, steps: int) -> float:
-    times = []
-    for i in range(steps):
-        start = time.perf_counter()
-        step(i)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
-
-
 # -- ONNX: the combined model and the bare decoder ----------------------------------------------------------------
 
 class OnnxDecoder:
@@ -144,7 +135,7 @@ def run_onnx(system: str, path: Path, phases: list[str], threads: int) -> dict:
             def step(_, holder=holder):
                 holder["state"] = decoder.call(np.array([[5]], np.int64), holder["state"])
 
-            results[phase] = {"tokens_per_s": 1 / _median_step(step, DECODE_STEPS)}
+            results[phase] = {"tokens_per_s": 1 / machine.median_step(step, DECODE_STEPS)}
         elif kind == "batch":
             batch = int(value)
             holder = {"state": decoder.fill(128, batch)}
@@ -152,7 +143,7 @@ def run_onnx(system: str, path: Path, phases: list[str], threads: int) -> dict:
             def step(_, holder=holder, batch=batch):
                 holder["state"] = decoder.call(np.full((batch, 1), 5, np.int64), holder["state"])
 
-            results[phase] = {"tokens_per_s": batch / _median_step(step, DECODE_STEPS)}
+            results[phase] = {"tokens_per_s": batch / machine.median_step(step, DECODE_STEPS)}
         elif kind == "image" and decoder.combined:
             from benchmarks.vision import photo
 
@@ -209,7 +200,7 @@ def run_torch(system: str, folder: Path, phases: list[str], threads: int) -> dic
                 def step(_, holder=holder, batch=batch):
                     holder["state"] = call(np.full((batch, 1), 5, np.int64), *holder["state"])
 
-                results[phase] = {"tokens_per_s": batch / _median_step(step, DECODE_STEPS)}
+                results[phase] = {"tokens_per_s": batch / machine.median_step(step, DECODE_STEPS)}
             elif kind == "image":
                 from benchmarks.vision import photo
                 from merge.runtime.preprocess import Preprocessor

@@ -21,6 +21,7 @@ from merge.errors import MergeError
 from merge.runtime import CombinedModel
 from merge.runtime.video import FrameResizer, VideoProcessor, frame_timestamps, sample_indices
 from merge.tools.compare import compare
+from tests.test_combined_parity import _reference
 from tests.videos import frame, write_clip, write_frames
 
 NEW_TOKENS = 32
@@ -271,19 +272,6 @@ def _video_inputs(case, preset, sources, prep, clips):
     }
     prompts, images, videos = rows[case]
     return build_batch_inputs(tok, proc, prompts, images, config, video_processor, videos)
-
-
-def _reference(model, inputs):
-    import torch
-
-    from tests.hf import hf_kwargs
-
-    kw = {k: torch.from_numpy(v) for k, v in hf_kwargs(inputs).items()}
-    with torch.no_grad():
-        logits = model(**kw).logits.numpy()
-        generated = model.generate(**kw, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-                                   pad_token_id=0)
-    return logits, generated[:, inputs["input_ids"].shape[1]:].numpy()
 
 
 def _run(folder, inputs, max_new_tokens=NEW_TOKENS):

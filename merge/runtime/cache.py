@@ -61,10 +61,13 @@ class InPlaceCache:
             binding.bind_output(name)
         for name, buffer in self.buffers.items():
             binding.bind_ortvalue_input(name, buffer)
-            binding.bind_ortvalue_output(present_name(name), buffer)
+            self._bind_present(binding, present_name(name), buffer)
         self.session.run_with_iobinding(binding)
         values = binding.get_outputs()[:len(self.output_names)]
         return {name: value.numpy() for name, value in zip(self.output_names, values, strict=True)}
+
+    def _bind_present(self, binding, name: str, buffer) -> None:
+        binding.bind_ortvalue_output(name, buffer)  # the same memory as the past: written in place
 
     def _run_plainly(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The same call through ``session.run``: the buffers go in as plain arrays, and what comes back as
