@@ -111,3 +111,26 @@ def test_a_folder_built_before_keeps_the_growing_cache(model, batch, monkeypatch
     with pytest.raises(MergeError, match="built before the KV cache could be written in place"):
         model.new_cache(1, 8)
     _same(_generate(model, batch), _generate(model, batch, in_place=False))
+
+
+def test_the_cache_grows_with_the_tokens_and_stays_exact(model, batch, monkeypatch):
+    """Room for 2 new tokens at first, doubled as generation goes: the same tokens and logits as the growing cache,
+    and a huge max_new_tokens costs no buffer up front."""
+    import merge.runtime.model as runtime_model
+
+    capacities = []
+    new_cache = model.new_cache
+    monkeypatch.setattr(model, "new_cache", lambda b, c: capacities.append(c) or new_cache(b, c))
+    monkeypatch.setattr(runtime_model, "CACHE_STEP", 2)
+    _same(_generate(model, batch, in_place=True), _generate(model, batch, in_place=False))
+    assert capacities == [batch["input_ids"].shape[1] + 2]
+    model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"],
+                   max_new_tokens=100_000, eos_token_ids=range(200_000))  # every token ends the rows at once
+    assert capacities[-1] == batch["input_ids"].shape[1] + 2
+
+
+def test_feeding_the_cache_its_own_buffer_is_refused(model):
+    cache = model.new_cache(1, 8)
+    feeds = model.first_feeds(np.array([[5, 6, 7]]), np.ones((1, 3), np.int64))
+    with pytest.raises(MergeError, match="is the in-place cache's own buffer"):
+        cache.run(feeds)

@@ -34,15 +34,31 @@ class InPlaceCache:
         if capacity <= 0:
             raise MergeError(f"a KV cache needs a positive capacity, got {capacity}")
         self.session = session
-        self.capacity = capacity
-        shape = (batch, kv_heads, capacity + 1, head_dim)
-        # the arrays own the memory; the OrtValues wrap it (no copy), so the model's writes show in the arrays
-        self.arrays = {name: np.zeros(shape, np.float32) for name in past_names}
-        self.buffers = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in self.arrays.items()}
+        self.capacity = 0
+        self.arrays: dict[str, np.ndarray] = dict.fromkeys(past_names, np.zeros((batch, kv_heads, 0, head_dim),
+                                                                                np.float32))
+        self.buffers: dict = {}
+        self._ortvalue = ort.OrtValue.ortvalue_from_numpy
+        self.reserve(capacity)
         self.output_names = [o.name for o in session.get_outputs()
                              if o.name not in {present_name(p) for p in past_names}]
         # IOBinding cannot bind an input backed by an initializer (logits_to_keep): such a call runs plainly
         self.unbindable = {i.name for i in session.get_overridable_initializers()}
+
+    def reserve(self, capacity: int) -> None:
+        """Room for at least ``capacity`` positions: larger buffers, what is written so far copied over (once per
+        growth; grow geometrically, as :meth:`merge.runtime.model.CombinedModel.generate` does)."""
+        if capacity <= self.capacity:
+            return
+        grown = {}
+        for name, old in self.arrays.items():
+            array = np.zeros((*old.shape[:2], capacity + 1, old.shape[3]), np.float32)
+            array[:, :, :old.shape[2]] = old
+            grown[name] = array
+        # the arrays own the memory; the OrtValues wrap it (no copy), so the model's writes show in the arrays
+        self.arrays = grown
+        self.buffers = {name: self._ortvalue(array) for name, array in grown.items()}
+        self.capacity = capacity
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One call; the outputs other than ``present.*`` (those are in the buffers)."""

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_NEW_TOKENS = 128
+CACHE_STEP = 256  # an in-place KV cache starts with room for this many new tokens, then doubles
 
 
 @dataclass
@@ -246,7 +247,9 @@ class CombinedModel:
             feeds[LOGITS_TO_KEEP] = np.array(1, np.int64)
         cache = None
         if self.cache_in_place if in_place is None else in_place:
-            cache = self.new_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+            # room grows with what is generated (doubling), not allocated for max_new_tokens up front: a generous
+            # max_new_tokens must not cost memory that the tokens never use
+            cache = self.new_cache(input_ids.shape[0], input_ids.shape[1] + min(max_new_tokens, CACHE_STEP))
             for name in self.past_names:
                 del feeds[name]
         run = self.forward if cache is None else cache.run
@@ -274,6 +277,8 @@ class CombinedModel:
             attention_mask = np.concatenate([attention_mask, np.ones((len(token), 1), np.int64)], axis=1)
             feeds = {INPUT_IDS: token[:, None], ATTENTION_MASK: attention_mask, **self.no_vision(),
                      ROPE_DELTAS: out[ROPE_DELTAS_OUT]}
+            if cache is not None and attention_mask.shape[1] > cache.capacity:
+                cache.reserve(max(2 * cache.capacity, attention_mask.shape[1]))
             if cache is None:
                 feeds.update({p: out[present_name(p)] for p in self.past_names})
             out = run(feeds)
