@@ -94,6 +94,12 @@ class GraphBuilder:
             out.name = f"{node_name}:{i}"
         return outs
 
+    def node(self, node: ir.Node) -> ir.Node:
+        """Record a node built by hand (one whose optional outputs stay absent: unnamed values)."""
+        node.name = self.scoped(node.name or node.op_type)
+        self._tape._nodes.append(node)  # the tape has no public way to add a built node
+        return node
+
     def check_equal(self, what: str, a: ir.Value, b: ir.Value) -> ir.Value:
         """An int64 scalar 0 that exists only if ``a == b`` (int64 [1] each); otherwise the session fails, naming the
         node ``.../checks/{what}`` and both numbers ("Input shape:{a}, requested shape:{b}"): a contract check any

@@ -80,7 +80,7 @@ BREAKERS = {
     "no_deepstack": _drop_deepstack,
     "one_d_positions": _one_d_positions,
     "positions_altered": _positions_altered,
-    "decoder_layer_weights": _scale_weight("decoder/model.layers.1.mlp.down_proj.MatMul.weight"),
+    "decoder_layer_weights": _scale_weight("decoder/layers.1/mlp/down_proj/weight"),
     "vision_layer_weights": _scale_weight("vision/blocks.1/mlp/linear_fc1/weight"),
 }
 

@@ -196,9 +196,31 @@ def test_bad_inputs_are_refused_before_running(change, message, combined, source
     assert message in str(info.value)
 
 
-def test_unusual_config_end_to_end(tmp_path):
-    """A shape no preset has, end to end: text head_dim != hidden/heads with one KV head, MRoPE sections
-    [6, 5, 5], untied head, DeepStack indexes out of order, vision head dim 72."""
+UNUSUAL = {
+    # text head_dim != hidden/heads with one KV head, MRoPE sections [6, 5, 5], untied head, DeepStack indexes out
+    # of order, vision head dim 72
+    "untied_one_kv_head": (
+        {"tie_word_embeddings": False},
+        {"hidden_size": 144, "num_heads": 2, "intermediate_size": 96, "depth": 3, "deepstack_visual_indexes": [2, 0],
+         "out_hidden_size": 48},
+        {"hidden_size": 48, "num_attention_heads": 3, "num_key_value_heads": 1, "head_dim": 32,
+         "num_hidden_layers": 3, "intermediate_size": 80},
+        {"mrope_section": [6, 5, 5]},
+    ),
+    # attention projections with biases, as many KV heads as heads, another norm epsilon and rope theta, one
+    # DeepStack level
+    "attention_bias": (
+        {},
+        {"deepstack_visual_indexes": [1]},
+        {"attention_bias": True, "num_key_value_heads": 4, "rms_norm_eps": 1e-5, "num_hidden_layers": 2},
+        {"rope_theta": 10000.0},
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(UNUSUAL))
+def test_unusual_config_end_to_end(variant, tmp_path):
+    """Shapes no preset has, end to end against PyTorch (see ``UNUSUAL``)."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     from export.random_weights import init_scaled_
@@ -211,15 +233,16 @@ def test_unusual_config_end_to_end(tmp_path):
     from tests.hf import load_preprocessors
 
     config = preset_config("tiny")
-    config["tie_word_embeddings"] = False
-    config["vision_config"].update(hidden_size=144, num_heads=2, intermediate_size=96, depth=3,
-                                   deepstack_visual_indexes=[2, 0], out_hidden_size=48)
-    config["text_config"].update(hidden_size=48, num_attention_heads=3, num_key_value_heads=1, head_dim=32,
-                                 num_hidden_layers=3, intermediate_size=80)
-    config["text_config"]["rope_parameters"]["mrope_section"] = [6, 5, 5]
+    top, vision, text, rope = UNUSUAL[variant]
+    config.update(top)
+    config["vision_config"].update(vision)
+    config["text_config"].update(text)
+    config["text_config"]["rope_parameters"].update(rope)
     folder = tmp_path / "hf"
     model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**config)).float().eval()
     init_scaled_(model, seed=5)
+    if text.get("attention_bias"):
+        assert model.model.language_model.layers[0].self_attn.q_proj.bias is not None
     model.save_pretrained(folder)
     write_tokenizer_and_processor(folder, config)
     out = tmp_path / "combined"

@@ -263,7 +263,8 @@ def _children_of(pid: int) -> list[int]:
 
 
 def test_terminated_build_leaves_nothing(tmp_path):
-    """SIGTERM while the builder's child runs: the staging folder goes and the child dies with the build."""
+    """SIGTERM while the build's child (the session check) runs: the staging folder goes and the child dies with
+    the build."""
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "merge", "build", "--out", str(out)], cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True)
@@ -271,14 +272,14 @@ def test_terminated_build_leaves_nothing(tmp_path):
     children: list[int] = []
     while time.monotonic() < deadline and not children:
         time.sleep(0.05)
-        if list(tmp_path.glob(".out.partial-*/.work")):
+        if list(tmp_path.glob(".out.partial-*")):
             children = _children_of(proc.pid)
     assert children, "the build never started its child"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and err.strip().splitlines()[-1] == "terminated", err
     time.sleep(0.5)
-    assert not [c for c in children if Path(f"/proc/{c}").exists()], "the builder's child outlived the build"
+    assert not [c for c in children if Path(f"/proc/{c}").exists()], "the build's child outlived the build"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 

@@ -1,7 +1,7 @@
 """Each stitch pass on its own: what it builds, the contract it states (a sentence when it does not hold), and a
 broken twin that must fail.
 
-The passes run on the tiny preset's real builder decoder (exported once per session) with freshly built parts.
+The passes run on the tiny preset's decoder as the build writes it (once per session) with freshly built parts.
 """
 
 from __future__ import annotations
@@ -39,14 +39,16 @@ from merge.tools.compare import compare
 
 @pytest.fixture(scope="session")
 def decoder_paths(sources, tmp_path_factory):
-    """``decoder_paths(preset)`` -> the builder's fp32 decoder.onnx for that preset (exported once)."""
-    from merge.build.decoder import export_decoder
+    """``decoder_paths(preset)`` -> that preset's fp32 decoder.onnx as the build writes it (written once)."""
+    from merge.build.decoder import write_decoder
+    from merge.sources.checkpoint import Checkpoint
 
     @functools.cache
     def get(name: str):
-        out = tmp_path_factory.mktemp(f"decoder-{name}")
-        export_decoder(sources(name).folder, out, sources(name).config.text)
-        return out / "decoder.onnx"
+        path = tmp_path_factory.mktemp(f"decoder-{name}") / "decoder.onnx"
+        ir.save(write_decoder(Checkpoint(sources(name).folder), sources(name).config), path,
+                external_data="decoder.onnx.data")
+        return path
 
     return get
 

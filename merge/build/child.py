@@ -1,10 +1,10 @@
 """The one child-process runner: a Python module in a process of its own, its peak memory measured.
 
-Used where a step's memory must be returned to the system when it ends (the GenAI builder loads a whole
-checkpoint; the final check loads every weight into ONNX Runtime) and where a test or benchmark measures a
-step's peak memory. The peak is the child's own (reported by :mod:`merge.build.measured` from inside it: the
-parent's ``wait4`` figure would include the parent's size at fork). The child dies with its parent (Linux
-``PR_SET_PDEATHSIG``), so an interrupted build leaves no orphan running.
+Used where a step's memory must be returned to the system when it ends (the final check loads every weight
+into ONNX Runtime; the GenAI builder, the tests' reference, loads a whole checkpoint) and where a test or
+benchmark measures a step's peak memory. The peak is the child's own (reported by :mod:`merge.build.measured`
+from inside it: the parent's ``wait4`` figure would include the parent's size at fork). The child dies with
+its parent (Linux ``PR_SET_PDEATHSIG``), so an interrupted build leaves no orphan running.
 """
 
 from __future__ import annotations

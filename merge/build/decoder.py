@@ -1,5 +1,8 @@
-"""The decoder part: the GenAI builder's export (in a child process, see :mod:`export.text`) and the check of
-what it wrote against what the stitch relies on."""
+"""The decoder part and the check of its layout against what the stitch relies on.
+
+The build writes the decoder from the checkpoint (:func:`write_decoder`, :mod:`graphs.decoder`); the ONNX
+Runtime GenAI builder's own export (:func:`export_decoder`, in a child process, see :mod:`export.text`) writes the
+same layout and stays as the reference a test compares with and as the benchmarks' bare decoder."""
 
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from merge.contract.config import TextSpec
+from graphs.decoder import build_decoder_model
+from merge.contract.config import ModelConfig, TextSpec
 from merge.contract.names import (
     ATTENTION_MASK,
     DECODER_INPUTS_EMBEDS,
@@ -30,6 +34,13 @@ DECODER_FILENAME = "decoder.onnx"  # export.text writes this name
 
 class DecoderExportError(MergeError):
     """The builder failed, or its decoder lacks the inputs and outputs the stitching relies on."""
+
+
+def write_decoder(checkpoint, config: ModelConfig) -> ir.Model:
+    """The decoder graph of ``config`` with every weight read lazily from ``checkpoint``, checked."""
+    model = build_decoder_model(checkpoint, config)
+    check_decoder(model, config.text, "the decoder graph")
+    return model
 
 
 def export_decoder(hf_folder: Path, out_dir: Path, text: TextSpec, *, precision: str = "fp32",

@@ -2,9 +2,10 @@
 
 Steps, each named in the log:
 
-1. the decoder: the GenAI builder in a child process (fp32; its memory is returned when it ends);
-2. the parts: the vision graph written op by op from the checkpoint, the embedding merge and rope index
-   subgraphs, the token table (all weights lazy: nothing is read yet);
+1. the decoder graph written op by op from the checkpoint (:mod:`graphs.decoder`, the layout of the ONNX
+   Runtime GenAI builder's Qwen3-VL decoder and its fused ops; weights lazy: nothing is read yet);
+2. the parts: the vision graph written the same way, the embedding merge and rope index subgraphs, the token
+   table;
 3. the stitch (:mod:`merge.build.passes`), int4 quantization and tied-table sharing among its passes;
 4. writing ``model.onnx`` + ``model.onnx.data``, weights streamed one tensor at a time (int4 quantized then);
 5. the preprocessing files, the check in a child process (ONNX checker, session), and ``merge.json`` last.
@@ -29,7 +30,7 @@ from merge.sources.checkpoint import Checkpoint
 from merge.sources.source import ModelSource
 
 from .check import check_onnx_in_child
-from .decoder import export_decoder
+from .decoder import write_decoder
 from .outdir import staged_output
 from .parts import make_parts
 from .passes import stitch
@@ -42,8 +43,7 @@ class BuildResult:
     out: Path
     parts: dict[str, str] = field(default_factory=lambda: {"model": MODEL_FILE, "data": DATA_FILE})
     seconds: float = 0.0
-    peak_rss_gib: float = 0.0  # this process: vision graph, stitch, quantization, writing
-    export_peak_rss_gib: float = 0.0  # the decoder export's child process (the GenAI builder)
+    peak_rss_gib: float = 0.0  # this process: the graphs, stitch, quantization, writing
     check_peak_rss_gib: float = 0.0  # the final check's child process (ONNX Runtime loads every weight)
 
 
@@ -61,10 +61,8 @@ def build(source: ModelSource, out: Path, *, quant: QuantSpec | None = None, vis
     result = BuildResult(out=Path(out))
     checkpoint = Checkpoint(source.folder)  # every shard's header checked against its file before any work
     with staged_output(out, force) as stage:
-        work = stage / ".work"
-        log.info("decoder: running the ONNX Runtime GenAI model builder (fp32, child process)")
-        decoder, result.export_peak_rss_gib = export_decoder(source.folder, work / "decoder", source.config.text)
-        log.info("parts: vision graph from %s, embedding merge, rope index", source.folder)
+        log.info("decoder and parts: decoder and vision graphs from %s, embedding merge, rope index", source.folder)
+        decoder = write_decoder(checkpoint, source.config)
         parts = make_parts(source, checkpoint)
         log.info("stitch: %s", "passes (run with --debug to list them)")
         model, layout = stitch(decoder, source.config, parts, quant, check_vision_precision(vision_precision))
@@ -81,7 +79,6 @@ def build(source: ModelSource, out: Path, *, quant: QuantSpec | None = None, vis
             ir.save(model, stage / MODEL_FILE, external_data=DATA_FILE, callback=callback)
         manifest = describe(model, source, quant, layout, vision_precision)
         del model, decoder, parts
-        shutil.rmtree(work)
         copied = copy_preprocessing(source.folder, stage)
         log.info("checking %s (ONNX checker and a session, child process)", MODEL_FILE)
         result.check_peak_rss_gib = check_onnx_in_child(stage / MODEL_FILE)

@@ -26,8 +26,7 @@ def run(args: argparse.Namespace) -> int:
     source = resolve_model(args.model, args.cache_dir)
     print(f"model: {source.spec} ({source.folder})")
     result = build(source, Path(args.out), quant=quant, vision_precision=args.vision_precision, force=args.force)
-    print(f"wrote {result.out}/ in {result.seconds:.1f} s (peak memory: decoder export "
-          f"{result.export_peak_rss_gib:.2f} GiB, merge {result.peak_rss_gib:.2f} GiB, "
+    print(f"wrote {result.out}/ in {result.seconds:.1f} s (peak memory: build {result.peak_rss_gib:.2f} GiB, "
           f"session check {result.check_peak_rss_gib:.2f} GiB)")
     for part, path in result.parts.items():
         print(f"  {part}: {path}")

@@ -6,7 +6,7 @@ import importlib.util
 
 from merge.errors import MergeError
 
-BUILD_MODULES = ("torch", "transformers", "safetensors", "onnx", "onnx_ir", "onnxruntime_genai")
+BUILD_MODULES = ("torch", "transformers", "safetensors", "onnx", "onnx_ir")
 INSPECT_MODULES = ("onnx", "onnx_ir")
 
 

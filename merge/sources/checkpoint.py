@@ -1,8 +1,9 @@
 """A checkpoint's safetensors, read lazily with numpy alone: one tensor in memory at a time, as float32.
 
 The safetensors format is an 8-byte little-endian header length, a JSON header (per tensor: dtype, shape,
-byte offsets into the data section) and the data. Files are memory-mapped; a tensor is copied out (and
-widened to float32: bf16 exactly, by moving its 16 bits into the high half of a float32) only when asked
+byte offsets into the data section) and the data. A tensor is read from its file (a positional read, no
+memory map: pages of a mapped multi-GB checkpoint would stay resident and count against the process) and
+widened to float32 (bf16 exactly, by moving its 16 bits into the high half of a float32) only when asked
 for. Every header is checked against its file before anything is read: offsets inside the data section,
 sizes equal to shape x dtype, no overlaps, a shard named by the index actually present.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +114,6 @@ class Checkpoint:
             missing = sorted(set(weight_map) - set(self._entries))
             if missing:
                 raise MergeError(f"{index} lists {len(missing)} tensor(s) that no shard holds, e.g. {missing[0]!r}")
-        self._maps: dict[Path, mmap.mmap] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
@@ -136,24 +135,24 @@ class Checkpoint:
         return self._require(name).shape
 
     def load(self, name: str) -> np.ndarray:
-        """The tensor ``name`` as a float32 numpy array (bf16/fp16 checkpoints are widened exactly)."""
+        """The tensor ``name`` as a float32 numpy array (bf16/fp16 checkpoints are widened exactly); the file's
+        bytes and the float32 result are the only memory it takes."""
         entry = self._require(name)
-        raw = np.frombuffer(self._map(entry.file), dtype=DTYPES[entry.dtype], count=(entry.end - entry.begin)
-                            // DTYPES[entry.dtype].itemsize, offset=entry.begin).reshape(entry.shape)
+        dtype = DTYPES[entry.dtype]
+        raw = np.empty(entry.shape, dtype)
+        with open(entry.file, "rb") as f:
+            f.seek(entry.begin)
+            got = f.readinto(memoryview(raw.reshape(-1)).cast("B"))
+        if got != entry.end - entry.begin:
+            raise MergeError(f"{entry.file}: tensor {name!r} ended after {got} of {entry.end - entry.begin} bytes: the "
+                             "file changed or was truncated while it was read")
         if entry.dtype == "BF16":
-            return (raw.astype(np.uint32) << 16).view(np.float32)
-        return raw.astype(np.float32)
-
-    def close(self) -> None:
-        for m in self._maps.values():
-            m.close()
-        self._maps.clear()
-
-    def _map(self, path: Path) -> mmap.mmap:
-        if path not in self._maps:
-            with open(path, "rb") as f:
-                self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._maps[path]
+            widened = np.empty(entry.shape, np.uint32)
+            np.copyto(widened, raw)
+            del raw
+            widened <<= 16
+            return widened.view(np.float32)
+        return raw if dtype == np.float32 else raw.astype(np.float32)
 
     def _require(self, name: str) -> _Entry:
         try:

@@ -1,7 +1,7 @@
 """The stitch as a list of onnx_ir passes, in the order they run (see :func:`stitch_passes`).
 
-Each pass is a file of its own with its contracts (:mod:`.base`); together they turn the GenAI builder's
-decoder into the combined model:
+Each pass is a file of its own with its contracts (:mod:`.base`); together they turn the decoder graph
+(:mod:`graphs.decoder`) into the combined model:
 
 1. ``ScopeDecoder``      decoder names move under ``decoder/``
 2. ``GuardVision``       the vision part behind ``If(num_patches > 0)``
@@ -76,7 +76,7 @@ def stitch_passes(config: ModelConfig, parts: Parts, quant: QuantSpec | None,
     passes += [
         ShareTiedTable(config.tie_word_embeddings, text.hidden_size),
         SetInterface(),
-        common_passes.RemoveUnusedNodesPass(),  # the builder's per-row lengths and an unread table go
+        common_passes.RemoveUnusedNodesPass(),  # the decoder's per-row lengths and an unread table go
         common_passes.TopologicalSortPass(),
     ]
     return passes

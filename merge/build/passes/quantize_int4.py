@@ -1,9 +1,10 @@
 """Block-wise INT4 weight quantization of MatMuls into ``com.microsoft::MatMulNBits``, streamed at save time.
 
 The GenAI model builder's own INT4 path holds every weight in fp32 in memory (a 4B build needs ~27 GiB), so
-the decoder is exported in fp32 and quantized here, one tensor at a time. :func:`quantize_matmuls_int4`
+the decoder graph keeps fp32 weights and they are quantized here, one tensor at a time. :func:`quantize_matmuls_int4`
 only rewrites the graph: each quantized initializer is an ``ir.LazyTensor`` whose function reads the fp32
-source (usually a memory-mapped ``ir.ExternalTensor`` from ``ir.load``) when ``ir.save`` writes it,
+source (a lazy checkpoint read from :mod:`graphs.decoder`, or a memory-mapped ``ir.ExternalTensor`` from
+``ir.load``) when ``ir.save`` writes it,
 quantizes it with numpy or ONNX Runtime's C++ routine (:mod:`merge.contract.quant`: the format and its
 numbers), and unmaps the source again. Saving a model with many large MatMuls therefore holds about one
 weight's fp32 copy plus its packed form at a time. :class:`QuantizeInt4` is the build's pass: the decoder's

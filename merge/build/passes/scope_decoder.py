@@ -1,4 +1,4 @@
-"""The builder's decoder becomes the base graph; its node, value and initializer names move under ``decoder/``."""
+"""The decoder graph becomes the base graph; its node, value and initializer names move under ``decoder/``."""
 
 from __future__ import annotations
 
