@@ -112,8 +112,12 @@ def _teach_hash(script: Path, log: Path) -> bool:
     return False
 
 
-def convert(root: Path, model_folder: Path, name: str) -> dict[str, Path]:
-    """GGUF files of a Hugging Face folder: the text model (f16, Q4_0, Q4_K_M) and the projector (f32, f16)."""
+QUANT_KINDS = ("Q4_0", "Q4_K_M")
+
+
+def convert(root: Path, model_folder: Path, name: str, kinds: tuple[str, ...] = QUANT_KINDS) -> dict[str, Path]:
+    """GGUF files of a Hugging Face folder: the text model in the 4-bit ``kinds`` (quantized from an f16
+    conversion, removed once they exist: an 8B model's f16 file alone is 16 GB) and the projector (f32, f16)."""
     root = Path(root)
     bin_dir = ensure_built(root)
     python, script = ensure_converter(root)
@@ -124,8 +128,9 @@ def convert(root: Path, model_folder: Path, name: str) -> dict[str, Path]:
              "mmproj-f16": out / f"mmproj-{name}-f16.gguf"}
     log = out / "convert.log"
     env = {**os.environ, "PYTHONPATH": str(source_dir(root) / "gguf-py")}
-    jobs = [("f16", ["--outtype", "f16"]), ("mmproj-f32", ["--mmproj", "--outtype", "f32"]),
-            ("mmproj-f16", ["--mmproj", "--outtype", "f16"])]
+    missing = [k for k in kinds if not files[k].is_file()]
+    jobs = [("f16", ["--outtype", "f16"])] if missing else []
+    jobs += [("mmproj-f32", ["--mmproj", "--outtype", "f32"]), ("mmproj-f16", ["--mmproj", "--outtype", "f16"])]
     for key, args in jobs:
         if files[key].is_file():
             continue
@@ -136,7 +141,7 @@ def convert(root: Path, model_folder: Path, name: str) -> dict[str, Path]:
             if not _teach_hash(script, log):
                 raise
             _run(command, log, env=env)
-    for kind in ("Q4_0", "Q4_K_M"):
-        if not files[kind].is_file():
-            _run([str(bin_dir / "llama-quantize"), str(files["f16"]), str(files[kind]), kind, "2"], log)
-    return files
+    for kind in missing:
+        _run([str(bin_dir / "llama-quantize"), str(files["f16"]), str(files[kind]), kind, "2"], log)
+    files["f16"].unlink(missing_ok=True)
+    return {k: v for k, v in files.items() if k != "f16"}

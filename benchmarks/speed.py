@@ -359,7 +359,9 @@ def main() -> int:
         from benchmarks import llama_cpp
 
         root = args.llama_dir or llama_cpp.default_dir()
-        llama = {"bin": llama_cpp.ensure_built(root), "files": llama_cpp.convert(root, source.folder, args.model)}
+        kinds = tuple(s.removeprefix("llama-") for s in args.systems if s.startswith("llama-"))
+        llama = {"bin": llama_cpp.ensure_built(root),
+                 "files": llama_cpp.convert(root, source.folder, args.model, kinds)}
 
     runs: dict[str, list[dict]] = {s: [] for s in args.systems}
     peaks: dict[str, float] = dict.fromkeys(args.systems, 0.0)

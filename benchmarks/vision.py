@@ -188,7 +188,8 @@ def main() -> int:
         from benchmarks import llama_cpp
 
         root = args.llama_dir or llama_cpp.default_dir()
-        llama = {"bin": llama_cpp.ensure_built(root), "files": llama_cpp.convert(root, source.folder, args.model)}
+        llama = {"bin": llama_cpp.ensure_built(root),
+                 "files": llama_cpp.convert(root, source.folder, args.model, kinds=())}  # the projector only
 
     results: dict[str, dict[str, list[dict]]] = {size: {s: [] for s in args.systems} for size in args.sizes}
     for size in args.sizes:
