@@ -26,15 +26,27 @@ INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "
               "pixel_values_videos", "video_grid_thw")
 
 
+def int4_weight(weight: np.ndarray, quant: QuantSpec) -> np.ndarray:
+    """A Linear weight [out, in] as the int4 folder holds it (quantized with the format's functions, dequantized)."""
+    w = np.ascontiguousarray(np.asarray(weight, np.float32).T)  # [in, out] as MatMulNBits sees it
+    packed, scales, zero_points = quantize_weight_int4(w, quant.block_size, quant.symmetric)
+    return dequantize_int4(packed, scales, zero_points, w.shape[0]).T.astype(np.float32)
+
+
+def int8_weight(weight: np.ndarray) -> np.ndarray:
+    """A vision product's weight as the int8 vision part holds it (per-channel int8, dequantized)."""
+    weight = np.asarray(weight, np.float32)
+    flat = weight.reshape(weight.shape[0], -1)
+    return dequantize_weight_int8(*quantize_weight_int8(flat)).reshape(weight.shape)
+
+
 def use_int4_weights_(model, quant: QuantSpec, shared_table: bool = False) -> int:
     """Give the text decoder's linear layers (and the head) the exact weights the int4 model holds; with
     ``shared_table`` the token embeddings too (a tied int4 model reads them from the head's 4-bit blocks)."""
     import torch
 
     def requantized(weight: torch.Tensor) -> torch.Tensor:
-        w = weight.detach().float().numpy().T  # [in, out] as MatMulNBits sees it
-        packed, scales, zero_points = quantize_weight_int4(np.ascontiguousarray(w), quant.block_size, quant.symmetric)
-        return torch.from_numpy(dequantize_int4(packed, scales, zero_points, w.shape[0]).T.astype(np.float32))
+        return torch.from_numpy(int4_weight(weight.detach().float().numpy(), quant))
 
     count = 0
     with torch.no_grad():
@@ -58,21 +70,57 @@ def use_int8_vision_weights_(model) -> int:
     with torch.no_grad():
         for module in model.model.visual.modules():
             if isinstance(module, torch.nn.Linear | torch.nn.Conv3d):
-                weight = module.weight.detach().float().numpy()
-                flat = weight.reshape(weight.shape[0], -1)
-                restored = dequantize_weight_int8(*quantize_weight_int8(flat)).reshape(weight.shape)
-                module.weight.copy_(torch.from_numpy(restored))
+                module.weight.copy_(torch.from_numpy(int8_weight(module.weight.detach().float().numpy())))
                 count += 1
     return count
 
 
+def quantized_weights(quant: QuantSpec | None, shared_table: bool, vision_int8: bool):
+    """The streamed reference's transform: each weight, as it is read, becomes what the folder holds (the same
+    choice of weights as :func:`use_int4_weights_` and :func:`use_int8_vision_weights_`)."""
+    import torch
+
+    def transform(name: str, module, weight: np.ndarray) -> np.ndarray:
+        if quant is not None and (
+            name == "lm_head.weight"
+            or (shared_table and name.endswith("embed_tokens.weight") and "language_model" in name)
+            or (name.startswith("model.language_model.") and isinstance(module, torch.nn.Linear)
+                and name.endswith(".weight"))
+        ):
+            return int4_weight(weight, quant)
+        if vision_int8 and name.startswith("model.visual.") and name.endswith(".weight") and isinstance(
+                module, torch.nn.Linear | torch.nn.Conv3d):
+            return int8_weight(weight)
+        return weight
+
+    return transform
+
+
 def load_model(model_folder: Path, quant: QuantSpec | None = None, shared_table: bool = False,
-               vision_int8: bool = False):
+               vision_int8: bool = False, stream: bool | None = None, weights=None):
     """``Qwen3VLForConditionalGeneration`` in fp32, eval mode, carrying the weights a quantized folder holds:
-    the decoder's 4-bit ones when ``quant``, the vision part's 8-bit ones when ``vision_int8``."""
+    the decoder's 4-bit ones when ``quant``, the vision part's 8-bit ones when ``vision_int8``.
+
+    ``stream``: read each module's weights from ``weights`` (the folder's checkpoint, an
+    :class:`export.streamed.Weights`) as it runs, for models whose fp32 weights do not fit in memory; ``None``
+    chooses so when they would take more than 80% of the memory available now (and ``weights`` is given)."""
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
+    if stream is None and weights is not None:
+        from export.streamed import available_bytes, fp32_bytes
+
+        need, have = fp32_bytes(weights), available_bytes()
+        stream = bool(have) and need > 0.8 * have
+        if stream:
+            log.info("reference: %.1f GiB of fp32 weights, %.1f GiB available: weights are read as modules run",
+                     need / 2**30, have / 2**30)
+    if stream:
+        from export.streamed import streamed_model
+
+        if weights is None:
+            raise ValueError("a streamed reference needs the checkpoint (weights=)")
+        return streamed_model(model_folder, weights, quantized_weights(quant, shared_table, vision_int8))
     model = Qwen3VLForConditionalGeneration.from_pretrained(model_folder, dtype=torch.float32).eval()
     if quant is not None:
         count = use_int4_weights_(model, quant, shared_table=shared_table)

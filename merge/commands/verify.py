@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     stages = verify(combined, model_folder=model_folder, prompt=args.prompt, images=images,
                     new_tokens=args.max_new_tokens, reference=args.reference, save_to=args.save_reference,
                     min_pixels=args.min_pixels, max_pixels=args.max_pixels, videos=args.video, fps=args.fps,
-                    max_frames=args.max_frames)
+                    max_frames=args.max_frames, stream=True if args.stream_weights else None)
     print(format_table(stages))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -62,4 +62,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--save-reference", type=Path, default=None, help="save the PyTorch reference (.npz)")
     p.add_argument("--reference", type=Path, default=None, help="use a saved reference instead of PyTorch")
     p.add_argument("--cache-dir", type=Path, default=None, help="where presets are built")
+    p.add_argument("--stream-weights", action="store_true",
+                   help="PyTorch reads each module's weights from the checkpoint as it runs (the same numbers, "
+                        "slower): for models whose fp32 weights do not fit in memory, chosen automatically then")
     p.set_defaults(func=run)

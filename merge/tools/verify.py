@@ -262,8 +262,9 @@ def format_table(stages: list[Stage]) -> str:
 def verify(folder: Path | CombinedFolder, *, model_folder: Path | None, prompt: str, images, new_tokens: int,
            reference: Path | None = None, save_to: Path | None = None, min_pixels: int | None = None,
            max_pixels: int | None = None, videos=(), fps: float | None = None,
-           max_frames: int | None = None) -> list[Stage]:
-    """Compare ``folder`` with PyTorch (``model_folder``) or with a saved reference, stage by stage."""
+           max_frames: int | None = None, stream: bool | None = None) -> list[Stage]:
+    """Compare ``folder`` with PyTorch (``model_folder``) or with a saved reference, stage by stage. ``stream``:
+    PyTorch reads its weights as modules run (``None``: when the fp32 model would not fit in memory)."""
     combined = folder if isinstance(folder, CombinedFolder) else CombinedFolder.open(folder)
     manifest = combined.manifest
     if save_to is not None:
@@ -280,14 +281,17 @@ def verify(folder: Path | CombinedFolder, *, model_folder: Path | None, prompt: 
         from export.reference import load_model, torch_reference
 
         inputs = prepare_inputs(combined, prompt, images, min_pixels, max_pixels, videos, fps, max_frames)
+        from merge.sources.checkpoint import Checkpoint
+
+        weights = Checkpoint(model_folder)
         model = load_model(model_folder, manifest.quantization, shared_table=manifest.embedding_table == "int4_blocks",
-                           vision_int8=manifest.vision_precision == "int8")
+                           vision_int8=manifest.vision_precision == "int8", stream=stream, weights=weights)
         ref = torch_reference(model, inputs, new_tokens)
         del model
         if save_to is not None:
             save_reference(save_to, inputs, ref, precision_key(manifest))
         if quantized_folder(manifest):  # what quantizing cost: the same call against the fp32 weights
-            fp32 = torch_reference(load_model(model_folder), inputs, new_tokens)
+            fp32 = torch_reference(load_model(model_folder, stream=stream, weights=weights), inputs, new_tokens)
     gen = onnx_run(combined, inputs, ref["tokens"])
     stages = compare_stages(gen, ref, inputs, manifest)
     if fp32 is not None:
