@@ -14,7 +14,7 @@ import numpy as np
 from merge.contract.names import VISION_DEEPSTACK_EMBEDS, VISION_IMAGE_EMBEDS
 from merge.contract.quant import (
     QuantSpec,
-    dequantize_int4,
+    dequantize_int4_rows,
     dequantize_weight_int8,
     quantize_weight_int4,
     quantize_weight_int8,
@@ -30,7 +30,7 @@ def int4_weight(weight: np.ndarray, quant: QuantSpec) -> np.ndarray:
     """A Linear weight [out, in] as the int4 folder holds it (quantized with the format's functions, dequantized)."""
     w = np.ascontiguousarray(np.asarray(weight, np.float32).T)  # [in, out] as MatMulNBits sees it
     packed, scales, zero_points = quantize_weight_int4(w, quant.block_size, quant.symmetric)
-    return dequantize_int4(packed, scales, zero_points, w.shape[0]).T.astype(np.float32)
+    return dequantize_int4_rows(packed, scales, zero_points, w.shape[0])
 
 
 def int8_weight(weight: np.ndarray) -> np.ndarray:

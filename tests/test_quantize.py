@@ -321,3 +321,18 @@ def test_shared_weight_quantized_once_and_skips(tmp_path, monkeypatch):
     ref = compare("shared", out[0], xv @ shared.const_value.numpy(), scale=0.1)
     assert ref.cosine > 0.99, ref.line()
     np.testing.assert_allclose(out[5], xv @ shared.const_value.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize(("k", "n", "block"), [(64, 48, 32), (80, 7, 16), (96, 33, 64)])
+def test_dequantize_rows_equals_the_spec(symmetric, k, n, block):
+    """The float32 [N, K] dequantization (verify's reference uses it) gives the spec function's values bit for bit,
+    partial last blocks and zero points included; a twin that forgets the zero points must differ."""
+    from merge.contract.quant import dequantize_int4_rows
+
+    weight = np.random.default_rng(k * n).standard_normal((k, n)).astype(np.float32) + (0 if symmetric else 0.7)
+    packed, scales, zero_points = quantize_weight_int4(weight, block, symmetric)
+    spec = dequantize_int4(packed, scales, zero_points, k).T.astype(np.float32)
+    assert np.array_equal(dequantize_int4_rows(packed, scales, zero_points, k), spec)
+    if not symmetric:
+        assert not np.array_equal(dequantize_int4_rows(packed, scales, None, k), spec)
