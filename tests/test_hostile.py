@@ -358,3 +358,21 @@ def test_verify_defaults_to_the_folders_own_model(combined, capsys):
     """No --model: the reference is the model the folder was built from (tiny-merge1 here, not the tiny default)."""
     assert cli_main(["verify", str(combined("tiny-merge1")), "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("PASSED")
+
+
+def test_tensors_too_large_for_memory_loading_are_read_from_the_folder(combined, tmp_path, monkeypatch):
+    """ONNX Runtime refuses in-memory external data for a tensor over 2 GiB (an 8B model's fp32 token table): such a
+    folder's data is read from the folder instead, with the same outputs, whatever the current directory. Here
+    the limit is lowered so that the tiny folder takes that route."""
+    import merge.contract.folder as folder_module
+    from merge.contract.folder import CombinedFolder
+    from merge.runtime import CombinedModel
+
+    ids = np.array([[5, 6, 7, 8]], np.int64)
+    expected = CombinedModel(combined("tiny")).generate(ids, max_new_tokens=3)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(folder_module, "MAX_IN_MEMORY_TENSOR", 1024)
+    assert CombinedFolder.open(combined("tiny")).largest_external > 1024
+    got = CombinedModel(combined("tiny")).generate(ids, max_new_tokens=3)
+    assert np.array_equal(got.tokens, expected.tokens)
+    assert np.array_equal(got.prefill_logits, expected.prefill_logits)

@@ -45,6 +45,11 @@ def _plain_name(name: str, where: str) -> str:
     return name
 
 
+# ONNX Runtime turns external data given in memory into embedded tensors, and refuses an embedded tensor of more
+# than 2 GiB ("exceeds the 2147483648 byte limit for embedded initializer data"; measured with 1.32)
+MAX_IN_MEMORY_TENSOR = 2**31 - 1
+
+
 @dataclass
 class CombinedFolder:
     path: Path
@@ -53,6 +58,7 @@ class CombinedFolder:
     model_bytes: bytes
     data: mmap.mmap | None
     files: dict[str, bytes] = field(default_factory=dict)  # the preprocessing files, as read and checked
+    largest_external: int = 0  # bytes of the largest tensor stored in the data file
 
     @property
     def model_path(self) -> Path:
@@ -135,7 +141,9 @@ class CombinedFolder:
             finally:
                 os.close(data_fd)
             _check_external(path, external, len(data) if data is not None else 0)
-        folder = cls(path=path, manifest=manifest, config=config, model_bytes=model_bytes, data=data, files=files)
+        largest = max((t.nbytes() or 0 for t in external), default=0)
+        folder = cls(path=path, manifest=manifest, config=config, model_bytes=model_bytes, data=data, files=files,
+                     largest_external=largest)
         if check_checksums:
             folder._check_checksums(names, digest)
         return folder
@@ -159,14 +167,17 @@ class CombinedFolder:
     # -- use ----------------------------------------------------------------------------------------------------
     def session(self, options=None, providers=None, model_bytes: bytes | None = None):
         """An ONNX Runtime session over what was checked: the model's bytes and the mapped data file, so that
-        ONNX Runtime opens nothing by path."""
+        ONNX Runtime opens nothing by path; except when a tensor is larger than ONNX Runtime takes from memory
+        (2 GiB: an 8B model's fp32 token table is 2.3 GiB), where it reads the data file from the folder."""
         import onnxruntime as ort
 
         options = options or ort.SessionOptions()
         # ONNX Runtime warns, on every load, that the optional input logits_to_keep (an input with a default
         # initializer, on purpose) cannot be constant-folded: errors only
         options.log_severity_level = max(options.log_severity_level, 3)
-        if self.data is not None:
+        if self.data is not None and self.largest_external > MAX_IN_MEMORY_TENSOR:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path))
+        elif self.data is not None:
             options.add_external_initializers_from_files_in_memory([DATA_FILE], [self.data], [len(self.data)])
         try:
             return ort.InferenceSession(model_bytes or self.model_bytes, options,
