@@ -1,8 +1,8 @@
 """Decode and prefill cost of the combined model against the bare decoder, side by side in one run.
 
 The combined model's decode steps carry no patches, so the vision part (behind an If) must not run: a decode
-step should cost what the builder's bare decoder costs. The left-padding fix (a key padding bias for every
-attention) must not slow a batch-1 step either. Prints figures, asserts nothing:
+step should cost what the bare decoder (the build's decoder graph without the stitch) costs. The left-padding
+fix (a key padding bias for every attention) must not slow a batch-1 step either. Prints figures, asserts nothing:
 
     python benchmarks/decode.py --combined combined/ --model tiny
 """
@@ -31,29 +31,27 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=16)
     args = parser.parse_args()
 
+    import onnx_ir as ir
     import onnxruntime as ort
 
-    from merge.build.decoder import export_decoder
+    from merge.build.decoder import write_decoder
+    from merge.sources.checkpoint import Checkpoint
 
     combined = CombinedModel(args.combined)
     source = resolve_model(args.model)
     precision = combined.session.get_modelmeta().custom_metadata_map.get("precision", "fp32")
-    scratch = tempfile.TemporaryDirectory(prefix="decode-bench-")  # the fp32 decoder export is large: removed at exit
+    scratch = tempfile.TemporaryDirectory(prefix="decode-bench-")  # the bare decoder is large: removed at exit
     work = Path(scratch.name)
-    model, _ = export_decoder(source.folder, work, source.config.text)
-    bare_path = work / "decoder.onnx"
-    if precision == "int4":  # the same streaming quantization merge build uses (the builder's int4 holds all fp32)
-        import onnx_ir as ir
-
+    model = write_decoder(Checkpoint(source.folder), source.config)  # the build's decoder graph, weights lazy
+    if precision == "int4":  # the same streaming quantization merge build uses
         from merge.build.passes.quantize_int4 import quantize_matmuls_int4
         from merge.contract.quant import QuantSpec
 
         spec = QuantSpec()
         quantize_matmuls_int4(model, block_size=spec.block_size, accuracy_level=spec.accuracy_level,
                               symmetric=spec.symmetric)
-        bare_path = work / "int4" / "decoder.onnx"
-        bare_path.parent.mkdir()
-        ir.save(model, bare_path, external_data="decoder.onnx.data")
+    bare_path = work / "decoder.onnx"
+    ir.save(model, bare_path, external_data="decoder.onnx.data")
     del model
     bare = ort.InferenceSession(str(bare_path), providers=["CPUExecutionProvider"])
     hidden = source.config.text.hidden_size

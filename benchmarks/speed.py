@@ -1,6 +1,6 @@
-"""The decoder's phases, side by side in one run: the combined model against the GenAI builder's bare decoder (the
-same 4-bit weights), llama.cpp (Q4_0 and Q4_K_M, from the same preset converted to GGUF) and PyTorch eager (fp32,
-bf16). Figures, not pass/fail.
+"""The decoder's phases, side by side in one run: the combined model against the bare decoder (the decoder graph
+the build writes, without the stitch, with the same 4-bit weights), llama.cpp (Q4_0 and Q4_K_M, from the same
+preset converted to GGUF) and PyTorch eager (fp32, bf16). Figures, not pass/fail.
 
 Phases: prefill of 226 and 2048 text tokens; decode at a context of 256, 4096 and 16384 tokens (the context is
 filled in chunks of 2048 first; the figure is the decode step at that depth); the first call with one 448x448
@@ -299,20 +299,18 @@ def prepare(args, work: Path, source) -> dict[str, Path]:
     if "bare" in args.systems and not (bare / "decoder.onnx").is_file():
         import onnx_ir as ir
 
-        from merge.build.decoder import export_decoder
+        from merge.build.decoder import write_decoder
         from merge.build.passes.quantize_int4 import quantize_matmuls_int4
+        from merge.sources.checkpoint import Checkpoint
 
         spec = QuantSpec()
-        model, _ = export_decoder(source.folder, work / "bare-fp32", source.config.text)
+        model = write_decoder(Checkpoint(source.folder), source.config)  # weights read (and quantized) when saved
         quantize_matmuls_int4(model, block_size=spec.block_size, accuracy_level=spec.accuracy_level,
                               symmetric=spec.symmetric)
         bare.mkdir(parents=True, exist_ok=True)
         ir.save(model, bare / "decoder.onnx", external_data="decoder.onnx.data")
         (bare / "config.json").write_text((source.folder / "config.json").read_text())
         del model
-        import shutil
-
-        shutil.rmtree(work / "bare-fp32", ignore_errors=True)
     paths["bare"] = bare
     paths["torch-fp32"] = paths["torch-bf16"] = source.folder
     return paths
