@@ -106,8 +106,8 @@ def main(paths: list[str]) -> int:
         if "rows" in report and "fps" in report:
             out += [*video_table(report), ""]
     speed = [r for r in reports if "systems" in r and "peak_gib" in r]
-    if speed:
-        out += [*speed_table(speed), ""]
+    for model in dict.fromkeys(r["model"] for r in speed):  # one table per model, in the order given
+        out += [*speed_table([r for r in speed if r["model"] == model]), ""]
     print("\n".join(out).rstrip())
     return 0
 
