@@ -331,6 +331,8 @@ def main() -> int:
     parser.add_argument("--llama-dir", type=Path, default=None)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--series", default="", help="a name for this run: tables.py puts reports of one model and "
+                        "series in one table (e.g. a long-context run beside its main run)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -383,7 +385,7 @@ def main() -> int:
             print(f"  run {rep + 1}/{args.repeat} {system:13s} {time.perf_counter() - start:6.0f} s "
                   f"{json.dumps(results)}", flush=True)
 
-    report = {"machine": info, "model": args.model, "systems": {}, "peak_gib": peaks}
+    report = {"machine": info, "model": args.model, "series": args.series, "systems": {}, "peak_gib": peaks}
     print(f"\n{args.model}: medians of {args.repeat} interleaved runs (best in brackets); ratios: combined / system, "
           "> 1 means the combined model is faster")
     header = f"  {'phase':14}" + "".join(f"{s:>22}" for s in args.systems)

@@ -72,8 +72,9 @@ def speed_table(reports: list[dict]) -> list[str]:
     systems = sorted({s for summary in phases.values() for s in summary},
                      key=lambda s: (SPEED_ORDER.index(s) if s in SPEED_ORDER else 1, s))
     first = reports[0]
-    lines = [f"Decoder phases, {first['model']}, int4: medians (how many runs in brackets), then how many times faster "
-             f"the combined model (block 32, KV cache in place) is than each system. Machine: "
+    series = f" ({first['series']})" if first.get("series") else ""
+    lines = [f"Decoder phases, {first['model']}{series}, int4: medians (how many runs in brackets), then how many "
+             f"times faster the combined model (block 32, KV cache in place) is than each system. Machine: "
              f"{machine_line(first['machine'])}.", "",
              "| phase | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems)]
     for phase, summary in phases.items():
@@ -96,6 +97,15 @@ def speed_table(reports: list[dict]) -> list[str]:
     return lines
 
 
+def speed_groups(reports: list[dict]) -> list[list[dict]]:
+    """One table per model and series (``speed.py --series``): a long-context run of the same series joins its
+    main run; another series gets a table of its own. In the order first seen."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for report in reports:
+        groups.setdefault((report["model"], report.get("series", "")), []).append(report)
+    return list(groups.values())
+
+
 def main(paths: list[str]) -> int:
     reports = [json.loads(Path(p).read_text()) for p in paths]
     vision = [r for r in reports if "sizes" in r]
@@ -105,9 +115,8 @@ def main(paths: list[str]) -> int:
     for report in reports:
         if "rows" in report and "fps" in report:
             out += [*video_table(report), ""]
-    speed = [r for r in reports if "systems" in r and "peak_gib" in r]
-    for model in dict.fromkeys(r["model"] for r in speed):  # one table per model, in the order given
-        out += [*speed_table([r for r in speed if r["model"] == model]), ""]
+    for group in speed_groups([r for r in reports if "systems" in r and "peak_gib" in r]):
+        out += [*speed_table(group), ""]
     print("\n".join(out).rstrip())
     return 0
 
