@@ -201,7 +201,7 @@ class DecoderGraph:
             out.name = b.scoped("attention/output")
             self.hidden(out, t.num_heads * t.head_dim)
             present_k.name, present_v.name = present_name(past[0].name), present_name(past[1].name)
-            self.presents += [present_k, present_v]
+            self.presents[i, "key"], self.presents[i, "value"] = present_k, present_v
             return self.linear(out, hf + "o_proj", "o_proj")
 
     def mlp(self, i: int, x: ir.Value) -> ir.Value:
@@ -247,7 +247,7 @@ class DecoderGraph:
         pasts = {(i, kind): tensor_input(past_name(i, kind), FLOAT,
                                          ["batch_size", t.num_kv_heads, "past_sequence_length", t.head_dim])
                  for kind in ("key", "value") for i in range(t.num_layers)}
-        self.presents: list[ir.Value] = []
+        self.presents: dict[tuple[int, str], ir.Value] = {}
         with b.scope("shapes"):  # shared by every layer's head norms
             self.shapes = {"per_head": b.const([0, -1, t.head_dim], "per_head")}
             for heads in (t.num_heads, t.num_kv_heads):
@@ -274,22 +274,11 @@ class DecoderGraph:
         logits = b.op("MatMul", [hidden, self.head_weight()], name="lm_head")
         logits.name = LOGITS
         self.hidden(logits, t.vocab_size)
-        for value in self.presents:
+        for value in self.presents.values():
             self.typed(value, ["batch_size", t.num_kv_heads, "total_sequence_length", t.head_dim])
         inputs = [mask, positions, embeds, *pasts.values()]
-        # present.{i}.key for every layer, then the values: the order of the pasts
-        order = {v.name: n for n, v in enumerate(pasts.values())}
-        outputs = [logits, *sorted(self.presents, key=lambda v: order[past_of(v.name)])]
+        outputs = [logits, *(self.presents[key] for key in pasts)]  # every layer's key, then the values, as the pasts
         return make_model(b, inputs, outputs, name="decoder", opset_imports={"": OPSET, MS_DOMAIN: 1})
-
-
-def past_of(present: str) -> str:
-    return past_name(*_layer_kind(present))
-
-
-def _layer_kind(present: str) -> tuple[int, str]:
-    _, layer, kind = present.rsplit(".", 2)
-    return int(layer), kind
 
 
 def build_decoder_model(ckpt: Weights, config: ModelConfig) -> ir.Model:
