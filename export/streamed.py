@@ -82,12 +82,11 @@ def streamed_model(model_folder: Path, ckpt: Weights, transform: Transform | Non
         model = Qwen3VLForConditionalGeneration(config).float().eval()
     transform = transform or (lambda name, module, weight: weight)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    head_source = "lm_head.weight" if "lm_head.weight" in ckpt else None
 
     def source_of(name: str) -> str:
         if name in ckpt:
             return name
-        if name == "lm_head.weight" and tied and head_source is None:
+        if name == "lm_head.weight" and tied:  # a tied checkpoint stores the table once, as the embedding
             return next(n for n in ckpt.names() if n.endswith("embed_tokens.weight"))
         raise KeyError(f"{model_folder}: the checkpoint has no tensor for parameter {name!r}")
 

@@ -113,7 +113,7 @@ def test_weights_read_once_and_only_when_written(sources, tmp_path):
     assert ckpt.loads == []
     ir.save(model, tmp_path / "d.onnx", external_data="d.onnx.data")
     text_tensors = [n for n in ckpt.names() if "visual" not in n and not n.startswith("lm_head")]
-    # the tied head reads the token table: the one tensor read twice (as the head, and not as a table here)
+    # the tied head is the token table, read once (the decoder has no table of its own: the merge reads it)
     assert sorted(set(ckpt.loads)) == sorted(text_tensors)
     assert len(ckpt.loads) == len(set(ckpt.loads)), "a weight was read twice"
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from graphs.builder import FLOAT
+from graphs.decoder import TEXT_PREFIXES
 from graphs.embedding_merge import build_embedding_merge
 from graphs.rope_index import build_rope_index
 from graphs.vision import build_vision_model
@@ -22,7 +23,6 @@ from .passes.merge_embeddings import TOKEN_TABLE
 
 log = logging.getLogger(__name__)
 
-TEXT_PREFIXES = ("model.language_model.", "model.", "language_model.model.")
 
 
 def make_parts(source: ModelSource, checkpoint: Checkpoint | None = None) -> Parts:
