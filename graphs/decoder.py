@@ -55,6 +55,7 @@ class DecoderGraph:
         self.config = config
         self.text: TextSpec = config.text
         self.ckpt = ckpt
+        self.where = getattr(ckpt, "folder", "the checkpoint")  # for messages
         self.b = b
         self.prefix = ckpt.find_prefix(TEXT_PREFIXES, "embed_tokens.weight")
         raw = config.raw.get("text_config", {})
@@ -100,13 +101,13 @@ class DecoderGraph:
         with b.scope(name):
             y = b.op("MatMul", [x, self._param(hf_module + ".weight", "weight", transpose=True)], name="MatMul")
             if self.prefix + hf_module + ".bias" in self.ckpt:
-                y = b.op("Add", [self.hidden(y, out_dim), self._param(hf_module + ".bias", "bias")], name="bias")
+                y = b.op("Add", [self.hidden(y, out_dim), self._param(hf_module + ".bias", "bias")], name="add_bias")
         return self.hidden(y, out_dim)
 
     def _check_shape(self, hf_name: str, expected: tuple[int, ...]) -> None:
         shape = tuple(self.ckpt.shape(self.prefix + hf_name))
         if shape != expected:
-            raise MergeError(f"{getattr(self.ckpt, 'folder', 'checkpoint')}: {self.prefix + hf_name} has shape "
+            raise MergeError(f"{self.where}: {self.prefix + hf_name} has shape "
                              f"{list(shape)}, but config.json says {list(expected)}")
 
     # -- parts -------------------------------------------------------------------------------------
@@ -225,12 +226,12 @@ class DecoderGraph:
         else:
             hf = next((n for n in HEAD_NAMES if n in self.ckpt), None)
             if hf is None:
-                raise MergeError(f"{getattr(self.ckpt, 'folder', 'checkpoint')}: tie_word_embeddings is false but "
+                raise MergeError(f"{self.where}: tie_word_embeddings is false but "
                                  f"the checkpoint has no head ({' or '.join(HEAD_NAMES)})")
             full = True
         shape = tuple(self.ckpt.shape(hf))
         if shape != (t.vocab_size, t.hidden_size):
-            raise MergeError(f"{getattr(self.ckpt, 'folder', 'checkpoint')}: {hf} has shape {list(shape)}, not "
+            raise MergeError(f"{self.where}: {hf} has shape {list(shape)}, not "
                              f"[vocab_size, hidden_size] = [{t.vocab_size}, {t.hidden_size}]")
         return self._param(hf, "lm_head/weight", transpose=True, full_name=full)
 

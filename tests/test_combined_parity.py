@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 
 from merge.runtime import CombinedModel
@@ -256,3 +257,15 @@ def test_unusual_config_end_to_end(variant, tmp_path):
     result = compare("prefill_logits", gen.prefill_logits, ref_logits)
     assert result.passed, result.line()
     assert (gen.tokens == ref_tokens).all()
+    if text.get("attention_bias"):  # the twin: the same folder with the projections' bias additions dropped
+        from tests.sabotage import _copy_with
+
+        def drop_biases(graph):
+            adds = [n for n in graph if n.name.startswith("decoder/layers.") and n.name.endswith("_proj/add_bias")]
+            assert adds, "no bias additions found"
+            for node in adds:
+                ir.convenience.replace_all_uses_with(node.outputs[0], node.inputs[0])
+                graph.remove(node, safe=True)
+
+        broken = _run(_copy_with(out, tmp_path / "no-bias", drop_biases), inputs)
+        assert not compare("prefill_logits", broken.prefill_logits, ref_logits).passed
