@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from merge.space import naming_a_full_disk, require_free_space
+
 SHARD_BYTES = 2 * 1024**3
 
 
@@ -59,6 +61,8 @@ def write_random_weights(folder: Path, config: dict, seed: int, label: str = "ra
         skeleton = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**config))
     params = sorted(((n, tuple(p.shape)) for n, p in skeleton.named_parameters()), key=lambda kv: kv[0])
     del skeleton
+    bf16_bytes = 2 * sum(math.prod(shape) for _, shape in params)
+    require_free_space(folder.parent, bf16_bytes, f"{label} ({len(params)} bfloat16 weights)")
     gen = torch.Generator().manual_seed(seed)
     shard_files: list[tuple[str, list[str]]] = []
     shard: dict[str, torch.Tensor] = {}
@@ -66,7 +70,8 @@ def write_random_weights(folder: Path, config: dict, seed: int, label: str = "ra
 
     def flush() -> None:
         fname = f"model-{len(shard_files) + 1:05d}.safetensors"
-        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        with naming_a_full_disk(folder / fname):
+            save_file(shard, str(folder / fname), metadata={"format": "pt"})
         shard_files.append((fname, list(shard)))
         shard.clear()
 

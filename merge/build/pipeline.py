@@ -28,6 +28,7 @@ from merge.contract.names import DATA_FILE, KV_CACHE_IN_PLACE, MODEL_FILE, PREPR
 from merge.contract.quant import QuantSpec, check_vision_precision, precision_of
 from merge.sources.checkpoint import Checkpoint
 from merge.sources.source import ModelSource
+from merge.space import naming_a_full_disk, require_free_space
 
 from .check import check_onnx_in_child
 from .decoder import write_decoder
@@ -75,7 +76,9 @@ def build(source: ModelSource, out: Path, *, quant: QuantSpec | None = None, vis
                                      "embedding_table": layout})
         log.info("writing %s (weights streamed into %s%s)", MODEL_FILE, DATA_FILE,
                  ", quantized one tensor at a time" if quant else "")
-        with tensor_writing_bar(f"writing {DATA_FILE}") as callback:
+        replacing = " (the existing folder stays until the new one is complete)" if result.out.exists() else ""
+        require_free_space(result.out.parent, weight_bytes(model), f"writing {DATA_FILE} of {result.out}{replacing}")
+        with naming_a_full_disk(result.out / DATA_FILE), tensor_writing_bar(f"writing {DATA_FILE}") as callback:
             ir.save(model, stage / MODEL_FILE, external_data=DATA_FILE, callback=callback)
         manifest = describe(model, source, quant, layout, vision_precision)
         del model, decoder, parts
@@ -90,6 +93,12 @@ def build(source: ModelSource, out: Path, *, quant: QuantSpec | None = None, vis
     result.seconds = time.perf_counter() - start
     result.peak_rss_gib = peak_rss_gib()
     return result
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """The bytes the model's initializers will take once written (lazy ones at their quantized size, unread)."""
+    return sum(value.const_value.nbytes for graph in (model.graph, *model.graph.subgraphs())
+               for value in graph.initializers.values() if value.const_value is not None)
 
 
 def describe(model: ir.Model, source: ModelSource, quant: QuantSpec | None, layout: str,
