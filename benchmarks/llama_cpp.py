@@ -20,6 +20,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+from merge.space import require_free_space
+
 VERSION = "0.3.36"  # llama-cpp-python; its vendored llama.cpp is what gets built
 TARGETS = ("llama-bench", "llama-batched-bench", "llama-mtmd-cli", "llama-quantize", "llama-completion")
 AMX_OFF = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
@@ -129,6 +131,10 @@ def convert(root: Path, model_folder: Path, name: str, kinds: tuple[str, ...] = 
     log = out / "convert.log"
     env = {**os.environ, "PYTHONPATH": str(source_dir(root) / "gguf-py")}
     missing = [k for k in kinds if not files[k].is_file()]
+    if missing:  # the f16 file is about the bf16 checkpoint's size; each 4-bit file about 0.3 of it
+        checkpoint = sum(f.stat().st_size for f in Path(model_folder).glob("*.safetensors"))
+        what = f"llama.cpp's {'/'.join(missing)} of {name}"
+        require_free_space(out, int(checkpoint * (1 + 0.3 * len(missing))), what)
     jobs = [("f16", ["--outtype", "f16"])] if missing else []
     jobs += [("mmproj-f32", ["--mmproj", "--outtype", "f32"]), ("mmproj-f16", ["--mmproj", "--outtype", "f16"])]
     for key, args in jobs:

@@ -140,3 +140,22 @@ def test_real_small_disk(tmp_path, monkeypatch, capsys):
         assert f"the disk filled while writing {disk / 'combined' / 'model.onnx.data'}" in err
         assert list(disk.iterdir()) == []
         assert abs(merge.space.free_bytes(disk) - 10 * MiB) < 64 * 1024  # nothing left behind on it
+
+
+def test_llama_cpp_conversion_refused_before_converting(sources, tmp_path, monkeypatch):
+    """The benchmark's llama.cpp conversion (an f16 file the checkpoint's size, then the 4-bit files) on a disk
+    too small for it: refused before the converter runs."""
+    from benchmarks import llama_cpp
+
+    ran = []
+    monkeypatch.setattr(llama_cpp, "ensure_built", lambda root: tmp_path / "bin")
+    monkeypatch.setattr(llama_cpp, "ensure_converter", lambda root: (Path("python"), Path("convert.py")))
+    monkeypatch.setattr(llama_cpp, "source_dir", lambda root: tmp_path / "llama.cpp")
+    monkeypatch.setattr(llama_cpp, "_run", lambda *args, **kwargs: ran.append(args))
+    _fake_free(monkeypatch, 1 * MiB)
+    with pytest.raises(MergeError, match=r"llama.cpp's Q4_0/Q4_K_M of tiny needs .* and that disk has 1.00 MiB free"):
+        llama_cpp.convert(tmp_path, sources("tiny").folder, "tiny", ("Q4_0", "Q4_K_M"))
+    assert ran == []
+    _fake_free(monkeypatch, 50 * 2**30)  # the twin: room enough, and the conversion goes on to run its steps
+    llama_cpp.convert(tmp_path, sources("tiny").folder, "tiny", ("Q4_0", "Q4_K_M"))
+    assert len(ran) == 5  # f16, the two projector files, the two 4-bit files
