@@ -9,12 +9,32 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from merge.errors import MergeError
+
 
 def default_dir_mode() -> int:
     """The mode ``mkdir`` would give a new folder under the current umask."""
     umask = os.umask(0)
     os.umask(umask)
     return 0o777 & ~umask
+
+
+def make_parent(final: Path) -> None:
+    """Create ``final``'s parent folders, or say in one sentence why they cannot be (a file in the way, a
+    read-only disk, no permission)."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (final.parent, *final.parent.parents) if p.exists() and not p.is_dir()), None)
+        raise MergeError(f"cannot create {final}: {blocker or final.parent} is a file, not a folder") from None
+    except OSError as exc:
+        raise cannot_write(final, exc) from None
+
+
+def cannot_write(final: Path, exc: OSError) -> MergeError:
+    """One sentence for a write refused by the system where ``final`` was to go."""
+    return MergeError(f"cannot write {final}: {exc.strerror or exc} ({exc.filename or final.parent}); choose a "
+                      "folder you can write")
 
 
 @contextlib.contextmanager
@@ -26,8 +46,11 @@ def atomic_folder(final: Path, *, kind: str = "partial") -> Iterator[Path]:
     left exactly as it was.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.{kind}-", dir=final.parent))
+    make_parent(final)
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.{kind}-", dir=final.parent))
+    except OSError as exc:
+        raise cannot_write(final, exc) from None
     stage.chmod(default_dir_mode())  # mkdtemp makes 0700 folders; the result should look like any folder
     try:
         yield stage

@@ -1,5 +1,6 @@
-"""A disk too small for a build or a preset: one line naming the folder and both sizes, before minutes of work,
-and nothing half-written; a disk that fills mid-write is named too, with the file.
+"""Where a build cannot write. A disk too small for a build or a preset: one line naming the folder and both sizes,
+before minutes of work, and nothing half-written; a disk that fills mid-write is named too, with the file. A file
+in the way of ``--out`` or of the preset cache, a read-only disk: one line naming the place, exit 2.
 
 The free space is faked here (the CLI sees a small disk, the build is the real one); where this process may mount
 a tmpfs (root on Linux), the same cases also run on a real 10 MiB disk.
@@ -97,7 +98,8 @@ def test_preset_refused_before_drawing_a_weight(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     presets = tmp_path / "cache" / "presets"
     assert err == (f"error: preset qwen3-vl-2b (625 bfloat16 weights) needs 4.00 GiB in {presets}, and that disk "
-                   "has 10.00 MiB free; free some space there or write somewhere else")
+                   "has 10.00 MiB free; free some space there or write somewhere else (presets are built in the cache "
+                   "folder: QWEN3VL_MERGE_CACHE moves it)")
     assert list(presets.iterdir()) == []
     assert not (tmp_path / "out").exists()
 
@@ -112,16 +114,52 @@ def test_free_space_is_read_from_the_nearest_existing_folder(tmp_path):
 
 
 @contextlib.contextmanager
-def _tmpfs(where: Path, size: str):
+def _tmpfs(where: Path, size: str, *options: str):
     where.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", f"qwen3vl-{uuid.uuid4().hex[:8]}",
-                           str(where)], capture_output=True, text=True)
+    device = f"qwen3vl-{uuid.uuid4().hex[:8]}"
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), device, str(where)],
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}); the faked cases stand")
     try:
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.mark.parametrize("below", ["x", "y/x"])  # mkdir's FileExistsError and NotADirectoryError
+def test_a_file_in_the_way_of_out(below, tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("mine")
+    out = blocker / below
+    assert cli_main(["build", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: cannot create {out}: {blocker} is a file, not a folder"
+    assert blocker.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_a_file_in_the_way_of_the_preset_cache(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("mine")
+    monkeypatch.setenv("QWEN3VL_MERGE_CACHE", str(blocker))
+    assert cli_main(["build", "--model", "tiny", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: cannot create {blocker / 'presets' / 'tiny'}: {blocker} is a file, not a folder (presets are built "
+        "in the cache folder: QWEN3VL_MERGE_CACHE moves it)")
+    assert blocker.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_read_only_disk(tmp_path, monkeypatch, capsys):
+    """A read-only disk for ``--out`` and for the preset cache (a real read-only tmpfs)."""
+    shutil.which("mount") or pytest.skip("no mount command")
+    with _tmpfs(tmp_path / "ro", "1m", "ro") as disk:
+        assert cli_main(["build", "--out", str(disk / "out")]) == 2
+        assert capsys.readouterr().err.strip() == (f"error: cannot write {disk / 'out'}: Read-only file system "
+                                                   f"({disk / '.out.lock'}); choose a folder you can write")
+        monkeypatch.setenv("QWEN3VL_MERGE_CACHE", str(disk / "cache"))
+        assert cli_main(["build", "--model", "tiny", "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: cannot write {disk / 'cache' / 'presets' / 'tiny'}: Read-only file system")
+        assert err.endswith("QWEN3VL_MERGE_CACHE moves it)") and not (tmp_path / "out").exists()
 
 
 def test_real_small_disk(tmp_path, monkeypatch, capsys):

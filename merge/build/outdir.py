@@ -19,7 +19,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from merge.atomic import atomic_folder
+from merge.atomic import atomic_folder, cannot_write, make_parent
 from merge.contract.names import MANIFEST_FILE, TOOL_NAME
 from merge.errors import MergeError
 
@@ -58,8 +58,11 @@ def check_replaceable(out: Path) -> None:
 def build_lock(out: Path) -> Iterator[None]:
     """An exclusive lock on ``out`` for the whole build; a second build fails at once, naming the lock."""
     lock_path = out.parent / f".{out.name}.lock"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    make_parent(out)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise cannot_write(out, exc) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
