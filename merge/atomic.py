@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from merge.errors import MergeError
+from merge.errors import WriteError
 
 
 def default_dir_mode() -> int:
@@ -26,14 +26,14 @@ def make_parent(final: Path) -> None:
         final.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         blocker = next((p for p in (final.parent, *final.parent.parents) if p.exists() and not p.is_dir()), None)
-        raise MergeError(f"cannot create {final}: {blocker or final.parent} is a file, not a folder") from None
+        raise WriteError(f"cannot create {final}: {blocker or final.parent} is a file, not a folder") from None
     except OSError as exc:
         raise cannot_write(final, exc) from None
 
 
-def cannot_write(final: Path, exc: OSError) -> MergeError:
+def cannot_write(final: Path, exc: OSError) -> WriteError:
     """One sentence for a write refused by the system where ``final`` was to go."""
-    return MergeError(f"cannot write {final}: {exc.strerror or exc} ({exc.filename or final.parent}); choose a "
+    return WriteError(f"cannot write {final}: {exc.strerror or exc} ({exc.filename or final.parent}); choose a "
                       "folder you can write")
 
 

@@ -3,3 +3,7 @@
 
 class MergeError(Exception):
     """A problem with the user's input or environment, stated as one clear sentence."""
+
+
+class WriteError(MergeError):
+    """The place a write was to go cannot take it: a file in the way, a read-only or full disk."""

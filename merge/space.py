@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from merge.errors import MergeError
+from merge.errors import WriteError
 
 # Room asked for beyond the estimate, for alignment padding in external data and the small files beside it
 # (measured: 0.05% on the 2B and 8B folders, ~600 bytes an initializer).
@@ -41,7 +41,7 @@ def require_free_space(folder: Path, needed: int, what: str) -> None:
     free = free_bytes(folder)
     needed = int(needed * (1 + SLACK_FRACTION)) + SLACK_BYTES
     if free < needed:
-        raise MergeError(f"{what} needs {format_bytes(needed)} in {folder}, and that disk has "
+        raise WriteError(f"{what} needs {format_bytes(needed)} in {folder}, and that disk has "
                          f"{format_bytes(free)} free; free some space there or write somewhere else")
 
 
@@ -60,7 +60,7 @@ def naming_a_full_disk(path: Path) -> Iterator[None]:
         except OSError:
             raise exc from None
         if exc.errno in (errno.ENOSPC, errno.EDQUOT) or free < FULL_BELOW_BYTES:
-            raise MergeError(f"the disk filled while writing {path} ({format_bytes(free)} free there now; "
+            raise WriteError(f"the disk filled while writing {path} ({format_bytes(free)} free there now; "
                              f"the write failed with: {exc}); free some space there or write somewhere else") \
                 from exc
         raise

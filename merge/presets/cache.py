@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from merge.atomic import atomic_folder
-from merge.errors import MergeError
+from merge.errors import WriteError
 
 from .files import write_tokenizer_and_processor
 from .shapes import PRESET_SEEDS, preset_config
@@ -34,8 +34,8 @@ def ensure_preset(name: str, cache_dir: Path | None = None) -> Path:
         with atomic_folder(folder) as stage:
             write_preset(stage, name)
             (stage / DONE_MARKER).write_text("ok\n")
-    except MergeError as exc:  # a read-only or full disk: say where the cache is set
-        raise MergeError(f"{exc} (presets are built in the cache folder: QWEN3VL_MERGE_CACHE moves it)") from None
+    except WriteError as exc:  # a file in the way, a read-only or full disk: say where the cache is set
+        raise WriteError(f"{exc} (presets are built in the cache folder: QWEN3VL_MERGE_CACHE moves it)") from None
     return folder
 
 
