@@ -149,7 +149,8 @@ def torch_reference(model, inputs: dict[str, np.ndarray], new_tokens: int) -> di
                 continue
             vision = model.model.visual(t[pixels], grid_thw=t[grid])
             features.append(vision.pooler_output.numpy())
-            deepstack.append(np.stack([d.numpy() for d in vision.deepstack_features]))
+            deepstack.append(np.stack([d.numpy() for d in vision.deepstack_features]) if vision.deepstack_features
+                             else np.zeros((0, *vision.pooler_output.shape), np.float32))  # a config without it
             mask = (t["input_ids"] == token).unsqueeze(-1).expand_as(embeds)
             embeds = embeds.masked_scatter(mask, vision.pooler_output)
         if features:  # the combined model's order: the images' rows, then the videos'

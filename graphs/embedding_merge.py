@@ -107,8 +107,8 @@ def build_embedding_merge(
         raise ValueError(f"hidden_size must be a positive integer, got {hidden_size}")
     if table_layout not in TABLE_LAYOUTS:
         raise ValueError(f"table_layout must be one of {TABLE_LAYOUTS}, got {table_layout!r}")
-    if num_levels < 1:
-        raise ValueError(f"Qwen3-VL has at least one DeepStack level, got num_levels={num_levels}")
+    if num_levels < 0:
+        raise ValueError(f"num_levels must be 0 (a config without DeepStack) or more, got {num_levels}")
     if video_token_id == image_token_id:
         raise ValueError(f"image and video tokens must differ, both are {image_token_id}")
 

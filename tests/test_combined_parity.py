@@ -216,6 +216,13 @@ UNUSUAL = {
         {"attention_bias": True, "num_key_value_heads": 4, "rms_norm_eps": 1e-5, "num_hidden_layers": 2},
         {"rope_theta": 10000.0},
     ),
+    # no DeepStack at all (an empty deepstack_visual_indexes), 14-pixel patches, a 3x3 spatial merge
+    "no_deepstack": (
+        {},
+        {"deepstack_visual_indexes": [], "patch_size": 14, "spatial_merge_size": 3},
+        {},
+        {},
+    ),
 }
 
 
@@ -269,3 +276,17 @@ def test_unusual_config_end_to_end(variant, tmp_path):
 
         broken = _run(_copy_with(out, tmp_path / "no-bias", drop_biases), inputs)
         assert not compare("prefill_logits", broken.prefill_logits, ref_logits).passed
+    if not vision.get("deepstack_visual_indexes", True):  # the twin: the vision tower's features must matter
+        from tests.sabotage import broken_copy
+
+        broken = _run(broken_copy(out, tmp_path / "vision-scaled", "vision_layer_weights"), inputs)
+        assert not compare("prefill_logits", broken.prefill_logits, ref_logits).passed
+        from merge.tools.verify import verify
+
+        stages = verify(out, model_folder=folder, prompt="Describe.", images=_images([(64, 96)], 3), new_tokens=2)
+        assert all(s.passed for s in stages) and not [s for s in stages if "deepstack" in s.name]
+        from merge.tools.inspect.stitch_view import write_stitch_view
+
+        view = onnx.load(write_stitch_view(out, tmp_path / "stitch.onnx")[0])
+        assert "vision/image_embeds" in {v.name for v in view.graph.input}
+        assert not [n.name for n in view.graph.node if "deepstack" in n.name]

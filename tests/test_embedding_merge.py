@@ -382,7 +382,7 @@ def test_default_prefix():
     assert all(n.name.startswith("merge/") for n in model.graph)
 
 
-@pytest.mark.parametrize(("hidden", "levels"), [(0, 3), (8, 0)])
+@pytest.mark.parametrize(("hidden", "levels"), [(0, 3), (8, -1)])  # 0 levels: a config without DeepStack
 def test_bad_arguments_are_refused(hidden: int, levels: int):
     with pytest.raises(ValueError):
         build_embedding_merge(7, hidden, levels, video_token_id=8)

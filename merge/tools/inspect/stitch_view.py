@@ -134,7 +134,10 @@ def build_stitch_view(model: onnx.ModelProto, where: str = "model") -> onnx.Mode
         else:
             out_graph.input.append(_value_info(name, tensor.data_type, tensor.dims))
 
-    missing = [name for name in VISION_OUTPUTS if name not in {v.name for v in out_graph.input}]
+    # a config without DeepStack (no DeepStack additions) reads only the image features
+    deepstack = any(node.name.startswith(DEEPSTACK_PREFIX) for node in nodes)
+    required = VISION_OUTPUTS if deepstack else (VISION_IMAGE_EMBEDS,)
+    missing = [name for name in required if name not in {v.name for v in out_graph.input}]
     if missing:
         raise MergeError(f"{where}: the stitch region does not read the vision outputs {', '.join(missing)}; "
                          "not a combined model written by `python -m merge build`")
