@@ -49,6 +49,7 @@ def test_wrong_patch_width_is_refused():
         ({"num_heads": 5}, "not divisible by num_heads 5"),
         ({"num_position_embeddings": 50}, "not a square"),
         ({"deepstack_visual_indexes": [0, 9]}, "[9] outside 0..3"),
+        ({"deepstack_visual_indexes": [3, 1, 3]}, "[3, 1, 3] repeats layer(s) [3]"),
         ({"hidden_act": "relu6"}, "hidden_act 'relu6' unsupported"),
     ],
 )

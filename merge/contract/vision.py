@@ -109,6 +109,10 @@ class VisionSpec:
         bad = [i for i in self.deepstack_visual_indexes if not 0 <= i < self.depth]
         if bad:
             raise MergeError(f"{where}: deepstack_visual_indexes {bad} outside 0..{self.depth - 1}")
+        repeated = sorted({i for i in self.deepstack_visual_indexes if self.deepstack_visual_indexes.count(i) > 1})
+        if repeated:  # transformers would run the first of that layer's mergers only, leaving the levels short
+            raise MergeError(f"{where}: deepstack_visual_indexes {list(self.deepstack_visual_indexes)} repeats "
+                             f"layer(s) {repeated}; each DeepStack level needs a layer of its own")
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             raise MergeError(f"{where}: hidden_act {self.hidden_act!r} unsupported "
                              f"(supported: {SUPPORTED_ACTIVATIONS})")
