@@ -1,4 +1,5 @@
-"""Another ONNX Runtime binding drives the combined model: Node.js (onnxruntime-node), a plain greedy loop.
+"""Other ONNX Runtime bindings drive the combined model: Node.js with onnxruntime-node (native) and with
+onnxruntime-web (the WebAssembly build browsers run), a plain greedy loop.
 
 The JavaScript client has no glue beyond the loop: positions, the image and video merge and DeepStack are in the
 graph.
@@ -27,7 +28,7 @@ NEW_TOKENS = 8
 def node_client():
     if not shutil.which("node") or not shutil.which("npm"):
         pytest.skip("node and npm are not installed on this machine")
-    if not (CLIENT / "node_modules" / "onnxruntime-node").is_dir():
+    if not all((CLIENT / "node_modules" / package).is_dir() for package in ("onnxruntime-node", "onnxruntime-web")):
         # the CPU binaries ship inside the package; its postinstall only fetches GPU extras from elsewhere
         proc = subprocess.run(["npm", "install", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=CLIENT,
                               capture_output=True, text=True, timeout=600)
@@ -35,8 +36,9 @@ def node_client():
     return CLIENT / "generate.mjs"
 
 
+@pytest.mark.parametrize("runtime", ["node", "web"])
 @pytest.mark.parametrize("case", ["text", "two_images", "image_and_video"])
-def test_node_matches_python(case, node_client, combined, sources, prep, tmp_path):
+def test_node_matches_python(case, runtime, node_client, combined, sources, prep, tmp_path):
     combined = combined("tiny")
     from merge.runtime.prompts import build_inputs
     from merge.runtime.video import VideoProcessor
@@ -54,8 +56,8 @@ def test_node_matches_python(case, node_client, combined, sources, prep, tmp_pat
     keys += ["pixel_values_videos", "video_grid_thw"] if videos else []  # left out: the model's defaults
     feeds = {k: inputs[k].tolist() for k in keys}
     (tmp_path / "inputs.json").write_text(json.dumps(feeds))
-    proc_ = subprocess.run(["node", str(node_client), str(combined), str(tmp_path / "inputs.json"), str(NEW_TOKENS)],
-                           capture_output=True, text=True, timeout=300)
+    proc_ = subprocess.run(["node", str(node_client), str(combined), str(tmp_path / "inputs.json"), str(NEW_TOKENS),
+                            runtime], capture_output=True, text=True, timeout=300)
     assert proc_.returncode == 0, proc_.stderr[-2000:]
     js = json.loads(proc_.stdout)
 

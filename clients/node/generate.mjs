@@ -1,7 +1,11 @@
 // Greedy generation with a qwen3vl-merge combined folder from Node.js: one InferenceSession, no host glue
 // beyond the loop (positions, image merge and DeepStack are inside the model).
 //
-//   node generate.mjs COMBINED_DIR INPUTS.json NEW_TOKENS
+//   node generate.mjs COMBINED_DIR INPUTS.json NEW_TOKENS [node|web]
+//
+// RUNTIME: "node" (onnxruntime-node, native; the default) or "web" (onnxruntime-web, the WebAssembly build that
+// browsers run; here under Node, the model and its external data handed over as bytes, as a page would fetch them;
+// WebAssembly's 4 GiB memory bounds the folder it can hold).
 //
 // INPUTS.json: {"input_ids": [[...]], "attention_mask": [[...]], "pixel_values": [[...], ...],
 //               "image_grid_thw": [[t, h, w], ...],
@@ -10,17 +14,29 @@
 // Prints {"tokens": [[...]], "prefill_argmax": [[...]]} as JSON.
 import fs from "node:fs";
 import path from "node:path";
-import ort from "onnxruntime-node";
 
-const [folder, inputsPath, newTokensArg] = process.argv.slice(2);
+const [folder, inputsPath, newTokensArg, runtime = "node"] = process.argv.slice(2);
 const newTokens = Number(newTokensArg ?? 8);
+if (!["node", "web"].includes(runtime)) throw new Error(`runtime ${runtime}: choose node or web`);
+const ortModule = await import(runtime === "web" ? "onnxruntime-web" : "onnxruntime-node");
+const ort = ortModule.default ?? ortModule;
 const config = JSON.parse(fs.readFileSync(path.join(folder, "config.json"), "utf8"));
 const text = config.text_config;
 const kvHeads = text.num_key_value_heads;
 const headDim = text.head_dim ?? text.hidden_size / text.num_attention_heads;
 const inputs = JSON.parse(fs.readFileSync(inputsPath, "utf8"));
 
-const session = await ort.InferenceSession.create(path.join(folder, "model.onnx"));
+async function createSession() {
+  const modelPath = path.join(folder, "model.onnx");
+  if (runtime === "node") return ort.InferenceSession.create(modelPath);
+  ort.env.wasm.numThreads = 1;
+  const dataName = "model.onnx.data";
+  const externalData = fs.existsSync(path.join(folder, dataName))
+    ? [{ path: dataName, data: fs.readFileSync(path.join(folder, dataName)) }] : [];
+  return ort.InferenceSession.create(fs.readFileSync(modelPath), { executionProviders: ["wasm"], externalData });
+}
+
+const session = await createSession();
 const pastNames = session.inputNames.filter((n) => n.startsWith("past_key_values."));
 const patchDim = inputs.pixel_values.length ? inputs.pixel_values[0].length
   : inputs.pixel_values_videos?.length ? inputs.pixel_values_videos[0].length : null;
