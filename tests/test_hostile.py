@@ -262,6 +262,22 @@ def _children_of(pid: int) -> list[int]:
     return found
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _running(pid: int) -> bool:
+    """Still a process, and not a zombie: an orphan that died waits in /proc until PID 1 reaps it, which a
+    container's PID 1 may do late or never."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_terminated_build_leaves_nothing(tmp_path):
     """SIGTERM while the build's child (the session check) runs: the staging folder goes and the child dies with
     the build."""
@@ -272,14 +288,14 @@ def test_terminated_build_leaves_nothing(tmp_path):
     children: list[int] = []
     while time.monotonic() < deadline and not children:
         time.sleep(0.05)
-        if list(tmp_path.glob(".out.partial-*")):
-            children = _children_of(proc.pid)
+        if list(tmp_path.glob(".out.partial-*")):  # the session check's child (not a short-lived helper's)
+            children = [c for c in _children_of(proc.pid) if b"merge.build.check" in _cmdline(c)]
     assert children, "the build never started its child"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and err.strip().splitlines()[-1] == "terminated", err
     time.sleep(0.5)
-    assert not [c for c in children if Path(f"/proc/{c}").exists()], "the build's child outlived the build"
+    assert not [c for c in children if _running(c)], "the build's child outlived the build"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 

@@ -338,7 +338,7 @@ def test_set_interface_refuses_unwired_inputs(fresh):
     ("change", "message"),
     [
         (lambda c: c["vision_config"].update(out_hidden_size=32), "out_hidden_size 32 != text_config.hidden_size 64"),
-        (lambda c: c["vision_config"].update(deepstack_visual_indexes=[0, 1, 2, 3, 3]), "5 DeepStack levels"),
+        (lambda c: c["vision_config"].update(depth=5, deepstack_visual_indexes=[0, 1, 2, 3, 4]), "5 DeepStack levels"),
         (lambda c: c.pop("image_token_id"), "no 'image_token_id'"),
         (lambda c: c.update(image_token_id=5000), "image_token_id = 5000 must be between 0 and 1023"),
         (lambda c: c["text_config"].update(num_key_value_heads=3), "not a multiple of num_key_value_heads 3"),
