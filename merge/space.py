@@ -28,12 +28,17 @@ def format_bytes(n: float) -> str:
     return f"{int(n)} bytes"
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` if it exists, else its nearest existing parent: where the folders still to create would go."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def free_bytes(folder: Path) -> int:
     """Bytes free to this user on the disk that holds ``folder`` (or would hold it: its nearest existing parent)."""
-    folder = Path(folder).absolute()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    return shutil.disk_usage(folder).free
+    return shutil.disk_usage(nearest_existing(folder)).free
 
 
 def require_free_space(folder: Path, needed: int, what: str) -> None:

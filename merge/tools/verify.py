@@ -22,6 +22,7 @@ from merge.contract.folder import CombinedFolder
 from merge.contract.manifest import Manifest
 from merge.contract.names import MERGED_INPUTS_EMBEDS, MERGED_POSITION_IDS, VISION_DEEPSTACK_EMBEDS, VISION_IMAGE_EMBEDS
 from merge.errors import MergeError
+from merge.space import nearest_existing
 
 from .compare import FP32_SCALE, compare
 from .tables import format_table as table_lines
@@ -334,10 +335,10 @@ def check_writable(path: Path, combined: CombinedFolder | None = None) -> None:
         raise MergeError(f"{path} is a symbolic link; will not write through it")
     if path.exists() and not os.access(path, os.W_OK):
         raise MergeError(f"{path}: not writable")
-    parent = path.absolute().parent
-    while not parent.exists():  # the folders to create: the nearest existing one must take them
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    parent = nearest_existing(path.parent)  # the folders to create: the nearest existing one must take them
+    if not parent.is_dir():
+        raise MergeError(f"{path}: cannot be written ({parent} is a file, not a folder)")
+    if not os.access(parent, os.W_OK | os.X_OK):
         raise MergeError(f"{path}: cannot be written (the folder {parent} is not writable)")
 
 
