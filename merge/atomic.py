@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from merge.errors import WriteError
+from merge.space import nearest_existing
 
 
 def default_dir_mode() -> int:
@@ -25,8 +26,8 @@ def make_parent(final: Path) -> None:
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        blocker = next((p for p in (final.parent, *final.parent.parents) if p.exists() and not p.is_dir()), None)
-        raise WriteError(f"cannot create {final}: {blocker or final.parent} is a file, not a folder") from None
+        blocker = nearest_existing(final.parent)  # the first existing path on the way: a file
+        raise WriteError(f"cannot create {final}: {blocker} is a file, not a folder") from None
     except OSError as exc:
         raise cannot_write(final, exc) from None
 

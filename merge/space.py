@@ -21,11 +21,12 @@ SLACK_BYTES, SLACK_FRACTION = 2**20, 0.01
 FULL_BELOW_BYTES = 16 * 2**20
 
 
-def format_bytes(n: float) -> str:
+def format_bytes(n: float, digits: int = 2) -> str:
+    """``n`` bytes in the largest binary unit it reaches (GiB at most), with ``digits`` decimals."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} bytes"
+            return f"{n / scale:.{digits}f} {unit}"
+    return f"{int(n)} B"
 
 
 def nearest_existing(path: Path) -> Path:

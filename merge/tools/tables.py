@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from merge.space import format_bytes
+
 
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: Iterable[int] = (),
                  indent: str = "  ") -> list[str]:
@@ -20,11 +22,4 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: I
 
 
 def human_bytes(count: int | None) -> str:
-    if count is None:
-        return "-"
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    return "-" if count is None else format_bytes(count, digits=1)
