@@ -34,8 +34,8 @@ def main() -> int:
     import onnx_ir as ir
     import onnxruntime as ort
 
-    from merge.build.decoder import write_decoder
     from merge.sources.checkpoint import Checkpoint
+    from merge.stitch.decoder import write_decoder
 
     combined = CombinedModel(args.combined)
     source = resolve_model(args.model)
@@ -44,8 +44,8 @@ def main() -> int:
     work = Path(scratch.name)
     model = write_decoder(Checkpoint(source.folder), source.config)  # the build's decoder graph, weights lazy
     if precision == "int4":  # the same streaming quantization merge build uses
-        from merge.build.passes.quantize_int4 import quantize_matmuls_int4
         from merge.contract.quant import QuantSpec
+        from merge.stitch.passes.quantize_int4 import quantize_matmuls_int4
 
         spec = QuantSpec()
         quantize_matmuls_int4(model, block_size=spec.block_size, accuracy_level=spec.accuracy_level,

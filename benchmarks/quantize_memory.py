@@ -71,7 +71,7 @@ def quantize_child(folder: Path, workers: int | None) -> dict:
     baseline = current_rss_bytes()
     import onnx_ir as ir
 
-    from merge.build.passes.quantize_int4 import quantize_matmuls_int4
+    from merge.stitch.passes.quantize_int4 import quantize_matmuls_int4
 
     after_imports = current_rss_bytes()
     start = time.perf_counter()

@@ -286,8 +286,8 @@ def child(args) -> int:
 
 def prepare(args, work: Path, source) -> dict[str, Path]:
     """The combined int4 folder (built if absent) and the bare decoder with the same 4-bit weights."""
-    from merge.build.pipeline import build
     from merge.contract.quant import QuantSpec
+    from merge.stitch.pipeline import build
 
     paths = {}
     combined = args.combined or work / "combined"
@@ -299,9 +299,9 @@ def prepare(args, work: Path, source) -> dict[str, Path]:
     if "bare" in args.systems and not (bare / "decoder.onnx").is_file():
         import onnx_ir as ir
 
-        from merge.build.decoder import write_decoder
-        from merge.build.passes.quantize_int4 import quantize_matmuls_int4
         from merge.sources.checkpoint import Checkpoint
+        from merge.stitch.decoder import write_decoder
+        from merge.stitch.passes.quantize_int4 import quantize_matmuls_int4
 
         spec = QuantSpec()
         model = write_decoder(Checkpoint(source.folder), source.config)  # weights read (and quantized) when saved

@@ -31,8 +31,8 @@ def child(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from merge.build.measured import peak_kib
     from merge.runtime.model import CombinedModel
+    from merge.stitch.measured import peak_kib
 
     model = CombinedModel(args.combined, threads=args.threads, fps=args.fps)
     pre = model.preprocessor

@@ -98,10 +98,10 @@ def photo(width: int, height: int, seed: int = 0):
 
 
 def prepare(args, work: Path):
-    from merge.build.parts import export_vision
-    from merge.build.passes.quantize_vision_int8 import QuantizeVisionInt8
     from merge.runtime.images import ImageProcessor
     from merge.sources.resolve import resolve_model
+    from merge.stitch.parts import export_vision
+    from merge.stitch.passes.quantize_vision_int8 import QuantizeVisionInt8
 
     source = resolve_model(args.model)
     onnx = {"ours-fp32": work / "fp32" / "vision.onnx", "ours-int8": work / "int8" / "vision.onnx"}

@@ -2,7 +2,7 @@
 
 Run as a child process (``python -m export.text HF_FOLDER OUT_DIR PRECISION CACHE_DIR``) by the build: the
 builder loads the whole checkpoint with ``from_pretrained`` (torch), and that memory returns to the system
-when the child ends. The build then checks what came out (:mod:`merge.build.decoder`).
+when the child ends. The build then checks what came out (:mod:`merge.stitch.decoder`).
 
 What the builder (onnxruntime-genai 0.18) produces here, measured on the tiny presets:
 

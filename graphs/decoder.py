@@ -1,7 +1,7 @@
 """Qwen3-VL's text decoder written op by op from the checkpoint, with ONNX Runtime's fused CPU ops.
 
 The same graph the ONNX Runtime GenAI model builder writes for Qwen3-VL (its layout is what the stitch passes
-and the runtime rely on, see :mod:`merge.build.decoder`), but every weight is an ``ir.LazyTensor`` read from
+and the runtime rely on, see :mod:`merge.stitch.decoder`), but every weight is an ``ir.LazyTensor`` read from
 the safetensors when the model is saved, one tensor at a time. The builder loads the whole checkpoint
 through ``from_pretrained`` and writes an fp32 decoder before anything is quantized (an 8B model: ~30 GB of
 memory and disk); here a build holds about one weight at a time, in whatever precision it is written.

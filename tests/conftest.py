@@ -31,8 +31,8 @@ def sources(preset_cache):
 def combined(sources, tmp_path_factory):
     """``combined(name, precision="fp32", vision_precision="fp32")`` -> a built combined folder, built once per
     session. Tests that change a folder work on a copy."""
-    from merge.build.pipeline import build
     from merge.contract.quant import quant_spec_for
+    from merge.stitch.pipeline import build
 
     @functools.cache
     def get(name: str, precision: str = "fp32", vision_precision: str = "fp32") -> Path:

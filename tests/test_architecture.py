@@ -30,7 +30,7 @@ def test_import_contracts_hold():
 
 @pytest.mark.parametrize(("module", "line", "contract"), [
     ("merge/runtime/prompts.py", "import torch", "The runtime and the contract import neither"),
-    ("merge/contract/names.py", "import merge.build.pipeline", "Rooms are layered"),
+    ("merge/contract/names.py", "import merge.stitch.pipeline", "Rooms are layered"),
     ("graphs/rope_index.py", "import transformers", "Graph builders, the build and its passes"),
 ])
 def test_twin_a_forbidden_import_is_caught(tmp_path, module, line, contract):

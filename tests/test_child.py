@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from merge.build.child import run_python
+from merge.stitch.child import run_python
 
 ALLOCATE = "import numpy as np, sys; a = np.ones(int(sys.argv[1]) * 2**20 // 8); print(a.sum())"
 

@@ -232,12 +232,12 @@ def test_unusual_config_end_to_end(variant, tmp_path):
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     from export.random_weights import init_scaled_
-    from merge.build.pipeline import build
     from merge.contract.config import ModelConfig
     from merge.presets.files import write_tokenizer_and_processor
     from merge.presets.shapes import preset_config
     from merge.runtime.prompts import build_inputs
     from merge.sources.resolve import resolve_model
+    from merge.stitch.pipeline import build
     from tests.hf import load_preprocessors
 
     config = preset_config("tiny")

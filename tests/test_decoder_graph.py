@@ -45,7 +45,7 @@ def _feeds(config: ModelConfig, batch: int, new: int, past: int, seed: int) -> d
 @pytest.fixture(scope="module")
 def written(sources, tmp_path_factory):
     """``written(preset)`` -> (ours, the builder's) decoder.onnx paths for that preset."""
-    from merge.build.decoder import export_decoder
+    from merge.stitch.decoder import export_decoder
 
     paths = {}
 

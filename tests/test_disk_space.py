@@ -61,7 +61,7 @@ def test_build_goes_ahead_when_the_disk_has_room(tmp_path, monkeypatch, capsys):
 
 def test_disk_filling_mid_write_is_named(tmp_path, monkeypatch, capsys):
     """A write that comes up short (numpy's errno-less OSError) with the disk nearly full: the file is named."""
-    import merge.build.pipeline as pipeline
+    import merge.stitch.pipeline as pipeline
 
     def short_write(model, path, **kwargs):
         (Path(path).parent / "model.onnx.data").write_bytes(b"\0" * 4096)
@@ -165,7 +165,7 @@ def test_read_only_disk(tmp_path, monkeypatch, capsys):
 def test_real_small_disk(tmp_path, monkeypatch, capsys):
     """On a real 10 MiB disk: the check refuses the 19 MiB tiny build; without the check, the write fails and
     the full disk is named; either way the disk is left empty."""
-    import merge.build.pipeline as pipeline
+    import merge.stitch.pipeline as pipeline
 
     shutil.which("mount") or pytest.skip("no mount command")
     with _tmpfs(tmp_path / "small", "10m") as disk:

@@ -289,7 +289,7 @@ def test_terminated_build_leaves_nothing(tmp_path):
     while time.monotonic() < deadline and not children:
         time.sleep(0.05)
         if list(tmp_path.glob(".out.partial-*")):  # the session check's child (not a short-lived helper's)
-            children = [c for c in _children_of(proc.pid) if b"merge.build.check" in _cmdline(c)]
+            children = [c for c in _children_of(proc.pid) if b"merge.stitch.check" in _cmdline(c)]
     assert children, "the build never started its child"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)

@@ -184,7 +184,7 @@ def test_text_report_and_json(built, capsys):
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_stitch_view(precision, built, sources, tmp_path):
-    from merge.build.ort_schemas import register_ort_default_domain_ops
+    from merge.stitch.ort_schemas import register_ort_default_domain_ops
 
     source = sources("tiny")
     levels = len(source.config.vision.deepstack_visual_indexes)

@@ -13,35 +13,35 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from merge.build.parts import make_parts
-from merge.build.passes import (
+from merge.contract.config import ModelConfig
+from merge.contract.names import COMBINED_INPUTS, ROPE_DELTAS_OUT
+from merge.contract.quant import QuantSpec
+from merge.errors import MergeError
+from merge.presets.shapes import preset_config
+from merge.stitch.parts import make_parts
+from merge.stitch.passes import (
     StitchError,
     deepstack_anchors,
     run_passes,
     stitch,
     stitch_passes,
 )
-from merge.build.passes.guard_vision import GuardVision
-from merge.build.passes.inject_deepstack import InjectDeepStack
-from merge.build.passes.merge_embeddings import MergeEmbeddings, deepstack_term
-from merge.build.passes.pad_left_padding import PadLeftPadding
-from merge.build.passes.quantize_int4 import QuantizeInt4
-from merge.build.passes.scope_decoder import ScopeDecoder
-from merge.build.passes.set_interface import SetInterface
-from merge.build.passes.wire_positions import WirePositions
-from merge.contract.config import ModelConfig
-from merge.contract.names import COMBINED_INPUTS, ROPE_DELTAS_OUT
-from merge.contract.quant import QuantSpec
-from merge.errors import MergeError
-from merge.presets.shapes import preset_config
+from merge.stitch.passes.guard_vision import GuardVision
+from merge.stitch.passes.inject_deepstack import InjectDeepStack
+from merge.stitch.passes.merge_embeddings import MergeEmbeddings, deepstack_term
+from merge.stitch.passes.pad_left_padding import PadLeftPadding
+from merge.stitch.passes.quantize_int4 import QuantizeInt4
+from merge.stitch.passes.scope_decoder import ScopeDecoder
+from merge.stitch.passes.set_interface import SetInterface
+from merge.stitch.passes.wire_positions import WirePositions
 from merge.tools.compare import compare
 
 
 @pytest.fixture(scope="session")
 def decoder_paths(sources, tmp_path_factory):
     """``decoder_paths(preset)`` -> that preset's fp32 decoder.onnx as the build writes it (written once)."""
-    from merge.build.decoder import write_decoder
     from merge.sources.checkpoint import Checkpoint
+    from merge.stitch.decoder import write_decoder
 
     @functools.cache
     def get(name: str):

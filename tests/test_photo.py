@@ -14,7 +14,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from merge.build.child import run_python
+from merge.stitch.child import run_python
 from merge.tools.compare import compare
 
 PHOTO = (4032, 3024)  # PIL size: width, height
@@ -39,9 +39,9 @@ def photo_model(tmp_path_factory):
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     from export.random_weights import init_scaled_
-    from merge.build.pipeline import build
     from merge.presets.files import write_tokenizer_and_processor
     from merge.sources.resolve import resolve_model
+    from merge.stitch.pipeline import build
 
     work = tmp_path_factory.mktemp("photo")
     config = photo_config()

@@ -12,8 +12,8 @@ import onnxruntime as ort
 import pytest
 
 import merge.contract.quant as quant
-from merge.build.passes.quantize_int4 import quantize_matmuls_int4
 from merge.contract.quant import dequantize_int4, quantize_weight_int4
+from merge.stitch.passes.quantize_int4 import quantize_matmuls_int4
 from merge.tools.compare import compare
 
 log = logging.getLogger(__name__)

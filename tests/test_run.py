@@ -47,7 +47,7 @@ def run_main(argv: list[str]) -> int:
 # Packages a deployment of a combined folder does not install, and this project's rooms that need them.
 BUILD_ONLY = ("torch", "torchvision", "transformers", "onnx", "onnx_ir", "onnxscript", "safetensors",
               "onnxruntime_genai", "huggingface_hub", "export", "graphs")
-BUILD_ROOMS = ("merge.build", "merge.tools", "merge.presets", "merge.sources")  # merge.commands: argparse only
+BUILD_ROOMS = ("merge.stitch", "merge.tools", "merge.presets", "merge.sources")  # merge.commands: argparse only
 RUNTIME_DEPS = ("numpy", "PIL", "tokenizers", "jinja2", "markupsafe", "onnxruntime", "merge")
 
 

@@ -38,7 +38,7 @@ def vision(sources, tmp_path_factory):
     """``vision(name)`` -> (ONNX session, torch vision model, VisionSpec)."""
     import onnxruntime as ort
 
-    from merge.build.parts import export_vision
+    from merge.stitch.parts import export_vision
 
     cache = {}
 
@@ -206,9 +206,9 @@ def test_unusual_vision_config_matches_pytorch(tmp_path):
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     from export.random_weights import init_scaled_
-    from merge.build.parts import export_vision
     from merge.contract.config import ModelConfig
     from merge.presets.shapes import preset_config
+    from merge.stitch.parts import export_vision
 
     config = preset_config("tiny")
     config["vision_config"].update(hidden_size=144, num_heads=2, intermediate_size=96, depth=3,

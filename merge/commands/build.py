@@ -18,9 +18,9 @@ def run(args: argparse.Namespace) -> int:
 
     require("build", BUILD_MODULES)
 
-    from merge.build.pipeline import build
     from merge.contract.quant import quant_spec_for
     from merge.sources.resolve import resolve_model
+    from merge.stitch.pipeline import build
 
     quant = quant_spec_for(args.precision, args.block_size)
     source = resolve_model(args.model, args.cache_dir)

@@ -10,7 +10,6 @@ from pathlib import Path
 import onnx
 
 from merge import __version__
-from merge.build.ort_schemas import register_ort_default_domain_ops
 from merge.contract.names import (
     DEEPSTACK_PREFIX,
     EMBEDDING_PREFIX,
@@ -19,6 +18,7 @@ from merge.contract.names import (
     VISION_IMAGE_EMBEDS,
 )
 from merge.errors import MergeError
+from merge.stitch.ort_schemas import register_ort_default_domain_ops
 
 from .walk import classify_initializers, elements, external_location, load_graph, reads, scope_of, unique
 

@@ -27,7 +27,7 @@ def deepstack_term(level: int) -> str:
 
 class MergeEmbeddings(StitchPass):
     """Adds the input ``input_ids``; ``inputs_embeds`` stops being an input. ``table`` is the token embedding
-    table [vocab, hidden] (a lazy initializer); :class:`~merge.build.passes.share_tied_table.ShareTiedTable`
+    table [vocab, hidden] (a lazy initializer); :class:`~merge.stitch.passes.share_tied_table.ShareTiedTable`
     may later point the token lookup at a tied head instead."""
 
     summary = "embedding merge: input_ids -> inputs_embeds with image/video features and DeepStack terms"

@@ -1,4 +1,4 @@
 """The build: the decoder export, the parts, the stitch passes, writing and checking one combined folder.
 
-Entry point: :func:`merge.build.pipeline.build`.
+Entry point: :func:`merge.stitch.pipeline.build`.
 """

@@ -6,7 +6,7 @@ Steps, each named in the log:
    Runtime GenAI builder's Qwen3-VL decoder and its fused ops; weights lazy: nothing is read yet);
 2. the parts: the vision graph written the same way, the embedding merge and rope index subgraphs, the token
    table;
-3. the stitch (:mod:`merge.build.passes`), int4 quantization and tied-table sharing among its passes;
+3. the stitch (:mod:`merge.stitch.passes`), int4 quantization and tied-table sharing among its passes;
 4. writing ``model.onnx`` + ``model.onnx.data``, weights streamed one tensor at a time (int4 quantized then);
 5. the preprocessing files, the check in a child process (ONNX checker, session), and ``merge.json`` last.
 """

@@ -85,7 +85,7 @@ def stitch_passes(config: ModelConfig, parts: Parts, quant: QuantSpec | None,
 def stitch(decoder: ir.Model, config: ModelConfig, parts: Parts, quant: QuantSpec | None,
            vision_precision: str = "fp32") -> tuple[ir.Model, str]:
     """Run the passes on ``decoder`` (in place); returns the combined model and its embedding table layout."""
-    from merge.build.ort_schemas import register_ort_default_domain_ops
+    from merge.stitch.ort_schemas import register_ort_default_domain_ops
 
     register_ort_default_domain_ops()  # lets the clean-up read SimplifiedLayerNormalization's optional outputs
     passes = stitch_passes(config, parts, quant, vision_precision)

@@ -1,6 +1,6 @@
 """The final check of a written model, by path: the ONNX checker, then an ONNX Runtime session.
 
-Run in a child process (``python -m merge.build.check MODEL``) so that the session's copy of every weight never
+Run in a child process (``python -m merge.stitch.check MODEL``) so that the session's copy of every weight never
 adds to the build's own memory.
 """
 
@@ -34,7 +34,7 @@ def check_onnx(path: Path) -> None:
 
 def check_onnx_in_child(path: Path) -> float:
     """:func:`check_onnx` in a child process; returns the child's peak resident memory in GiB."""
-    result = run_python(["-m", "merge.build.check", str(path)])
+    result = run_python(["-m", "merge.stitch.check", str(path)])
     if result.returncode:
         raise MergeError(f"the check of {path.name} failed: {result.last_line().removeprefix('error: ')}")
     return result.peak_rss_gib

@@ -2,7 +2,7 @@
 
 Used where a step's memory must be returned to the system when it ends (the final check loads every weight
 into ONNX Runtime; the GenAI builder, the tests' reference, loads a whole checkpoint) and where a test or
-benchmark measures a step's peak memory. The peak is the child's own (reported by :mod:`merge.build.measured`
+benchmark measures a step's peak memory. The peak is the child's own (reported by :mod:`merge.stitch.measured`
 from inside it: the parent's ``wait4`` figure would include the parent's size at fork). The child dies with
 its parent (Linux ``PR_SET_PDEATHSIG``), so an interrupted build leaves no orphan running.
 """
@@ -54,7 +54,7 @@ def run_python(args: list[str], *, capture: bool = True, env: dict[str, str] | N
     pipe = subprocess.PIPE if capture else None
     handle, report = tempfile.mkstemp(prefix="peak-", suffix=".kib")
     os.close(handle)
-    proc = subprocess.Popen([sys.executable, "-m", "merge.build.measured", report, *args], env=environ,
+    proc = subprocess.Popen([sys.executable, "-m", "merge.stitch.measured", report, *args], env=environ,
                             stdout=pipe if capture else subprocess.DEVNULL, stderr=pipe, text=True,
                             preexec_fn=_die_with_parent)
     texts = {"stdout": "", "stderr": ""}

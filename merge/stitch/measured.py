@@ -1,4 +1,4 @@
-"""``python -m merge.build.measured REPORT (-m MODULE | -c CODE) ARGS...``: run a Python module or code, then write
+"""``python -m merge.stitch.measured REPORT (-m MODULE | -c CODE) ARGS...``: run a Python module or code, then write
 this process's peak resident memory (VmHWM, KiB) to REPORT.
 
 Why not the parent's ``wait4`` figure: on Linux a child's ``ru_maxrss`` starts from its parent's resident size at
@@ -35,7 +35,7 @@ def main() -> None:
         sys.argv = ["-c", *rest]
         exec(compile(target, "<string>", "exec"), {"__name__": "__main__"})
     else:
-        raise SystemExit(f"usage: python -m merge.build.measured REPORT (-m MODULE | -c CODE) ARGS..., got {mode}")
+        raise SystemExit(f"usage: python -m merge.stitch.measured REPORT (-m MODULE | -c CODE) ARGS..., got {mode}")
 
 
 if __name__ == "__main__":

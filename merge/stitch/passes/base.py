@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from merge.errors import MergeError
 
-log = logging.getLogger("merge.build.passes")
+log = logging.getLogger("merge.stitch.passes")
 
 
 class StitchError(MergeError):
