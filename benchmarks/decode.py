@@ -34,6 +34,7 @@ def main() -> int:
     import onnx_ir as ir
     import onnxruntime as ort
 
+    from graphs.decoder import DecoderOptions
     from merge.sources.checkpoint import Checkpoint
     from merge.stitch.decoder import write_decoder
 
@@ -42,7 +43,8 @@ def main() -> int:
     precision = combined.session.get_modelmeta().custom_metadata_map.get("precision", "fp32")
     scratch = tempfile.TemporaryDirectory(prefix="decode-bench-")  # the bare decoder is large: removed at exit
     work = Path(scratch.name)
-    model = write_decoder(Checkpoint(source.folder), source.config)  # the build's decoder graph, weights lazy
+    # the build's decoder graph, bare (no stitch options), weights lazy
+    model = write_decoder(Checkpoint(source.folder), source.config, DecoderOptions())
     if precision == "int4":  # the same streaming quantization merge build uses
         from merge.contract.quant import QuantSpec
         from merge.stitch.passes.quantize_int4 import quantize_matmuls_int4

@@ -299,12 +299,14 @@ def prepare(args, work: Path, source) -> dict[str, Path]:
     if "bare" in args.systems and not (bare / "decoder.onnx").is_file():
         import onnx_ir as ir
 
+        from graphs.decoder import DecoderOptions
         from merge.sources.checkpoint import Checkpoint
         from merge.stitch.decoder import write_decoder
         from merge.stitch.passes.quantize_int4 import quantize_matmuls_int4
 
         spec = QuantSpec()
-        model = write_decoder(Checkpoint(source.folder), source.config)  # weights read (and quantized) when saved
+        # the bare decoder (no stitch options); weights read (and quantized) when saved
+        model = write_decoder(Checkpoint(source.folder), source.config, DecoderOptions())
         quantize_matmuls_int4(model, block_size=spec.block_size, accuracy_level=spec.accuracy_level,
                               symmetric=spec.symmetric)
         bare.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,8 @@ the past keys and values; the outputs ``logits`` and ``present.*``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_ir as ir
 
@@ -32,9 +34,15 @@ from merge.contract.names import (
     ATTENTION_MASK,
     DECODER_INPUTS_EMBEDS,
     DECODER_POSITION_IDS,
+    DECODER_SCOPE,
+    GQA_ATTENTION_BIAS,
+    GQA_SEQLENS_K,
+    GQA_TOTAL_SEQUENCE_LENGTH,
     LOGITS,
+    LOGITS_TO_KEEP,
     MS_DOMAIN,
     OPSET,
+    mlp_output,
     past_name,
     present_name,
 )
@@ -46,26 +54,48 @@ from .vision import Weights
 TEXT_PREFIXES = ("model.language_model.", "model.", "language_model.model.")
 HEAD_NAMES = ("lm_head.weight", "language_model.lm_head.weight", "model.lm_head.weight")
 MROPE_INTERLEAVED = 1  # MRotaryEmbedding's mrope_layout: Qwen3-VL interleaves t, h, w over the frequencies
+PADDING_BIAS = -1e9  # the attention bias at padded keys: finite, so a fully padded row stays NaN-free
+SEQUENCE_AXIS = 1
+
+
+@dataclass(frozen=True)
+class DecoderOptions:
+    """What the combined model needs of the decoder, built in rather than patched in afterwards. All off, the
+    graph is the GenAI builder's (a test holds it equal to the builder's export; the benchmarks' bare decoder).
+
+    - ``scope``: every node, value and initializer name starts with ``{scope}/`` (graph inputs and outputs keep
+      the contract's names), so the combined graph reads by part in Netron.
+    - ``left_padding``: each GroupQueryAttention gets a key padding bias from ``attention_mask`` and
+      ``seqlens_k = total - 1`` for every row. GQA alone takes a row's length from the mask and assumes its tokens
+      start at position 0, which is wrong for the left-padded rows of a batch; unpadded rows compute as before.
+    - ``logits_to_keep``: an optional input (transformers' name; default 0 = every position, from an initializer a
+      fed value overrides): the head runs on the last ``logits_to_keep`` positions only. Generating needs the last
+      position alone, and the head is a large share of a prefill (2B: 311M of the decoder's 1.72B parameters).
+    """
+
+    scope: str = ""
+    left_padding: bool = False
+    logits_to_keep: bool = False
+
+
+COMBINED = DecoderOptions(scope=DECODER_SCOPE, left_padding=True, logits_to_keep=True)  # what the stitch builds on
 
 
 class DecoderGraph:
     """Builds the decoder into a :class:`GraphBuilder`; one method per part of a layer."""
 
-    def __init__(self, config: ModelConfig, ckpt: Weights, b: GraphBuilder) -> None:
+    def __init__(self, config: ModelConfig, ckpt: Weights, options: DecoderOptions = DecoderOptions()) -> None:
         self.config = config
         self.text: TextSpec = config.text
         self.ckpt = ckpt
+        self.options = options
         self.where = getattr(ckpt, "folder", "the checkpoint")  # for messages
-        self.b = b
+        self.b = GraphBuilder(options.scope)
         self.prefix = ckpt.find_prefix(TEXT_PREFIXES, "embed_tokens.weight")
-        raw = config.raw.get("text_config", {})
-        act = raw.get("hidden_act", "silu")
-        if act != "silu":
-            raise MergeError(f"{config.where} text_config: hidden_act {act!r} is not supported (Qwen3-VL's is 'silu')")
         if not self.text.mrope_section:
             raise MergeError(f"{config.where} text_config: no rope_parameters.mrope_section; the decoder's 3-D "
                              "rotary positions cannot be laid out")
-        self.eps = float(raw.get("rms_norm_eps", 1e-6))
+        self.eps = self.text.rms_norm_eps
 
     # -- types and shapes (the builder's value_info: inspect and Netron show every value's shape) -------
     @staticmethod
@@ -115,13 +145,7 @@ class DecoderGraph:
         """cos and sin of position x inverse frequency, [max_position_embeddings, head_dim / 2], computed when
         the model is written."""
         t = self.text
-        raw = self.config.raw.get("text_config", {})
-        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-        theta = float(rope.get("rope_theta", raw.get("rope_theta", 5_000_000.0)))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise MergeError(f"{self.config.where} text_config: rope_type {rope_type!r} is not supported (Qwen3-VL's "
-                             "is 'default')")
+        theta = t.rope_theta
         shape = (t.max_position_embeddings, t.head_dim // 2)
 
         def angles() -> np.ndarray:
@@ -135,17 +159,47 @@ class DecoderGraph:
             sin = self.b.weight("sin_cache", shape, lambda: np.sin(angles()))
         return cos, sin
 
-    def mask_lengths(self, attention_mask: ir.Value) -> tuple[ir.Value, ir.Value]:
-        """GroupQueryAttention's per-row ``seqlens_k`` (tokens in the mask - 1) and ``total_sequence_length``."""
+    def mask_lengths(self, attention_mask: ir.Value, embeds: ir.Value) -> dict[int, ir.Value]:
+        """GroupQueryAttention's inputs from the mask, by input position: ``seqlens_k`` [batch] (int32),
+        ``total_sequence_length`` (int32 scalar), and with ``left_padding`` the key padding ``attention_bias``.
+
+        Without left padding ``seqlens_k`` is each row's tokens - 1 (GQA then assumes the tokens sit at the start of
+        the row). With it every row counts as full length and the padded keys get a large negative bias::
+
+            attention_mask [B, T]   0 0 1 1 1         (a row with two pads on the left)
+            seqlens_k      [B]      T - 1             (every row)
+            attention_bias [B,1,S,T]  -1e9 -1e9 0 0 0   (the same for each of the S query positions)
+        """
         b = self.b
         with b.scope("attention_mask"):
-            tokens = b.op("ReduceSum", [attention_mask, b.const([1], "axis")], {"keepdims": 0}, name="tokens")
-            last = b.op("Sub", [self.typed(tokens, ["batch_size"], INT64), b.const(np.int64(1), "one")], name="last")
-            seqlens = b.op("Cast", [self.typed(last, ["batch_size"], INT64)], {"to": INT32}, name="seqlens_k")
             total = b.op("Shape", [attention_mask], {"start": 1, "end": 2}, name="total")
             total = b.op("Squeeze", [self.typed(total, [1], INT64)], name="total_scalar")
             total = b.op("Cast", [self.typed(total, [], INT64)], {"to": INT32}, name="total_sequence_length")
-        return self.typed(seqlens, ["batch_size"], INT32), self.typed(total, [], INT32)
+            total = self.typed(total, [], INT32)
+            inputs = {GQA_TOTAL_SEQUENCE_LENGTH: total}
+            if not self.options.left_padding:
+                tokens = b.op("ReduceSum", [attention_mask, b.const([1], "axis")], {"keepdims": 0}, name="tokens")
+                last = b.op("Sub", [self.typed(tokens, ["batch_size"], INT64), b.const(np.int64(1), "one")],
+                            name="last")
+                seqlens = b.op("Cast", [self.typed(last, ["batch_size"], INT64)], {"to": INT32}, name="seqlens_k")
+                inputs[GQA_SEQLENS_K] = self.typed(seqlens, ["batch_size"], INT32)
+                return inputs
+            batch = self.typed(b.op("Shape", [attention_mask], {"start": 0, "end": 1}, name="batch"), [1], INT64)
+            last = b.op("Sub", [total, b.const(np.int32(1), "one")], name="last_position")
+            seqlens = b.op("Expand", [self.typed(last, [], INT32), batch], name="seqlens_k")
+            inputs[GQA_SEQLENS_K] = self.typed(seqlens, ["batch_size"], INT32)
+            mask = b.op("Cast", [attention_mask], {"to": FLOAT}, name="mask_float")
+            pads = b.op("Sub", [mask, b.const(np.float32(1), "one_float")], name="mask_minus_one")
+            key_bias = b.op("Mul", [pads, b.const(np.float32(-PADDING_BIAS), "large")], name="key_bias")
+            key_bias = b.op("Unsqueeze", [key_bias, b.const([1, 2], "axes")], name="key_bias_4d")  # [B, 1, 1, T]
+            shape = b.op("Concat", [batch, b.const([1], "one_head"),
+                                    b.op("Shape", [embeds], {"start": 1, "end": 2}, name="sequence"),
+                                    b.op("Shape", [attention_mask], {"start": 1, "end": 2}, name="total_length")],
+                         {"axis": 0}, name="bias_shape")
+            bias = b.op("Expand", [key_bias, shape], name="attention_bias")
+            inputs[GQA_ATTENTION_BIAS] = self.typed(
+                bias, ["batch_size", 1, "sequence_length", "total_sequence_length"])
+        return inputs
 
     def head_norm(self, x: ir.Value, hf_module: str, name: str, heads: int) -> ir.Value:
         """Qwen3's RMSNorm over each head's features."""
@@ -194,8 +248,12 @@ class DecoderGraph:
             k = self.head_norm(k, hf + "k_norm", "k_norm", t.num_kv_heads)
             q = self.rotary(q, positions, *caches, t.num_heads, "q_rotary")
             k = self.rotary(k, positions, *caches, t.num_kv_heads, "k_rotary")
+            inputs: list[ir.Value | None] = [q, k, v, past[0], past[1]]
+            inputs += [None] * (max(lengths) + 1 - len(inputs))
+            for position, value in lengths.items():
+                inputs[position] = value
             out, present_k, present_v = b.op_multi(
-                "GroupQueryAttention", [q, k, v, past[0], past[1], *lengths],
+                "GroupQueryAttention", inputs,
                 {"num_heads": t.num_heads, "kv_num_heads": t.num_kv_heads, "scale": float(t.head_dim) ** -0.5,
                  "local_window_size": -1, "softcap": 0.0, "do_rotary": 0, "rotary_interleaved": 0},
                 num_outputs=3, name="attention", domain=MS_DOMAIN)
@@ -215,7 +273,9 @@ class DecoderGraph:
             with b.scope("act"):
                 act = b.op("Mul", [gate, self.hidden(b.op("Sigmoid", [gate]), width)], name="SiLU")
             product = b.op("Mul", [self.hidden(act, width), up], name="gate_times_up")
-            return self.linear(self.hidden(product, width), hf + "down_proj", "down_proj")
+            out = self.linear(self.hidden(product, width), hf + "down_proj", "down_proj")
+            out.name = mlp_output(i, self.options.scope)  # DeepStack's anchor, found by this name
+            return out
 
     def head_weight(self) -> ir.Value:
         """The head as a MatMul weight [hidden, vocab]: ``lm_head.weight`` transposed, or the token table for a
@@ -255,7 +315,7 @@ class DecoderGraph:
                 if heads not in self.shapes:
                     self.shapes[heads] = b.const([0, -1, heads * t.head_dim], f"{heads}_heads_joined")
         caches = self.rotary_caches()
-        lengths = self.mask_lengths(mask)
+        lengths = self.mask_lengths(mask, embeds)
         hidden, residual, mlp_out = None, embeds, None
         for i in range(t.num_layers):
             with b.scope(f"layers.{i}"):
@@ -272,17 +332,34 @@ class DecoderGraph:
                                                   "post_attention_norm")
                 mlp_out = self.mlp(i, hidden)
         hidden, _ = self.skip_norm(residual, mlp_out, "norm.weight", "final_norm", residual=False)
+        optional = []
+        if self.options.logits_to_keep:
+            keep = self.keep_input()
+            optional.append(keep)
+            with b.scope("logits_to_keep"):
+                start = b.op("Neg", [keep], name="start")  # -k: the last k positions; -0 = 0: all of them
+                starts = b.op("Unsqueeze", [start, b.const([0], "axes")], name="starts")
+                hidden = b.op("Slice", [hidden, starts, b.const([np.iinfo(np.int64).max], "ends"),
+                                        b.const([SEQUENCE_AXIS], "axis")], name="hidden")
+                self.typed(hidden, ["batch_size", "logits_sequence_length", t.hidden_size])
         logits = b.op("MatMul", [hidden, self.head_weight()], name="lm_head")
         logits.name = LOGITS
-        self.hidden(logits, t.vocab_size)
+        self.typed(logits, ["batch_size", "logits_sequence_length" if optional else "sequence_length", t.vocab_size])
         for value in self.presents.values():
             self.typed(value, ["batch_size", t.num_kv_heads, "total_sequence_length", t.head_dim])
-        inputs = [mask, positions, embeds, *pasts.values()]
+        inputs = [mask, positions, embeds, *pasts.values(), *optional]
         outputs = [logits, *(self.presents[key] for key in pasts)]  # every layer's key, then the values, as the pasts
         return make_model(b, inputs, outputs, name="decoder", opset_imports={"": OPSET, MS_DOMAIN: 1})
 
+    def keep_input(self) -> ir.Value:
+        """The input ``logits_to_keep``, scalar int64, with the initializer 0 as its default (every position)."""
+        keep = tensor_input(LOGITS_TO_KEEP, INT64, [])
+        keep.const_value = ir.tensor(np.array(0, np.int64), name=LOGITS_TO_KEEP)
+        self.b.initializers[LOGITS_TO_KEEP] = keep
+        return keep
 
-def build_decoder_model(ckpt: Weights, config: ModelConfig) -> ir.Model:
+
+def build_decoder_model(ckpt: Weights, config: ModelConfig, options: DecoderOptions = DecoderOptions()) -> ir.Model:
     """The decoder graph of ``config`` with lazy weights from ``ckpt`` (nothing is read until it is saved)."""
-    return DecoderGraph(config, ckpt, GraphBuilder()).build()
+    return DecoderGraph(config, ckpt, options).build()
 

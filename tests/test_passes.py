@@ -1,7 +1,9 @@
 """Each stitch pass on its own: what it builds, the contract it states (a sentence when it does not hold), and a
 broken twin that must fail.
 
-The passes run on the tiny preset's decoder as the build writes it (once per session) with freshly built parts.
+The passes run on the tiny preset's decoder as the build writes it (once per session) with freshly built parts;
+what the decoder graph builds for the stitch (names under ``decoder/``, the key padding mask, ``logits_to_keep``,
+the named DeepStack anchors) is checked here too, each with a twin built without it.
 """
 
 from __future__ import annotations
@@ -13,40 +15,36 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
+from graphs.decoder import COMBINED, DecoderOptions
 from merge.contract.config import ModelConfig
-from merge.contract.names import COMBINED_INPUTS, ROPE_DELTAS_OUT
+from merge.contract.names import COMBINED_INPUTS, ROPE_DELTAS_OUT, deepstack_add, deepstack_term, mlp_output
 from merge.contract.quant import QuantSpec
 from merge.errors import MergeError
 from merge.presets.shapes import preset_config
 from merge.stitch.parts import make_parts
-from merge.stitch.passes import (
-    StitchError,
-    deepstack_anchors,
-    run_passes,
-    stitch,
-    stitch_passes,
-)
+from merge.stitch.passes import StitchError, run_passes, stitch, stitch_passes
+from merge.stitch.passes.check_contract import CheckContract
 from merge.stitch.passes.guard_vision import GuardVision
 from merge.stitch.passes.inject_deepstack import InjectDeepStack
-from merge.stitch.passes.merge_embeddings import MergeEmbeddings, deepstack_term
-from merge.stitch.passes.pad_left_padding import PadLeftPadding
+from merge.stitch.passes.merge_embeddings import MergeEmbeddings
 from merge.stitch.passes.quantize_int4 import QuantizeInt4
-from merge.stitch.passes.scope_decoder import ScopeDecoder
 from merge.stitch.passes.set_interface import SetInterface
+from merge.stitch.passes.share_tied_table import ShareTiedTable
 from merge.stitch.passes.wire_positions import WirePositions
 from merge.tools.compare import compare
 
 
 @pytest.fixture(scope="session")
 def decoder_paths(sources, tmp_path_factory):
-    """``decoder_paths(preset)`` -> that preset's fp32 decoder.onnx as the build writes it (written once)."""
+    """``decoder_paths(preset, options)`` -> that preset's fp32 decoder.onnx as the build writes it with ``options``
+    (default: the stitch's, :data:`graphs.decoder.COMBINED`), written once."""
     from merge.sources.checkpoint import Checkpoint
     from merge.stitch.decoder import write_decoder
 
     @functools.cache
-    def get(name: str):
+    def get(name: str, options: DecoderOptions = COMBINED):
         path = tmp_path_factory.mktemp(f"decoder-{name}") / "decoder.onnx"
-        ir.save(write_decoder(Checkpoint(sources(name).folder), sources(name).config), path,
+        ir.save(write_decoder(Checkpoint(sources(name).folder), sources(name).config, options), path,
                 external_data="decoder.onnx.data")
         return path
 
@@ -57,18 +55,17 @@ def decoder_paths(sources, tmp_path_factory):
 def fresh(decoder_paths, sources):
     """``fresh(preset)`` -> (a freshly loaded decoder, new parts, config): passes change both in place."""
 
-    def get(name: str = "tiny"):
+    def get(name: str = "tiny", options: DecoderOptions = COMBINED):
         source = sources(name)
-        return ir.load(decoder_paths(name)), make_parts(source), source.config
+        return ir.load(decoder_paths(name, options)), make_parts(source), source.config
 
     return get
 
 
-def _run_until(model, config, parts, last: type, quant=None, skip: type | None = None):
+def _run_until(model, config, parts, last: type, quant=None):
     passes = []
     for pass_ in stitch_passes(config, parts, quant):
-        if skip is None or not isinstance(pass_, skip):
-            passes.append(pass_)
+        passes.append(pass_)
         if isinstance(pass_, last):
             break
     return run_passes(model, passes)
@@ -80,22 +77,28 @@ def _session(model: ir.Model, folder) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-# -- ScopeDecoder ---------------------------------------------------------------------------------------------------
+# -- what the decoder builds for the stitch --------------------------------------------------------------------------
 
-def test_scope_decoder_moves_names_under_decoder(fresh):
+def test_decoder_for_the_stitch_names_everything_under_decoder(fresh):
     model, _, _ = fresh()
-    inputs = [v.name for v in model.graph.inputs]
-    run_passes(model, [ScopeDecoder()])
     assert all(n.name.startswith("decoder/") for n in model.graph)
-    assert all(name.startswith("decoder/") for name in model.graph.initializers)
-    assert [v.name for v in model.graph.inputs] == inputs  # the interface keeps its names
+    assert all(name.startswith("decoder/") for name in model.graph.initializers if name != "logits_to_keep")
+    inputs = [v.name for v in model.graph.inputs]
+    assert inputs[:3] == ["attention_mask", "position_ids", "inputs_embeds"] and inputs[-1] == "logits_to_keep"
 
 
-def test_scope_decoder_refuses_a_decoder_with_embeddings(fresh):
-    model, _, _ = fresh()
-    next(v for v in model.graph.inputs if v.name == "inputs_embeds").name = "input_ids"
-    with pytest.raises(StitchError, match=r"ScopeDecoder: the decoder has no input 'inputs_embeds'.*exclude_embeds"):
-        run_passes(model, [ScopeDecoder()])
+def test_twin_the_stitch_refuses_a_bare_decoder(fresh):
+    model, parts, config = fresh(options=DecoderOptions())
+    with pytest.raises(StitchError, match=r"not built for the stitch .*'attention_mask/total' is outside decoder/"):
+        stitch(model, config, parts, None)
+
+
+def test_passes_report_modified_honestly(fresh):
+    model, parts, config = fresh()
+    assert not ShareTiedTable(tied=False, hidden_size=config.text.hidden_size)(model).modified  # nothing to share
+    assert InjectDeepStack(config.text.num_layers, 0)(model).modified is False  # no level to add
+    model = _run_until(model, config, parts, SetInterface)
+    assert not SetInterface()(model).modified  # the interface is in order already
 
 
 # -- GuardVision ----------------------------------------------------------------------------------------------------
@@ -141,33 +144,36 @@ def test_merge_embeddings_refuses_a_part_without_a_level(fresh):
 
 # -- InjectDeepStack ------------------------------------------------------------------------------------------------
 
-def test_deepstack_anchors_found_by_pattern(fresh):
+def test_deepstack_anchors_are_named(fresh):
     model, _, config = fresh()
-    anchors = deepstack_anchors(model.graph)
-    assert len(anchors) == config.text.num_layers
-    # found by structure, and they are indeed the down projections (the names only confirm it)
-    assert all("down_proj" in skip.name for _, skip in anchors)
+    values = ir.convenience.create_value_mapping(model.graph)
+    for k in range(config.text.num_layers):
+        anchor = values[mlp_output(k)]
+        assert anchor.producer().name == f"decoder/layers.{k}/mlp/down_proj/MatMul"
+        users = [(use.node.op_type, use.idx) for use in anchor.uses()]
+        assert users == [("SkipSimplifiedLayerNormalization", 1)]  # the residual sum's skip: the layer's end
 
 
 def test_inject_deepstack_adds_one_term_per_level_after_its_layer(fresh):
     model, parts, config = fresh()
     model = _run_until(model, config, parts, InjectDeepStack)
-    anchors = deepstack_anchors(model.graph)  # the norms now read the sums
-    for k in range(len(config.vision.deepstack_visual_indexes)):
-        norm, _ = next((norm, skip) for norm, skip in [(n, n.inputs[1]) for n in model.graph
-                                                       if n.op_type == "SkipSimplifiedLayerNormalization"]
-                       if skip.producer() is not None and skip.producer().name == f"merge/deepstack/layers.{k}/add")
-        add = norm.inputs[1].producer()
-        assert add.inputs[1].name == deepstack_term(k)
-        assert add.inputs[0].producer().op_type == "MatMul"  # layer k's down projection
-    assert len(anchors) == config.text.num_layers - len(config.vision.deepstack_visual_indexes)
+    values = ir.convenience.create_value_mapping(model.graph)
+    levels = len(config.vision.deepstack_visual_indexes)
+    for k in range(config.text.num_layers):
+        users = [use.node for use in values[mlp_output(k)].uses()]
+        if k < levels:
+            (add,) = users
+            assert add.name == deepstack_add(k) and add.inputs[1].name == deepstack_term(k)
+            assert [(u.node.op_type, u.idx) for u in add.outputs[0].uses()] == [("SkipSimplifiedLayerNormalization", 1)]
+        else:
+            assert [u.op_type for u in users] == ["SkipSimplifiedLayerNormalization"]  # no level for this layer
 
 
-def test_deepstack_pattern_absent_is_a_sentence(fresh):
+def test_deepstack_anchor_absent_is_a_sentence(fresh):
     model, parts, config = fresh()
-    _, skip = deepstack_anchors(model.graph)[2]
-    skip.producer().op_type = "Gemm"  # a layout the injection does not know
-    with pytest.raises(StitchError, match=r"InjectDeepStack: found 3 decoder MLP outputs .* expected 4"):
+    values = ir.convenience.create_value_mapping(model.graph)
+    values[mlp_output(2)].name = "decoder/layers.2/mlp/renamed"  # a decoder that does not name its anchors
+    with pytest.raises(StitchError, match=r"InjectDeepStack: the model has no value 'decoder/layers.2/mlp/output'"):
         _run_until(model, config, parts, InjectDeepStack)
 
 
@@ -191,7 +197,7 @@ def test_wire_positions_refuses_a_part_with_other_outputs(fresh):
         _run_until(model, config, parts, WirePositions)
 
 
-# -- PadLeftPadding: numbers, and the twin without it -------------------------------------------------------------
+# -- the decoder's key padding mask: numbers, and the twin without it ------------------------------------------------
 
 def _padded_row_error(model: ir.Model, config: ModelConfig, folder) -> tuple[float, float]:
     """Row 1 of a batch is left-padded by 3; its logits against the same tokens run alone. Returns (max error on
@@ -219,16 +225,17 @@ def _padded_row_error(model: ir.Model, config: ModelConfig, folder) -> tuple[flo
     return result.max_abs, result.bound
 
 
-def test_pad_left_padding_makes_left_padded_rows_exact(fresh, tmp_path):
+def test_key_padding_makes_left_padded_rows_exact(fresh, tmp_path):
     model, parts, config = fresh()
     model = _run_until(model, config, parts, SetInterface)
     error, bound = _padded_row_error(model, config, tmp_path)
     assert error <= bound, (error, bound)
 
 
-def test_twin_without_pad_left_padding_is_wrong_on_padded_rows(fresh, tmp_path):
-    model, parts, config = fresh()
-    model = _run_until(model, config, parts, SetInterface, skip=PadLeftPadding)
+def test_twin_decoder_without_key_padding_is_wrong_on_padded_rows(fresh, tmp_path):
+    model, parts, config = fresh(options=DecoderOptions(scope="decoder", logits_to_keep=True))
+    assert not [n for n in model.graph if n.name.endswith("attention_mask/attention_bias")]
+    model = _run_until(model, config, parts, SetInterface)
     error, bound = _padded_row_error(model, config, tmp_path)
     assert error > 100 * bound, (error, bound)
 
@@ -287,7 +294,7 @@ def test_twin_asymmetric_head_is_not_shared(fresh, caplog):
     assert _token_lookup(model).inputs[0].name == "merge/embedding/embed_tokens"
 
 
-# -- KeepLogits ----------------------------------------------------------------------------------------------------
+# -- logits_to_keep ----------------------------------------------------------------------------------------------------
 
 def test_keep_logits_runs_the_head_on_the_last_positions(fresh, tmp_path):
     model, parts, config = fresh()
@@ -325,7 +332,7 @@ def test_set_interface_orders_the_contract(fresh):
 
 def test_set_interface_refuses_unwired_inputs(fresh):
     model, parts, config = fresh()
-    model = _run_until(model, config, parts, PadLeftPadding)
+    model = _run_until(model, config, parts, CheckContract)
     extra = ir.Value(name="token_type_ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["b", "s"]))
     model.graph.inputs.append(extra)
     with pytest.raises(StitchError, match=r"SetInterface: decoder inputs left unwired: \['token_type_ids'\]"):

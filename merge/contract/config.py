@@ -8,6 +8,7 @@ special token outside the vocabulary, vision features that cannot replace token 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,17 @@ def _int(section: dict, key: str, where: str, *, low: int = 1, high: int | None 
     return value
 
 
+def _float(section: dict, key: str, where: str, *, default: Any) -> float:
+    """A positive, finite number (an epsilon, a rotary base)."""
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise MergeError(f"{where}: {key} = {value!r} is not a positive finite number")
+    return float(value)
+
+
+TEXT_ACTIVATIONS = ("silu",)  # the decoder's MLP is written as SwiGLU (Sigmoid, Mul)
+
+
 @dataclass(frozen=True)
 class TextSpec:
     """The decoder's shape."""
@@ -50,6 +62,9 @@ class TextSpec:
     head_dim: int
     max_position_embeddings: int
     mrope_section: tuple[int, ...]
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    rope_theta: float = 5_000_000.0
 
     @classmethod
     def from_config(cls, text: dict, where: str) -> TextSpec:
@@ -62,7 +77,18 @@ class TextSpec:
         head_dim = text.get("head_dim")
         head_dim = _int(text, "head_dim", where, high=MAX_HIDDEN) if head_dim is not None else hidden // heads
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise MergeError(f"{where}: rope_parameters is {type(rope).__name__}, not an object")
         section = rope.get("mrope_section") or ()
+        if not isinstance(section, list | tuple) or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in section):
+            raise MergeError(f"{where}: mrope_section {section!r} is not a list of non-negative integers")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise MergeError(f"{where}: rope_type {rope_type!r} is not supported (Qwen3-VL's is 'default')")
+        act = text.get("hidden_act", "silu")
+        if act not in TEXT_ACTIVATIONS:
+            raise MergeError(f"{where}: hidden_act {act!r} is not supported (Qwen3-VL's is 'silu')")
         if section and 2 * sum(section) != head_dim:
             raise MergeError(f"{where}: mrope_section {list(section)} covers {2 * sum(section)} rotary dimensions but "
                              f"head_dim is {head_dim}; they must be equal")
@@ -75,6 +101,9 @@ class TextSpec:
             head_dim=head_dim,
             max_position_embeddings=_int(text, "max_position_embeddings", where, high=1 << 31, default=1 << 18),
             mrope_section=tuple(int(s) for s in section),
+            rms_norm_eps=_float(text, "rms_norm_eps", where, default=1e-6),
+            hidden_act=act,
+            rope_theta=_float(rope, "rope_theta", where, default=text.get("rope_theta", 5_000_000.0)),
         )
 
 

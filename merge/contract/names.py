@@ -90,7 +90,35 @@ MERGED_POSITION_IDS = DECODER_POSITION_IDS
 EMBEDDING_PREFIX = "merge/embedding/"
 DEEPSTACK_PREFIX = "merge/deepstack/"
 POSITION_PREFIX = "merge/position/"
-PADDING_PREFIX = "merge/padding/"
+TOKEN_TABLE = EMBEDDING_PREFIX + "embed_tokens"  # the token embedding table the merge gathers from
+TOKEN_EMBEDS_NODE = EMBEDDING_PREFIX + "embeds/token_embeds"  # its lookup (a tied head's table replaces it)
+VISION_NUM_PATCHES = "vision/guard/num_patches"  # image + video patches of the call
+VISION_HAS_PATCHES = "vision/guard/has_patches"  # Greater(num_patches, 0): what the vision If tests
+
+
+def deepstack_term(level: int) -> str:
+    """The embedding merge's dense [batch, sequence, hidden] DeepStack term of ``level`` (zeros away from image
+    and video tokens)."""
+    return f"{EMBEDDING_PREFIX}deepstack_{level}"
+
+
+def deepstack_add(level: int) -> str:
+    """The node (and value) that adds DeepStack ``level`` to the residual stream."""
+    return f"{DEEPSTACK_PREFIX}layers.{level}/add"
+
+
+def mlp_output(layer: int, scope: str = DECODER_SCOPE) -> str:
+    """The output of decoder layer ``layer``'s MLP (its down projection): the residual-stream term DeepStack level
+    ``layer`` is added to (the ``skip`` of the next SkipSimplifiedLayerNormalization). The decoder graph names it so;
+    ``scope`` is the decoder's name scope (empty for a bare decoder)."""
+    return f"{scope}/layers.{layer}/mlp/output" if scope else f"layers.{layer}/mlp/output"
+
+# -- ONNX Runtime contrib ops' input positions (wired by index) ------------------------------------------------
+# com.microsoft::GroupQueryAttention: query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
+# cos_cache, sin_cache, position_ids, attention_bias, head_sink
+GQA_SEQLENS_K = 5
+GQA_TOTAL_SEQUENCE_LENGTH = 6
+GQA_ATTENTION_BIAS = 10
 
 # -- operator domains and opsets ------------------------------------------------------------------------------
 MS_DOMAIN = "com.microsoft"

@@ -12,20 +12,21 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from graphs.decoder import build_decoder_model
+from graphs.decoder import COMBINED, DecoderOptions, build_decoder_model
 from merge.contract.config import ModelConfig, TextSpec
 from merge.contract.names import (
     ATTENTION_MASK,
     DECODER_INPUTS_EMBEDS,
     DECODER_POSITION_IDS,
     LOGITS,
+    LOGITS_TO_KEEP,
+    mlp_output,
     past_name,
     present_name,
 )
 from merge.errors import MergeError
 
 from .child import run_python
-from .passes.inject_deepstack import RESIDUAL_NORM, deepstack_anchors
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,12 @@ class DecoderExportError(MergeError):
     """The builder failed, or its decoder lacks the inputs and outputs the stitching relies on."""
 
 
-def write_decoder(checkpoint, config: ModelConfig) -> ir.Model:
-    """The decoder graph of ``config`` with every weight read lazily from ``checkpoint``, checked."""
-    model = build_decoder_model(checkpoint, config)
-    check_decoder(model, config.text, "the decoder graph")
+def write_decoder(checkpoint, config: ModelConfig, options: DecoderOptions = COMBINED) -> ir.Model:
+    """The decoder graph of ``config`` with every weight read lazily from ``checkpoint``, checked: by default the
+    one the stitch builds on (scoped ``decoder/``, left padding, ``logits_to_keep``); ``DecoderOptions()`` gives the
+    bare GenAI-builder layout."""
+    model = build_decoder_model(checkpoint, config, options)
+    check_decoder(model, config.text, "the decoder graph", options)
     return model
 
 
@@ -71,11 +74,15 @@ def export_decoder(hf_folder: Path, out_dir: Path, text: TextSpec, *, precision:
     return model, result.peak_rss_gib
 
 
-def check_decoder(model: ir.Model, text: TextSpec, where: str = "decoder") -> None:
-    """The builder's decoder has the I/O and the residual anchors the stitching relies on; raise if not."""
+def check_decoder(model: ir.Model, text: TextSpec, where: str = "decoder",
+                  options: DecoderOptions | None = None) -> None:
+    """The decoder has the I/O the stitch relies on and, where ``options`` says how it was written (the build's
+    own graph, not the builder's export), each layer's named MLP output, DeepStack's anchor; raise if not."""
     f32, i64 = ir.DataType.FLOAT, ir.DataType.INT64
     expected_in = {DECODER_INPUTS_EMBEDS: (f32, 3, text.hidden_size), ATTENTION_MASK: (i64, 2, None),
                    DECODER_POSITION_IDS: (i64, 3, None)}
+    if options is not None and options.logits_to_keep:
+        expected_in[LOGITS_TO_KEEP] = (i64, 0, None)
     expected_out = {LOGITS: (f32, 3, text.vocab_size)}
     for i in range(text.num_layers):
         for kind in ("key", "value"):
@@ -86,12 +93,13 @@ def check_decoder(model: ir.Model, text: TextSpec, where: str = "decoder") -> No
     positions = next(v for v in model.graph.inputs if v.name == DECODER_POSITION_IDS)
     if positions.shape[0] != 3:
         raise DecoderExportError(f"{where}: position_ids is not [3, batch, sequence]; MRoPE positions are missing")
-    anchors = deepstack_anchors(model.graph)
-    if len(anchors) != text.num_layers:
-        raise DecoderExportError(
-            f"{where}: {len(anchors)} of {text.num_layers} layers end with an MLP output feeding a {RESIDUAL_NORM}; "
-            "the builder's graph layout changed and DeepStack cannot be injected"
-        )
+    if options is None:
+        return
+    values = ir.convenience.create_value_mapping(model.graph, include_subgraphs=False)
+    missing = [name for name in (mlp_output(i, options.scope) for i in range(text.num_layers)) if name not in values]
+    if missing:
+        raise DecoderExportError(f"{where}: no value {missing[0]!r} ({len(missing)} of {text.num_layers} layers lack "
+                                 "their named MLP output); DeepStack could not be added after those layers")
 
 
 def _check_io(where: str, kind: str, values, expected: dict[str, tuple[ir.DataType, int, int | None]]) -> None:

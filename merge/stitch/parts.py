@@ -13,13 +13,12 @@ from graphs.embedding_merge import build_embedding_merge
 from graphs.rope_index import build_rope_index
 from graphs.vision import build_vision_model
 from merge.contract.config import ModelConfig
-from merge.contract.names import EMBEDDING_PREFIX, OPSET, POSITION_PREFIX
+from merge.contract.names import EMBEDDING_PREFIX, OPSET, POSITION_PREFIX, TOKEN_TABLE
 from merge.errors import MergeError
 from merge.sources.checkpoint import Checkpoint
 from merge.sources.source import ModelSource
 
 from .passes import Parts
-from .passes.merge_embeddings import TOKEN_TABLE
 
 log = logging.getLogger(__name__)
 

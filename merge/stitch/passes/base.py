@@ -25,16 +25,26 @@ class StitchError(MergeError):
 
 
 class StitchPass(ir.passes.InPlacePass):
-    """An in-place pass with its contracts; subclasses implement :meth:`apply` (and the checks they need)."""
+    """An in-place pass with its contracts; subclasses implement :meth:`apply`, which says whether it changed the
+    model (and the checks they need). A broken contract surfaces as a :class:`StitchError` naming the pass."""
 
     #: one line for ``merge build --debug``
     summary = ""
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.apply(model)
-        return ir.passes.PassResult(model, modified=True)
+    def __call__(self, model_or_result: ir.Model | ir.passes.PassResult, /) -> ir.passes.PassResult:
+        try:
+            return super().__call__(model_or_result)
+        except (ir.passes.PreconditionError, ir.passes.PostconditionError) as exc:
+            if isinstance(exc.__cause__, MergeError):
+                raise StitchError(f"{self}: {exc.__cause__}") from exc.__cause__
+            raise
 
-    def apply(self, model: ir.Model) -> None:
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        log.debug("pass %s: %s", self, self.summary)
+        return ir.passes.PassResult(model, modified=self.apply(model))
+
+    def apply(self, model: ir.Model) -> bool:
+        """Rewrite ``model`` in place; return whether anything changed."""
         raise NotImplementedError
 
     def __str__(self) -> str:
@@ -42,18 +52,19 @@ class StitchPass(ir.passes.InPlacePass):
 
 
 def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> ir.Model:
-    """Run ``passes`` in order, logging each; a broken contract surfaces as the pass's own sentence."""
-    for i, pass_ in enumerate(passes, start=1):
-        summary = getattr(pass_, "summary", "") or (type(pass_).__doc__ or "").strip().splitlines()[0]
-        log.debug("pass %d/%d: %s: %s", i, len(passes), type(pass_).__name__, summary)
-        try:
-            model = pass_(model).model
-        except (ir.passes.PreconditionError, ir.passes.PostconditionError) as exc:
-            cause = exc.__cause__
-            if isinstance(cause, MergeError):
-                raise StitchError(f"{pass_}: {cause}") from cause
-            raise
-    return model
+    """Run ``passes`` in order through onnx_ir's pass manager. A broken contract, or any error meant for the user,
+    surfaces as itself (a :class:`MergeError`: one sentence, a :class:`StitchError` naming the pass); anything else
+    as onnx_ir's ``PassError`` naming the pass it happened in."""
+    log.debug("stitch passes: %s", ", ".join(map(str, passes)))
+    try:
+        return ir.passes.PassManager(passes, steps=1)(model).model
+    except ir.passes.PassError as exc:
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, MergeError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from cause.__cause__
+        raise
 
 
 # -- finding things by name ---------------------------------------------------------------------------------------
@@ -71,16 +82,7 @@ def has_input(graph: ir.Graph, name: str) -> bool:
 
 def find_value(graph: ir.Graph, name: str) -> ir.Value | None:
     """The value called ``name`` in the main graph: an input, an initializer, or a node's output."""
-    for value in graph.inputs:
-        if value.name == name:
-            return value
-    if name in graph.initializers:
-        return graph.initializers[name]
-    for node in graph:
-        for out in node.outputs:
-            if out.name == name:
-                return out
-    return None
+    return ir.convenience.create_value_mapping(graph, include_subgraphs=False).get(name)
 
 
 def require_value(graph: ir.Graph, name: str, who: str) -> ir.Value:

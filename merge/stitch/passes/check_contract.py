@@ -27,10 +27,10 @@ from merge.contract.names import (
     PAST_PREFIX,
     PIXEL_VALUES,
     ROPE_DELTAS,
+    VISION_HAS_PATCHES,
 )
 
 from .base import StitchError, StitchPass, find_node, graph_input, register_builder, require_value
-from .guard_vision import HAS_PATCHES as GUARD_INPUT
 
 CHECKS = ("attention_mask_rows_vs_input_ids_rows", "attention_mask_length_vs_past_plus_sequence",
           "rope_deltas_rows_vs_input_ids_rows", "patches_on_a_decode_call_vs_none")
@@ -46,14 +46,14 @@ class CheckContract(StitchPass):
             raise StitchError("the model has no past_key_values inputs")
         require_value(model.graph, DECODER_POSITION_IDS, str(self))
 
-    def apply(self, model: ir.Model) -> None:
+    def apply(self, model: ir.Model) -> bool:
         graph = model.graph
         ids, mask = graph_input(graph, INPUT_IDS, str(self)), graph_input(graph, ATTENTION_MASK, str(self))
         deltas = graph_input(graph, ROPE_DELTAS, str(self))
         # the decode check gates the vision part itself: it fails before any vision work starts
-        guard = find_node(graph, GUARD_INPUT)
+        guard = find_node(graph, VISION_HAS_PATCHES)
         if guard is None:
-            raise StitchError(f"no vision guard {GUARD_INPUT!r} to check decode calls in")
+            raise StitchError(f"no vision guard {VISION_HAS_PATCHES!r} to check decode calls in")
         patches = guard.inputs[0]  # image + video patches
         past = next(v for v in graph.inputs if v.name.startswith(PAST_PREFIX))
         positions = require_value(graph, DECODER_POSITION_IDS, str(self))
@@ -91,6 +91,7 @@ class CheckContract(StitchPass):
             if node.node is not checked.producer():
                 node.node.replace_input_with(node.idx, checked)
         guard.replace_input_with(0, gated)
+        return True
 
     def ensures(self, model: ir.Model) -> None:
         names = {n.name for n in model.graph}

@@ -21,9 +21,6 @@ from merge.contract.vision import VISION_INPUTS, VISION_OUTPUTS
 
 from .base import StitchError, StitchPass, constant_node, has_input, inline_part, register_builder, tensor_value
 
-NUM_PATCHES = "vision/guard/num_patches"  # image + video patches of the call
-HAS_PATCHES = "vision/guard/has_patches"  # Greater(num_patches, 0): what the If tests
-
 
 class GuardVision(StitchPass):
     """Adds the inputs ``pixel_values`` [num_patches, patch_dim], ``image_grid_thw`` [num_images, 3],
@@ -54,7 +51,7 @@ class GuardVision(StitchPass):
             if has_input(model.graph, name):
                 raise StitchError(f"the model already has an input {name!r}")
 
-    def apply(self, model: ir.Model) -> None:
+    def apply(self, model: ir.Model) -> bool:
         graph = model.graph
         pixel_values = tensor_value(PIXEL_VALUES, ir.DataType.FLOAT, ["num_patches", self.patch_dim])
         image_grid_thw = tensor_value(IMAGE_GRID_THW, ir.DataType.INT64, ["num_images", 3])
@@ -113,3 +110,4 @@ class GuardVision(StitchPass):
         image_embeds.shape = ir.Shape([ir.SymbolicDim("num_visual_tokens"), self.hidden_size])
         deepstack.shape = ir.Shape([self.num_levels, ir.SymbolicDim("num_visual_tokens"), self.hidden_size])
         graph.append(guard)
+        return True

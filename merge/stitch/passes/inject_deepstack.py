@@ -1,43 +1,21 @@
 """DeepStack level k is added to the residual stream right after decoder layer k.
 
-The anchor is found by pattern, in one place (:func:`deepstack_anchors`): a decoder layer ends with its MLP
-down projection (MatMul or MatMulNBits fed by the SwiGLU product ``Mul``), whose output is the ``skip`` input
-of the next SkipSimplifiedLayerNormalization. Adding the level there equals HF's
-``hidden_states[visual_mask] += deepstack[k]`` after layer k.
+The anchor is a name (:func:`merge.contract.names.mlp_output`): the decoder graph names each layer's MLP output,
+the down projection whose output is the ``skip`` input of the next SkipSimplifiedLayerNormalization. Adding the
+level there equals HF's ``hidden_states[visual_mask] += deepstack[k]`` after layer k::
+
+    layers.k/mlp/down_proj ──> layers.k/mlp/output ──> merge/deepstack/layers.k/add ──> layers.k+1/input_norm (skip)
+                                                                      ^
+                         merge/embedding/deepstack_k (zeros away from image and video tokens)
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
 
-from merge.contract.names import DEEPSTACK_PREFIX
+from merge.contract.names import DEEPSTACK_PREFIX, deepstack_add, deepstack_term, mlp_output
 
-from .base import StitchError, StitchPass, named_node, producer_op, require_value
-from .merge_embeddings import deepstack_term
-
-RESIDUAL_NORM = "SkipSimplifiedLayerNormalization"
-PROJECTIONS = ("MatMul", "MatMulNBits")
-SWIGLU_PRODUCT = "Mul"
-
-
-def deepstack_anchors(graph: ir.Graph) -> list[tuple[ir.Node, ir.Value]]:
-    """Per decoder layer, in graph order: (the normalization that reads the layer's MLP output as ``skip``,
-    that MLP output). Nodes inside subgraphs are not searched (the decoder's layers are in the main graph)."""
-    found = []
-    for node in graph:
-        if node.op_type != RESIDUAL_NORM or len(node.inputs) < 2:
-            continue
-        skip = node.inputs[1]
-        producer = skip.producer() if skip is not None else None
-        if producer is None or producer.op_type not in PROJECTIONS:
-            continue
-        if producer_op(producer.inputs[0]) == SWIGLU_PRODUCT:  # the SwiGLU product, not the attention output
-            found.append((node, skip))
-    return found
-
-
-def deepstack_add_name(level: int) -> str:
-    return f"{DEEPSTACK_PREFIX}layers.{level}/add"
+from .base import StitchError, StitchPass, named_node
 
 
 class InjectDeepStack(StitchPass):
@@ -48,25 +26,29 @@ class InjectDeepStack(StitchPass):
         self.num_levels = num_levels
 
     def requires(self, model: ir.Model) -> None:
-        anchors = deepstack_anchors(model.graph)
-        if len(anchors) != self.num_layers:
-            raise StitchError(
-                f"found {len(anchors)} decoder MLP outputs feeding a {RESIDUAL_NORM}, expected {self.num_layers} "
-                "(one per layer); the decoder's layout is not the one DeepStack injection knows"
-            )
         if self.num_levels > self.num_layers:
             raise StitchError(f"{self.num_levels} DeepStack levels but only {self.num_layers} decoder layers")
+        values = ir.convenience.create_value_mapping(model.graph, include_subgraphs=False)
         for k in range(self.num_levels):
-            require_value(model.graph, deepstack_term(k), str(self))
+            for name in (mlp_output(k), deepstack_term(k)):
+                if name not in values:
+                    raise StitchError(f"the model has no value {name!r}: DeepStack level {k} has nothing to add "
+                                      "or nowhere to go")
+            if not values[mlp_output(k)].uses():
+                raise StitchError(f"{mlp_output(k)!r} feeds nothing: decoder layer {k} does not end there")
 
-    def apply(self, model: ir.Model) -> None:
+    def apply(self, model: ir.Model) -> bool:
         graph = model.graph
-        anchors = deepstack_anchors(graph)
+        values = ir.convenience.create_value_mapping(graph, include_subgraphs=False)
         for k in range(self.num_levels):
-            consumer, skip = anchors[k]
-            add = named_node("Add", [skip, require_value(graph, deepstack_term(k), str(self))], deepstack_add_name(k))
-            graph.insert_after(skip.producer(), add)
-            consumer.replace_input_with(1, add.outputs[0])
+            anchor = values[mlp_output(k)]
+            uses = list(anchor.uses())
+            add = named_node("Add", [anchor, values[deepstack_term(k)]], deepstack_add(k))
+            add.outputs[0].type, add.outputs[0].shape = anchor.type, anchor.shape
+            graph.insert_after(anchor.producer(), add)
+            for use in uses:
+                use.node.replace_input_with(use.idx, add.outputs[0])
+        return self.num_levels > 0
 
     def ensures(self, model: ir.Model) -> None:
         adds = [n for n in model.graph if n.name.startswith(DEEPSTACK_PREFIX)]

@@ -12,17 +12,10 @@ from merge.contract.names import (
     VISION_DEEPSTACK_EMBEDS,
     VISION_IMAGE_EMBEDS,
     VISION_IMAGE_ROWS,
+    deepstack_term,
 )
 
 from .base import StitchError, StitchPass, graph_input, has_input, inline_part, require_value, tensor_value
-
-TOKEN_TABLE = EMBEDDING_PREFIX + "embed_tokens"
-TOKEN_EMBEDS_NODE = EMBEDDING_PREFIX + "embeds/token_embeds"
-
-
-def deepstack_term(level: int) -> str:
-    """The dense [batch, sequence, hidden] DeepStack term of ``level`` (zeros away from image tokens)."""
-    return f"{EMBEDDING_PREFIX}deepstack_{level}"
 
 
 class MergeEmbeddings(StitchPass):
@@ -48,7 +41,7 @@ class MergeEmbeddings(StitchPass):
         if found != expected:
             raise StitchError(f"the embedding merge's outputs are {sorted(found)}, expected {sorted(expected)}")
 
-    def apply(self, model: ir.Model) -> None:
+    def apply(self, model: ir.Model) -> bool:
         graph = model.graph
         decoder_embeds = graph_input(graph, DECODER_INPUTS_EMBEDS, str(self))
         input_ids = tensor_value(INPUT_IDS, ir.DataType.INT64, ["batch_size", "sequence_length"])
@@ -64,6 +57,8 @@ class MergeEmbeddings(StitchPass):
         for k in range(self.num_levels):
             outputs[f"deepstack_{k}"].name = deepstack_term(k)
         outputs["visual_mask"].name = EMBEDDING_PREFIX + "visual_mask"
+        return True
+
 
     def ensures(self, model: ir.Model) -> None:
         if has_input(model.graph, DECODER_INPUTS_EMBEDS):

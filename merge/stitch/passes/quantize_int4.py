@@ -270,11 +270,12 @@ class QuantizeInt4(StitchPass):
         if self.spec.scope != DECODER_SCOPE:
             raise StitchError(f"quantization scope {self.spec.scope!r} is not supported (only {DECODER_SCOPE!r})")
 
-    def apply(self, model: ir.Model) -> None:
+    def apply(self, model: ir.Model) -> bool:
         self.count = quantize_matmuls_int4(
             model, block_size=self.spec.block_size, accuracy_level=self.spec.accuracy_level,
             symmetric=self.spec.symmetric, include=lambda node: (node.name or "").startswith(f"{DECODER_SCOPE}/"),
         )
+        return self.count > 0
 
     def ensures(self, model: ir.Model) -> None:
         if not self.count:

@@ -54,7 +54,7 @@ class QuantizeVisionInt8(StitchPass):
     def __init__(self) -> None:
         self.count = 0
 
-    def apply(self, model: ir.Model) -> None:
+    def apply(self, model: ir.Model) -> bool:
         for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
             if node.op_type != "Gemm" or not (node.name or "").startswith(f"{VISION_SCOPE}/"):
                 continue
@@ -85,6 +85,7 @@ class QuantizeVisionInt8(StitchPass):
                 owner.initializers.pop(weight.name)
             self.count += 1
         model.opset_imports.setdefault(MS_DOMAIN, 1)
+        return self.count > 0
 
     def ensures(self, model: ir.Model) -> None:
         if not self.count:

@@ -37,8 +37,9 @@ class SetInterface(StitchPass):
             if needed not in outputs:
                 raise StitchError(f"the model has no output {needed!r}")
 
-    def apply(self, model: ir.Model) -> None:
+    def apply(self, model: ir.Model) -> bool:
         graph = model.graph
+        before = self._interface(model)
         by_name = {v.name: v for v in graph.inputs}
         past = [v for v in graph.inputs if v.name.startswith(PAST_PREFIX)]
         optional = [by_name[n] for n in OPTIONAL_INPUTS if n in by_name]
@@ -54,6 +55,13 @@ class SetInterface(StitchPass):
         graph.opset_imports.update({"": OPSET, MS_DOMAIN: 1})
         model.opset_imports.clear()
         model.opset_imports.update({"": OPSET, MS_DOMAIN: 1})
+        return self._interface(model) != before
+
+    @staticmethod
+    def _interface(model: ir.Model) -> tuple:
+        graph = model.graph
+        return ([id(v) for v in graph.inputs], [id(v) for v in graph.outputs], graph.name,
+                dict(graph.opset_imports), dict(model.opset_imports))
 
     def ensures(self, model: ir.Model) -> None:
         names = [v.name for v in model.graph.inputs]

@@ -17,10 +17,9 @@ import onnx_ir as ir
 
 from graphs.builder import GraphBuilder
 from graphs.embedding_merge import token_embeddings
-from merge.contract.names import EMBEDDING_PREFIX, INPUT_IDS, LOGITS
+from merge.contract.names import EMBEDDING_PREFIX, INPUT_IDS, LOGITS, TOKEN_EMBEDS_NODE
 
 from .base import StitchError, StitchPass, find_node, graph_input, register_builder
-from .merge_embeddings import TOKEN_EMBEDS_NODE
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +44,16 @@ class ShareTiedTable(StitchPass):
         if self.tied and find_node(model.graph, TOKEN_EMBEDS_NODE) is None:
             raise StitchError(f"no token embedding lookup {TOKEN_EMBEDS_NODE!r} to point at the head")
 
-    def apply(self, model: ir.Model) -> None:
+    def apply(self, model: ir.Model) -> bool:
         if not self.tied:
-            return
+            return False
         graph = model.graph
         head = head_node(graph)
         source = self._fp32_weight(head) or self._int4_blocks(head)
         if source is None:
             log.warning("tied embeddings, but the head (%s) is not a layout the embedding can read; the table is "
                         "stored twice", head.op_type if head is not None else "none")
-            return
+            return False
         layout, table, scales, block_size = source
         old = find_node(graph, TOKEN_EMBEDS_NODE)
         b = GraphBuilder(EMBEDDING_PREFIX + "embeds/tied")
@@ -64,6 +63,7 @@ class ShareTiedTable(StitchPass):
         ir.convenience.replace_all_uses_with(old.outputs[0], embeds)
         graph.remove(old, safe=True)
         self.layout = layout
+        return True
 
     def _fp32_weight(self, head: ir.Node | None):
         if head is None or head.op_type != "MatMul":

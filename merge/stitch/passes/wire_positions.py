@@ -34,7 +34,7 @@ class WirePositions(StitchPass):
         if outputs != sorted([DECODER_POSITION_IDS, ROPE_DELTAS_OUT]):
             raise StitchError(f"the rope index part's outputs are {outputs}")
 
-    def apply(self, model: ir.Model) -> None:
+    def apply(self, model: ir.Model) -> bool:
         graph = model.graph
         positions = graph_input(graph, DECODER_POSITION_IDS, str(self))
         rope_deltas = tensor_value(ROPE_DELTAS, ir.DataType.INT64, ["batch_size", 1])
@@ -47,6 +47,8 @@ class WirePositions(StitchPass):
         deltas = outputs[ROPE_DELTAS_OUT]
         deltas.shape = ir.Shape([ir.SymbolicDim("batch_size"), 1])
         graph.outputs.append(deltas)
+        return True
+
 
     def ensures(self, model: ir.Model) -> None:
         if has_input(model.graph, DECODER_POSITION_IDS):

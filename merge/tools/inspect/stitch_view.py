@@ -33,7 +33,7 @@ STITCH_INLINE_MAX_ELEMENTS = 64
 def write_stitch_view(folder: Path, out: Path) -> tuple[Path, int]:
     """Write a small weightless ONNX graph of the stitch region to ``out`` (for Netron) and return ``out``.
 
-    It holds every ``merge/*`` node (embedding merge, DeepStack Adds, position subgraph, padding), and as context
+    It holds every ``merge/*`` node (embedding merge, DeepStack Adds, position subgraph, input checks), and as context
     the decoder nodes around them: the down projection feeding each DeepStack Add, the normalization reading
     it, and the nodes reading the merged embeddings. The vision ``If`` is cut off: its outputs are graph inputs.
     Every weight is a graph input; only constants of at most 64 elements (ids, axes, shapes) keep values.
