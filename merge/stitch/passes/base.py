@@ -52,12 +52,13 @@ class StitchPass(ir.passes.InPlacePass):
 
 
 def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> ir.Model:
-    """Run ``passes`` in order through onnx_ir's pass manager. A broken contract, or any error meant for the user,
+    """Run ``passes`` in order as one onnx_ir ``Sequential`` (the pass manager's single step: its error names the
+    failing pass where ``PassManager`` would say only the step). A broken contract, or any error meant for the user,
     surfaces as itself (a :class:`MergeError`: one sentence, a :class:`StitchError` naming the pass); anything else
     as onnx_ir's ``PassError`` naming the pass it happened in."""
     log.debug("stitch passes: %s", ", ".join(map(str, passes)))
     try:
-        return ir.passes.PassManager(passes, steps=1)(model).model
+        return ir.passes.Sequential(*passes)(model).model
     except ir.passes.PassError as exc:
         cause = exc.__cause__
         while cause is not None and not isinstance(cause, MergeError):
