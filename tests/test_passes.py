@@ -17,7 +17,14 @@ import pytest
 
 from graphs.decoder import COMBINED, DecoderOptions
 from merge.contract.config import ModelConfig
-from merge.contract.names import COMBINED_INPUTS, ROPE_DELTAS_OUT, deepstack_add, deepstack_term, mlp_output
+from merge.contract.names import (
+    COMBINED_INPUTS,
+    ROPE_DELTAS_OUT,
+    VISION_IF,
+    deepstack_add,
+    deepstack_term,
+    mlp_output,
+)
 from merge.contract.quant import QuantSpec
 from merge.errors import MergeError
 from merge.presets.shapes import preset_config
@@ -106,7 +113,7 @@ def test_passes_report_modified_honestly(fresh):
 def test_guard_vision_puts_the_tower_behind_an_if(fresh):
     model, parts, config = fresh()
     model = _run_until(model, config, parts, GuardVision)
-    (guard,) = [n for n in model.graph if n.name == "vision/if_has_patches"]
+    (guard,) = [n for n in model.graph if n.name == VISION_IF]
     then_ops = {n.op_type for n in ir.traversal.RecursiveGraphIterator(guard.attributes["then_branch"].value)}
     else_ops = {n.op_type for n in guard.attributes["else_branch"].value}
     assert "MultiHeadAttention" in then_ops and else_ops == {"Constant"}
@@ -248,7 +255,7 @@ def test_quantize_int4_touches_the_decoder_only(fresh):
     main_ops = [(n.name, n.op_type) for n in model.graph]
     assert not [name for name, op in main_ops if op == "MatMul" and name.startswith("decoder/")]
     assert sum(op == "MatMulNBits" for _, op in main_ops) == 7 * config.text.num_layers + 1
-    guard = next(n for n in model.graph if n.name == "vision/if_has_patches")
+    guard = next(n for n in model.graph if n.name == VISION_IF)
     vision_ops = {n.op_type for n in ir.traversal.RecursiveGraphIterator(guard.attributes["then_branch"].value)}
     assert "Gemm" in vision_ops and "MatMulNBits" not in vision_ops
 

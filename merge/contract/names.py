@@ -94,6 +94,7 @@ TOKEN_TABLE = EMBEDDING_PREFIX + "embed_tokens"  # the token embedding table the
 TOKEN_EMBEDS_NODE = EMBEDDING_PREFIX + "embeds/token_embeds"  # its lookup (a tied head's table replaces it)
 VISION_NUM_PATCHES = "vision/guard/num_patches"  # image + video patches of the call
 VISION_HAS_PATCHES = "vision/guard/has_patches"  # Greater(num_patches, 0): what the vision If tests
+VISION_IF = "vision/if_has_patches"  # the If whose then-branch is the vision tower
 
 
 def deepstack_term(level: int) -> str:

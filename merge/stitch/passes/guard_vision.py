@@ -13,6 +13,7 @@ from merge.contract.names import (
     PIXEL_VALUES_VIDEOS,
     VIDEO_GRID_THW,
     VISION_DEEPSTACK_EMBEDS,
+    VISION_IF,
     VISION_IMAGE_EMBEDS,
     VISION_IMAGE_ROWS,
     VISION_SCOPE,
@@ -103,7 +104,7 @@ class GuardVision(StitchPass):
         ]
         skipped = ir.Graph([], [n.outputs[0] for n in empty], nodes=empty, name="vision/skipped")
         guard = ir.node("If", [flag], {"then_branch": branch, "else_branch": skipped}, num_outputs=2,
-                        name="vision/if_has_patches")
+                        name=VISION_IF)
         image_embeds, deepstack = guard.outputs
         image_embeds.name, deepstack.name = VISION_IMAGE_EMBEDS, VISION_DEEPSTACK_EMBEDS
         image_embeds.type = deepstack.type = ir.TensorType(ir.DataType.FLOAT)
