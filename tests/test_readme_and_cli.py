@@ -13,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 
 
 def _bash_blocks() -> list[str]:
@@ -210,18 +211,29 @@ def test_readme_layout_matches_the_tree():
     assert loose <= named, f"modules at merge/'s top missing from the layout: {sorted(loose - named)}"
 
 
-def test_readme_benchmark_tables_come_from_the_reports():
-    """Every table row that benchmarks/tables.py renders from benchmarks/results/*.json is in the README as is, and
-    the README's benchmark section names the machine each ran on (the reports carry it)."""
-    reports = sorted(str(p) for p in (ROOT / "benchmarks" / "results").glob("*.json"))
-    assert reports
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tables.py"), *reports], capture_output=True,
-                          text=True, check=True)
-    readme = README.read_text()
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    assert rows
-    missing = [row for row in rows if row not in readme]
-    assert not missing, f"README rows not regenerated from the reports: {missing[:3]}"
+def test_benchmark_tables_come_from_the_reports(tmp_path):
+    """docs/benchmarks.md's tables are exactly what benchmarks/tables.py renders from the reports each block names
+    (machine line, rows, peak memory), every report in benchmarks/results/ is behind one block, and the page names
+    the machine each ran on; a figure changed by hand fails the check."""
+    from benchmarks.tables import BLOCK, blocks
+
+    page = DOCS / "benchmarks.md"
+    text = page.read_text()
+    tables = [sys.executable, str(ROOT / "benchmarks" / "tables.py")]
+    proc = subprocess.run([*tables, "--check", str(page)], capture_output=True, text=True)
+    assert proc.returncode == 0, ("docs/benchmarks.md differs from its reports (python benchmarks/tables.py --update "
+                                  f"docs/benchmarks.md):\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
+    named = [name for reports, body in blocks(text) for name in reports if body.count("\n| ") >= 2]
+    reports = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks" / "results").glob("*.json"))
+    assert reports and sorted(named) == reports, "each report in benchmarks/results/ is behind exactly one table"
     for report in reports:
-        machine = json.loads(Path(report).read_text())["machine"]
-        assert machine["model"] in readme and ", ".join(machine["features"]) in readme
+        machine = json.loads((ROOT / report).read_text())["machine"]
+        assert machine["model"] in text and ", ".join(machine["features"]) in text
+
+    first = BLOCK.search(text)
+    body = re.sub(r"(\d+\.\d+) GiB", lambda m: f"{float(m[1]) + 1:.2f} GiB", first["body"], count=1)
+    assert body != first["body"]
+    tampered = tmp_path / "benchmarks.md"
+    tampered.write_text(text[:first.start("body")] + body + text[first.end("body"):])
+    proc = subprocess.run([*tables, "--check", str(tampered)], capture_output=True, text=True)
+    assert proc.returncode == 1 and "GiB" in proc.stdout
