@@ -1,4 +1,5 @@
-"""The README's commands are tests; the CLI refuses bad input with one clear line and a non-zero exit."""
+"""The README's commands and docs/cli.md's real outputs are tests; the CLI refuses bad input with one clear line
+and a non-zero exit."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
+CLI_DOC = DOCS / "cli.md"
 
 
 def _bash_blocks() -> list[str]:
@@ -48,7 +50,7 @@ def test_readme_build_command(tmp_path):
     out = tmp_path / "combined"
     assert (out / "model.onnx").is_file() and (out / "model.onnx.data").is_file()
     pasted = re.search(r"Real output \(stdout; progress and log lines go to stderr\):\n\n```\n(.*?)```",
-                       README.read_text(), flags=re.S).group(1)
+                       CLI_DOC.read_text(), flags=re.S).group(1)
 
     def shape_of(text: str) -> list[str]:  # paths and figures differ from machine to machine
         return [re.sub(r"\(.*?\)|[\d.]+ (s|GiB)", "#", line) for line in text.strip().splitlines()]
@@ -126,41 +128,74 @@ def test_unknown_model_spec(tmp_path):
     assert proc.returncode == 2 and "neither a preset" in proc.stderr
 
 
-def test_readme_inspect_and_run_output_match(tmp_path, combined):
-    """The README's pasted inspect table and run timing line match what the commands print now."""
+def _doc_command(text: str, pattern: str, folder: Path) -> str:
+    """A command pasted in docs/cli.md, to run here: this Python, the folder the test built."""
+    command = re.search(r"```\n(" + pattern + r".*?)\n```", text).group(1)
+    return command.replace("python ", f"{sys.executable} ", 1).replace("combined/", str(folder))
+
+
+def test_cli_doc_inspect_and_run_output_match(tmp_path, combined):
+    """docs/cli.md's inspect and run commands print its pasted inspect table and run answer and timing line now."""
     out = combined("tiny")
-    readme = README.read_text()
-    pasted = re.search(r"Part of its real output:\n\n```\n(.*?)```", readme, flags=re.S).group(1).strip()
-    proc = _run(f"{sys.executable} -m merge inspect {out}", tmp_path)
+    doc = CLI_DOC.read_text()
+    command = re.search(r"Part of its real output \(`(python -m merge inspect combined/)`\):", doc).group(1)
+    pasted = re.search(r"Part of its real output.*?:\n\n```\n(.*?)```", doc, flags=re.S).group(1).strip()
+    proc = _run(command.replace("python ", f"{sys.executable} ", 1).replace("combined/", str(out)), tmp_path)
     assert pasted in proc.stdout
 
     from merge.tools.verify import default_images
 
     default_images(1)[0].save(tmp_path / "picture.png")
-    proc = _run(f"{sys.executable} -m merge run {out} --image {tmp_path / 'picture.png'} "
-                f"--prompt 'Describe the image.' --max-new-tokens 16", tmp_path)
+    proc = _run(_doc_command(doc, r"python -m merge run combined/ --image picture\.png ", out), tmp_path)
     timing = proc.stdout.strip().splitlines()[-1]
-    pasted_run = re.search(r"Real output on the tiny preset.*?```\n(.*?)```", readme, flags=re.S).group(1)
+    pasted_run = re.search(r"Real output on the tiny preset.*?```\n(.*?)```", doc, flags=re.S).group(1)
     pasted_lines = pasted_run.strip().splitlines()
     assert proc.stdout.strip().splitlines()[0] == pasted_lines[0]  # same tokens (seeded preset)
     assert re.sub(r"[\d.]+ ms|[\d.]+ tokens/s|[\d.]+ ms/token", "#", timing) == re.sub(
         r"[\d.]+ ms|[\d.]+ tokens/s|[\d.]+ ms/token", "#", pasted_lines[-1])
 
 
-def test_readme_video_command_and_output_match(tmp_path, combined):
-    """The README's ``run --video`` command on the clip it describes: the same text, the same timing line's shape."""
+def test_cli_doc_video_command_and_output_match(tmp_path, combined):
+    """docs/cli.md's ``run --video`` command on the clip it describes: the same text, the same timing line's shape."""
     from tests.videos import write_clip
 
-    readme = README.read_text()
-    command = re.search(r"```\n(python -m merge run combined/ --video clip\.mp4 .*?)\n```", readme).group(1)
+    doc = CLI_DOC.read_text()
     write_clip(tmp_path / "clip.mp4", 25, 10, 96, 64)
-    command = command.replace("python ", f"{sys.executable} ", 1).replace("combined/", str(combined("tiny")))
-    proc = _run(command, tmp_path)
-    pasted = re.search(r"Real output on a clip.*?```\n(.*?)```", readme, flags=re.S).group(1).rstrip("\n")
+    proc = _run(_doc_command(doc, r"python -m merge run combined/ --video clip\.mp4 ", combined("tiny")), tmp_path)
+    pasted = re.search(r"Real output on a clip.*?```\n(.*?)```", doc, flags=re.S).group(1).rstrip("\n")
     got, want = proc.stdout.rstrip("\n").splitlines(), pasted.splitlines()
     assert got[:-1] == want[:-1]  # same tokens (seeded preset, same clip)
     number = r"[\d.]+ ms|[\d.]+ tokens/s|[\d.]+ ms/token"
     assert re.sub(number, "#", got[-1]) == re.sub(number, "#", want[-1])
+
+
+def _cli_sections() -> dict[str, str]:
+    """docs/cli.md's command sections (``## `build` ``...), by command."""
+    parts = re.split(r"^## `(\w+)`\n", CLI_DOC.read_text(), flags=re.M)
+    return {name: body.split("\n## ", 1)[0] for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+def test_cli_doc_synopses_name_every_option():
+    """Every command has a section in docs/cli.md whose synopsis (its first block) names each of the command's
+    options, and no option the command lacks."""
+    from merge.cli import make_parser
+
+    commands = make_parser()._subparsers._group_actions[0].choices
+    sections = _cli_sections()
+    assert set(sections) == set(commands), "docs/cli.md has one '## `command`' section per command"
+    for name, parser in commands.items():
+        synopsis = re.search(r"```\n(python -m merge " + name + r"\b.*?)```", sections[name], flags=re.S).group(1)
+        options = {o for action in parser._actions for o in action.option_strings if o.startswith("--")}
+        options -= {"--help", "--debug"}  # every command's, said once at the top of the page
+        named = set(re.findall(r"--[a-z][a-z-]*", synopsis))
+        assert named == options, f"{name}: synopsis lacks {sorted(options - named)}, names {sorted(named - options)}"
+
+
+def test_cli_doc_presets_output_matches(tmp_path):
+    pasted = re.search(r"```\n(python -m merge presets)\n```.*?Real output:\n\n```\n(.*?)```",
+                       _cli_sections()["presets"], flags=re.S)
+    proc = _run(pasted.group(1).replace("python ", f"{sys.executable} ", 1), tmp_path)
+    assert proc.stdout == pasted.group(2)
 
 
 def test_hub_id_goes_through_huggingface_hub(monkeypatch, sources, tmp_path):
