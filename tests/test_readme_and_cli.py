@@ -198,6 +198,37 @@ def test_cli_doc_presets_output_matches(tmp_path):
     assert proc.stdout == pasted.group(2)
 
 
+def _doc_table(text: str, first_header: str) -> list[tuple[str, str]]:
+    """(first cell, second cell) of each row of the Markdown table whose header starts ``| first_header |``."""
+    table = re.search(r"^\| " + first_header + r" \|.*\n\|[-|]+\|\n((?:\|.*\n)+)", text, flags=re.M).group(1)
+    return [tuple(cell.strip() for cell in row.split("|")[1:3]) for row in table.splitlines()]
+
+
+def test_contract_doc_names_every_input_and_output(combined):
+    """docs/contract.md's input and output tables are the built model's inputs and outputs: the same names in the
+    same order, each of the rank its shape column shows."""
+    manifest = json.loads((combined("tiny") / "merge.json").read_text())
+    text = (DOCS / "contract.md").read_text()
+    layers = sum(1 for o in manifest["outputs"] if o["name"].endswith(".key"))
+
+    def expand(rows: list[tuple[str, str]]) -> list[tuple[str, int]]:
+        out = []
+        for cell, shape in rows:
+            (name,) = re.findall(r"`([^`]+)`", cell)
+            rank = 0 if shape.startswith("[]") else shape.count(",") + 1
+            if name.endswith("{i}.key/.value"):
+                stem = name[:-len("{i}.key/.value")]
+                out += [(f"{stem}{i}.{kind}", rank) for kind in ("key", "value") for i in range(layers)]
+            else:
+                out.append((name, rank))
+        return out
+
+    for header, key in (("input", "inputs"), ("output", "outputs")):
+        documented = expand(_doc_table(text, header))
+        built = [(t["name"], len(t["shape"])) for t in manifest[key]]
+        assert documented == built, f"docs/contract.md's {key} table differs from the model's {key}"
+
+
 def test_hub_id_goes_through_huggingface_hub(monkeypatch, sources, tmp_path):
     """A hub id resolves through snapshot_download; without hub access the error says so in one sentence."""
     import huggingface_hub
