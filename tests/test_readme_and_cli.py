@@ -257,24 +257,34 @@ def test_debug_flag_before_or_after_the_command(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
-def test_readme_layout_matches_the_tree():
-    """Every package of the project is a row of the README's layout table (or inside one), and every room the
-    table names exists."""
-    section = README.read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+def test_architecture_layout_matches_the_tree():
+    """Every package of the project is a row of docs/architecture.md's layout table (or inside one), and every room
+    the table names exists."""
+    section = (DOCS / "architecture.md").read_text().split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
     named = {m.rstrip("/") for m in re.findall(r"^\| ((?:`[^`]+`(?:, )?)+) \|", section, flags=re.M)
              for m in re.findall(r"`([^`]+)`", m)}
     for room in named:
-        assert (ROOT / room).exists(), f"the README's layout names {room}, which does not exist"
+        assert (ROOT / room).exists(), f"docs/architecture.md's layout names {room}, which does not exist"
     packages = {str(p.parent.relative_to(ROOT)) for p in ROOT.glob("*/**/__init__.py")
                 if not any(part.startswith(".") or (part in ("build", "node_modules") and p.parent.parent == ROOT)
                            for part in p.relative_to(ROOT).parts)}
     for package in sorted(packages):
         container = any(room.startswith(package + "/") for room in named)  # merge/ holds rooms
         assert container or any(package == room or package.startswith(room + "/") for room in named), \
-            f"{package} is not in the README's layout table"
+            f"{package} is not in docs/architecture.md's layout table"
     loose = {str(p.relative_to(ROOT)) for p in (ROOT / "merge").glob("*.py") if p.name not in ("__init__.py",
                                                                                                  "__main__.py")}
     assert loose <= named, f"modules at merge/'s top missing from the layout: {sorted(loose - named)}"
+
+
+def test_architecture_lists_every_stitch_pass():
+    """docs/architecture.md's stitch list names each pass file in merge/stitch/passes/ once, and only those."""
+    section = (DOCS / "architecture.md").read_text().split("\n## Stitch\n", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^- `(\w+\.py)`", section, flags=re.M)
+    files = sorted(p.name for p in (ROOT / "merge" / "stitch" / "passes").glob("*.py")
+                   if p.name not in ("__init__.py", "base.py"))
+    missing, gone = sorted(set(files) - set(listed)), sorted(set(listed) - set(files))
+    assert files and sorted(listed) == files, f"passes not in docs/architecture.md: {missing}; listed, gone: {gone}"
 
 
 def test_benchmark_tables_come_from_the_reports(tmp_path):
