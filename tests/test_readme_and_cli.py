@@ -42,6 +42,73 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert test_cmd in ci_lines
 
 
+README_MAX_BYTES = 10 * 1024
+
+
+def test_readme_is_short_and_keeps_the_quick_start():
+    """The README reads at a glance (under 10 KiB; the rest lives in docs/), starts with the build, and holds the
+    test command exactly as CI runs it."""
+    size = README.stat().st_size
+    assert size < README_MAX_BYTES, f"README.md is {size:,} bytes; move detail to docs/ (limit {README_MAX_BYTES:,})"
+    build_cmd, test_cmd = _quick_start()
+    assert "python -m merge build" in build_cmd
+    assert "pip install -e '.[test]' && python -m pytest -q" in README.read_text().splitlines()
+    assert test_cmd == "pip install -e '.[test]' && python -m pytest -q"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.replace("`", "").strip().lower()).replace(" ", "-")
+
+
+def _anchors(page: Path) -> set[str]:
+    seen: dict[str, int] = {}
+    anchors = set()
+    for heading in re.findall(r"^#{1,6} (.+)$", re.sub(r"```.*?```", "", page.read_text(), flags=re.S), flags=re.M):
+        slug = _slug(heading)
+        anchors.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def _broken_links(page: Path, root: Path = ROOT) -> tuple[int, list[str]]:
+    """(local links, those that do not resolve) of a Markdown page: a file or folder that exists, and for a link into
+    a Markdown page with ``#anchor``, a heading of that page. Links inside code blocks are not links."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    links = [t for t in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+:", t)]
+    broken = []
+    for link in links:
+        path, _, anchor = link.partition("#")
+        target = (page.parent / path).resolve() if path else page
+        if not target.exists() or root not in (target, *target.parents):
+            broken.append(f"{page.relative_to(root)}: {link} (no such file in the project)")
+        elif anchor and target.suffix == ".md" and anchor not in _anchors(target):
+            broken.append(f"{page.relative_to(root)}: {link} (no such heading)")
+    return len(links), broken
+
+
+def test_every_local_link_in_the_readme_and_docs_resolves(tmp_path):
+    pages = [README, *sorted(DOCS.glob("*.md"))]
+    assert len(pages) >= 7  # the README and the docs/ pages it links to
+    results = [_broken_links(page) for page in pages]
+    broken = [b for _, found in results for b in found]
+    assert not broken, "\n".join(broken)
+    readme_links = set(re.findall(r"\]\((docs/[\w.]+\.md)\)", README.read_text()))
+    assert {f"docs/{p.name}" for p in DOCS.glob("*.md") if p.name != "README.md"} <= readme_links, \
+        "the README links every docs/ page"
+    assert results[0][0] >= 10
+    # the checker finds what it is for: a missing file, a missing heading, a file outside the project
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("# x\n")
+    (tmp_path / "docs" / "cli.md").write_text("## `build`\n\n```\n## not-a-heading\n```\n")
+    page = tmp_path / "docs" / "page.md"
+    page.write_text("[a](cli.md#build) [b](nothing.md) [c](cli.md#not-a-heading) [d](../README.md#x) [e](../../)\n"
+                    "```\n[f](in-a-code-block.md)\n```\n")
+    assert _broken_links(page, tmp_path) == (5, ["docs/page.md: nothing.md (no such file in the project)",
+                                                 "docs/page.md: cli.md#not-a-heading (no such heading)",
+                                                 "docs/page.md: ../../ (no such file in the project)"])
+
+
 def test_readme_build_command(tmp_path):
     build_cmd, _ = _quick_start()
     assert build_cmd.startswith("pip install") and "python -m merge build --out combined/" in build_cmd
