@@ -1,14 +1,29 @@
-"""The README's performance tables, rendered from the benchmarks' JSON reports (vision.py, video.py, speed.py), each
-under the machine it ran on. Several vision reports (say small images and photos, run apart) merge into one table.
+"""The performance tables, rendered from the benchmarks' JSON reports (vision.py, video.py, speed.py), each under
+the machine it ran on. Several vision reports (say small images and photos, run apart) merge into one table.
 
     python benchmarks/tables.py vision.json photo.json video.json speed.json
+
+A Markdown page holds rendered tables between markers that name their reports, in order (paths from the
+repository's root); what lies between the markers is exactly what this script prints for those reports:
+
+    <!-- tables.py benchmarks/results/vision-2b-small.json benchmarks/results/vision-2b-photo.json -->
+    ...
+    <!-- /tables.py -->
+
+    python benchmarks/tables.py --update docs/benchmarks.md   # render every block of the page again
+    python benchmarks/tables.py --check docs/benchmarks.md    # exit 1 if a block differs from its reports
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import re
 import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = re.compile(r"^<!-- tables\.py (?P<reports>[^\n]+?) -->\n(?P<body>.*?)^<!-- /tables\.py -->$", re.M | re.S)
 
 
 def machine_line(info: dict) -> str:
@@ -106,7 +121,7 @@ def speed_groups(reports: list[dict]) -> list[list[dict]]:
     return list(groups.values())
 
 
-def main(paths: list[str]) -> int:
+def render(paths: list[str]) -> str:
     reports = [json.loads(Path(p).read_text()) for p in paths]
     vision = [r for r in reports if "sizes" in r]
     out: list[str] = []
@@ -117,7 +132,45 @@ def main(paths: list[str]) -> int:
             out += [*video_table(report), ""]
     for group in speed_groups([r for r in reports if "systems" in r and "peak_gib" in r]):
         out += [*speed_table(group), ""]
-    print("\n".join(out).rstrip())
+    return "\n".join(out).rstrip()
+
+
+def blocks(page: str) -> list[tuple[list[str], str]]:
+    """The page's marked blocks: the reports each names (as written, from the repository's root) and its body."""
+    return [(m["reports"].split(), m["body"]) for m in BLOCK.finditer(page)]
+
+
+def update(page: str) -> str:
+    """The page with every marked block rendered again from the reports it names."""
+
+    def again(m: re.Match) -> str:
+        missing = [name for name in m["reports"].split() if not (ROOT / name).is_file()]
+        if missing:
+            raise SystemExit(f"a tables.py block names {', '.join(missing)}, which is not a report under {ROOT}")
+        body = render([str(ROOT / name) for name in m["reports"].split()])
+        return f"<!-- tables.py {m['reports']} -->\n{body}\n<!-- /tables.py -->"
+
+    return BLOCK.sub(again, page)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] in (["--update"], ["--check"]) and len(argv) == 2:
+        page = Path(argv[1])
+        text = page.read_text()
+        if not blocks(text):
+            print(f"{page}: no <!-- tables.py REPORT.json ... --> blocks", file=sys.stderr)
+            return 2
+        new = update(text)
+        if argv[0] == "--update":
+            if new != text:
+                page.write_text(new)
+            return 0
+        if new != text:
+            sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), new.splitlines(True), str(page),
+                                                       f"{page} rendered from its reports"))
+            return 1
+        return 0
+    print(render(argv))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The README's commands are tests; the CLI refuses bad input with one clear line and a non-zero exit."""
+"""The README's commands and docs/cli.md's real outputs are tests; the CLI refuses bad input with one clear line
+and a non-zero exit."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+CLI_DOC = DOCS / "cli.md"
 
 
 def _bash_blocks() -> list[str]:
@@ -39,6 +42,73 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert test_cmd in ci_lines
 
 
+README_MAX_BYTES = 10 * 1024
+
+
+def test_readme_is_short_and_keeps_the_quick_start():
+    """The README reads at a glance (under 10 KiB; the rest lives in docs/), starts with the build, and holds the
+    test command exactly as CI runs it."""
+    size = README.stat().st_size
+    assert size < README_MAX_BYTES, f"README.md is {size:,} bytes; move detail to docs/ (limit {README_MAX_BYTES:,})"
+    build_cmd, test_cmd = _quick_start()
+    assert "python -m merge build" in build_cmd
+    assert "pip install -e '.[test]' && python -m pytest -q" in README.read_text().splitlines()
+    assert test_cmd == "pip install -e '.[test]' && python -m pytest -q"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.replace("`", "").strip().lower()).replace(" ", "-")
+
+
+def _anchors(page: Path) -> set[str]:
+    seen: dict[str, int] = {}
+    anchors = set()
+    for heading in re.findall(r"^#{1,6} (.+)$", re.sub(r"```.*?```", "", page.read_text(), flags=re.S), flags=re.M):
+        slug = _slug(heading)
+        anchors.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def _broken_links(page: Path, root: Path = ROOT) -> tuple[int, list[str]]:
+    """(local links, those that do not resolve) of a Markdown page: a file or folder that exists, and for a link into
+    a Markdown page with ``#anchor``, a heading of that page. Links inside code blocks are not links."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    links = [t for t in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+:", t)]
+    broken = []
+    for link in links:
+        path, _, anchor = link.partition("#")
+        target = (page.parent / path).resolve() if path else page
+        if not target.exists() or root not in (target, *target.parents):
+            broken.append(f"{page.relative_to(root)}: {link} (no such file in the project)")
+        elif anchor and target.suffix == ".md" and anchor not in _anchors(target):
+            broken.append(f"{page.relative_to(root)}: {link} (no such heading)")
+    return len(links), broken
+
+
+def test_every_local_link_in_the_readme_and_docs_resolves(tmp_path):
+    pages = [README, *sorted(DOCS.glob("*.md"))]
+    assert len(pages) >= 7  # the README and the docs/ pages it links to
+    results = [_broken_links(page) for page in pages]
+    broken = [b for _, found in results for b in found]
+    assert not broken, "\n".join(broken)
+    readme_links = set(re.findall(r"\]\((docs/[\w.]+\.md)\)", README.read_text()))
+    assert {f"docs/{p.name}" for p in DOCS.glob("*.md") if p.name != "README.md"} <= readme_links, \
+        "the README links every docs/ page"
+    assert results[0][0] >= 10
+    # the checker finds what it is for: a missing file, a missing heading, a file outside the project
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("# x\n")
+    (tmp_path / "docs" / "cli.md").write_text("## `build`\n\n```\n## not-a-heading\n```\n")
+    page = tmp_path / "docs" / "page.md"
+    page.write_text("[a](cli.md#build) [b](nothing.md) [c](cli.md#not-a-heading) [d](../README.md#x) [e](../../)\n"
+                    "```\n[f](in-a-code-block.md)\n```\n")
+    assert _broken_links(page, tmp_path) == (5, ["docs/page.md: nothing.md (no such file in the project)",
+                                                 "docs/page.md: cli.md#not-a-heading (no such heading)",
+                                                 "docs/page.md: ../../ (no such file in the project)"])
+
+
 def test_readme_build_command(tmp_path):
     build_cmd, _ = _quick_start()
     assert build_cmd.startswith("pip install") and "python -m merge build --out combined/" in build_cmd
@@ -47,7 +117,7 @@ def test_readme_build_command(tmp_path):
     out = tmp_path / "combined"
     assert (out / "model.onnx").is_file() and (out / "model.onnx.data").is_file()
     pasted = re.search(r"Real output \(stdout; progress and log lines go to stderr\):\n\n```\n(.*?)```",
-                       README.read_text(), flags=re.S).group(1)
+                       CLI_DOC.read_text(), flags=re.S).group(1)
 
     def shape_of(text: str) -> list[str]:  # paths and figures differ from machine to machine
         return [re.sub(r"\(.*?\)|[\d.]+ (s|GiB)", "#", line) for line in text.strip().splitlines()]
@@ -125,41 +195,105 @@ def test_unknown_model_spec(tmp_path):
     assert proc.returncode == 2 and "neither a preset" in proc.stderr
 
 
-def test_readme_inspect_and_run_output_match(tmp_path, combined):
-    """The README's pasted inspect table and run timing line match what the commands print now."""
+def _doc_command(text: str, pattern: str, folder: Path) -> str:
+    """A command pasted in docs/cli.md, to run here: this Python, the folder the test built."""
+    command = re.search(r"```\n(" + pattern + r".*?)\n```", text).group(1)
+    return command.replace("python ", f"{sys.executable} ", 1).replace("combined/", str(folder))
+
+
+def test_cli_doc_inspect_and_run_output_match(tmp_path, combined):
+    """docs/cli.md's inspect and run commands print its pasted inspect table and run answer and timing line now."""
     out = combined("tiny")
-    readme = README.read_text()
-    pasted = re.search(r"Part of its real output:\n\n```\n(.*?)```", readme, flags=re.S).group(1).strip()
-    proc = _run(f"{sys.executable} -m merge inspect {out}", tmp_path)
+    doc = CLI_DOC.read_text()
+    command = re.search(r"Part of its real output \(`(python -m merge inspect combined/)`\):", doc).group(1)
+    pasted = re.search(r"Part of its real output.*?:\n\n```\n(.*?)```", doc, flags=re.S).group(1).strip()
+    proc = _run(command.replace("python ", f"{sys.executable} ", 1).replace("combined/", str(out)), tmp_path)
     assert pasted in proc.stdout
 
     from merge.tools.verify import default_images
 
     default_images(1)[0].save(tmp_path / "picture.png")
-    proc = _run(f"{sys.executable} -m merge run {out} --image {tmp_path / 'picture.png'} "
-                f"--prompt 'Describe the image.' --max-new-tokens 16", tmp_path)
+    proc = _run(_doc_command(doc, r"python -m merge run combined/ --image picture\.png ", out), tmp_path)
     timing = proc.stdout.strip().splitlines()[-1]
-    pasted_run = re.search(r"Real output on the tiny preset.*?```\n(.*?)```", readme, flags=re.S).group(1)
+    pasted_run = re.search(r"Real output on the tiny preset.*?```\n(.*?)```", doc, flags=re.S).group(1)
     pasted_lines = pasted_run.strip().splitlines()
     assert proc.stdout.strip().splitlines()[0] == pasted_lines[0]  # same tokens (seeded preset)
     assert re.sub(r"[\d.]+ ms|[\d.]+ tokens/s|[\d.]+ ms/token", "#", timing) == re.sub(
         r"[\d.]+ ms|[\d.]+ tokens/s|[\d.]+ ms/token", "#", pasted_lines[-1])
 
 
-def test_readme_video_command_and_output_match(tmp_path, combined):
-    """The README's ``run --video`` command on the clip it describes: the same text, the same timing line's shape."""
+def test_cli_doc_video_command_and_output_match(tmp_path, combined):
+    """docs/cli.md's ``run --video`` command on the clip it describes: the same text, the same timing line's shape."""
     from tests.videos import write_clip
 
-    readme = README.read_text()
-    command = re.search(r"```\n(python -m merge run combined/ --video clip\.mp4 .*?)\n```", readme).group(1)
+    doc = CLI_DOC.read_text()
     write_clip(tmp_path / "clip.mp4", 25, 10, 96, 64)
-    command = command.replace("python ", f"{sys.executable} ", 1).replace("combined/", str(combined("tiny")))
-    proc = _run(command, tmp_path)
-    pasted = re.search(r"Real output on a clip.*?```\n(.*?)```", readme, flags=re.S).group(1).rstrip("\n")
+    proc = _run(_doc_command(doc, r"python -m merge run combined/ --video clip\.mp4 ", combined("tiny")), tmp_path)
+    pasted = re.search(r"Real output on a clip.*?```\n(.*?)```", doc, flags=re.S).group(1).rstrip("\n")
     got, want = proc.stdout.rstrip("\n").splitlines(), pasted.splitlines()
     assert got[:-1] == want[:-1]  # same tokens (seeded preset, same clip)
     number = r"[\d.]+ ms|[\d.]+ tokens/s|[\d.]+ ms/token"
     assert re.sub(number, "#", got[-1]) == re.sub(number, "#", want[-1])
+
+
+def _cli_sections() -> dict[str, str]:
+    """docs/cli.md's command sections (``## `build` ``...), by command."""
+    parts = re.split(r"^## `(\w+)`\n", CLI_DOC.read_text(), flags=re.M)
+    return {name: body.split("\n## ", 1)[0] for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+def test_cli_doc_synopses_name_every_option():
+    """Every command has a section in docs/cli.md whose synopsis (its first block) names each of the command's
+    options, and no option the command lacks."""
+    from merge.cli import make_parser
+
+    commands = make_parser()._subparsers._group_actions[0].choices
+    sections = _cli_sections()
+    assert set(sections) == set(commands), "docs/cli.md has one '## `command`' section per command"
+    for name, parser in commands.items():
+        synopsis = re.search(r"```\n(python -m merge " + name + r"\b.*?)```", sections[name], flags=re.S).group(1)
+        options = {o for action in parser._actions for o in action.option_strings if o.startswith("--")}
+        options -= {"--help", "--debug"}  # every command's, said once at the top of the page
+        named = set(re.findall(r"--[a-z][a-z-]*", synopsis))
+        assert named == options, f"{name}: synopsis lacks {sorted(options - named)}, names {sorted(named - options)}"
+
+
+def test_cli_doc_presets_output_matches(tmp_path):
+    pasted = re.search(r"```\n(python -m merge presets)\n```.*?Real output:\n\n```\n(.*?)```",
+                       _cli_sections()["presets"], flags=re.S)
+    proc = _run(pasted.group(1).replace("python ", f"{sys.executable} ", 1), tmp_path)
+    assert proc.stdout == pasted.group(2)
+
+
+def _doc_table(text: str, first_header: str) -> list[tuple[str, str]]:
+    """(first cell, second cell) of each row of the Markdown table whose header starts ``| first_header |``."""
+    table = re.search(r"^\| " + first_header + r" \|.*\n\|[-|]+\|\n((?:\|.*\n)+)", text, flags=re.M).group(1)
+    return [tuple(cell.strip() for cell in row.split("|")[1:3]) for row in table.splitlines()]
+
+
+def test_contract_doc_names_every_input_and_output(combined):
+    """docs/contract.md's input and output tables are the built model's inputs and outputs: the same names in the
+    same order, each of the rank its shape column shows."""
+    manifest = json.loads((combined("tiny") / "merge.json").read_text())
+    text = (DOCS / "contract.md").read_text()
+    layers = sum(1 for o in manifest["outputs"] if o["name"].endswith(".key"))
+
+    def expand(rows: list[tuple[str, str]]) -> list[tuple[str, int]]:
+        out = []
+        for cell, shape in rows:
+            (name,) = re.findall(r"`([^`]+)`", cell)
+            rank = 0 if shape.startswith("[]") else shape.count(",") + 1
+            if name.endswith("{i}.key/.value"):
+                stem = name[:-len("{i}.key/.value")]
+                out += [(f"{stem}{i}.{kind}", rank) for kind in ("key", "value") for i in range(layers)]
+            else:
+                out.append((name, rank))
+        return out
+
+    for header, key in (("input", "inputs"), ("output", "outputs")):
+        documented = expand(_doc_table(text, header))
+        built = [(t["name"], len(t["shape"])) for t in manifest[key]]
+        assert documented == built, f"docs/contract.md's {key} table differs from the model's {key}"
 
 
 def test_hub_id_goes_through_huggingface_hub(monkeypatch, sources, tmp_path):
@@ -190,38 +324,59 @@ def test_debug_flag_before_or_after_the_command(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
-def test_readme_layout_matches_the_tree():
-    """Every package of the project is a row of the README's layout table (or inside one), and every room the
-    table names exists."""
-    section = README.read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+def test_architecture_layout_matches_the_tree():
+    """Every package of the project is a row of docs/architecture.md's layout table (or inside one), and every room
+    the table names exists."""
+    section = (DOCS / "architecture.md").read_text().split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
     named = {m.rstrip("/") for m in re.findall(r"^\| ((?:`[^`]+`(?:, )?)+) \|", section, flags=re.M)
              for m in re.findall(r"`([^`]+)`", m)}
     for room in named:
-        assert (ROOT / room).exists(), f"the README's layout names {room}, which does not exist"
+        assert (ROOT / room).exists(), f"docs/architecture.md's layout names {room}, which does not exist"
     packages = {str(p.parent.relative_to(ROOT)) for p in ROOT.glob("*/**/__init__.py")
                 if not any(part.startswith(".") or (part in ("build", "node_modules") and p.parent.parent == ROOT)
                            for part in p.relative_to(ROOT).parts)}
     for package in sorted(packages):
         container = any(room.startswith(package + "/") for room in named)  # merge/ holds rooms
         assert container or any(package == room or package.startswith(room + "/") for room in named), \
-            f"{package} is not in the README's layout table"
+            f"{package} is not in docs/architecture.md's layout table"
     loose = {str(p.relative_to(ROOT)) for p in (ROOT / "merge").glob("*.py") if p.name not in ("__init__.py",
                                                                                                  "__main__.py")}
     assert loose <= named, f"modules at merge/'s top missing from the layout: {sorted(loose - named)}"
 
 
-def test_readme_benchmark_tables_come_from_the_reports():
-    """Every table row that benchmarks/tables.py renders from benchmarks/results/*.json is in the README as is, and
-    the README's benchmark section names the machine each ran on (the reports carry it)."""
-    reports = sorted(str(p) for p in (ROOT / "benchmarks" / "results").glob("*.json"))
-    assert reports
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tables.py"), *reports], capture_output=True,
-                          text=True, check=True)
-    readme = README.read_text()
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    assert rows
-    missing = [row for row in rows if row not in readme]
-    assert not missing, f"README rows not regenerated from the reports: {missing[:3]}"
+def test_architecture_lists_every_stitch_pass():
+    """docs/architecture.md's stitch list names each pass file in merge/stitch/passes/ once, and only those."""
+    section = (DOCS / "architecture.md").read_text().split("\n## Stitch\n", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^- `(\w+\.py)`", section, flags=re.M)
+    files = sorted(p.name for p in (ROOT / "merge" / "stitch" / "passes").glob("*.py")
+                   if p.name not in ("__init__.py", "base.py"))
+    missing, gone = sorted(set(files) - set(listed)), sorted(set(listed) - set(files))
+    assert files and sorted(listed) == files, f"passes not in docs/architecture.md: {missing}; listed, gone: {gone}"
+
+
+def test_benchmark_tables_come_from_the_reports(tmp_path):
+    """docs/benchmarks.md's tables are exactly what benchmarks/tables.py renders from the reports each block names
+    (machine line, rows, peak memory), every report in benchmarks/results/ is behind one block, and the page names
+    the machine each ran on; a figure changed by hand fails the check."""
+    from benchmarks.tables import BLOCK, blocks
+
+    page = DOCS / "benchmarks.md"
+    text = page.read_text()
+    tables = [sys.executable, str(ROOT / "benchmarks" / "tables.py")]
+    proc = subprocess.run([*tables, "--check", str(page)], capture_output=True, text=True)
+    assert proc.returncode == 0, ("docs/benchmarks.md differs from its reports (python benchmarks/tables.py --update "
+                                  f"docs/benchmarks.md):\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
+    named = [name for reports, body in blocks(text) for name in reports if body.count("\n| ") >= 2]
+    reports = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks" / "results").glob("*.json"))
+    assert reports and sorted(named) == reports, "each report in benchmarks/results/ is behind exactly one table"
     for report in reports:
-        machine = json.loads(Path(report).read_text())["machine"]
-        assert machine["model"] in readme and ", ".join(machine["features"]) in readme
+        machine = json.loads((ROOT / report).read_text())["machine"]
+        assert machine["model"] in text and ", ".join(machine["features"]) in text
+
+    first = BLOCK.search(text)
+    body = re.sub(r"(\d+\.\d+) GiB", lambda m: f"{float(m[1]) + 1:.2f} GiB", first["body"], count=1)
+    assert body != first["body"]
+    tampered = tmp_path / "benchmarks.md"
+    tampered.write_text(text[:first.start("body")] + body + text[first.end("body"):])
+    proc = subprocess.run([*tables, "--check", str(tampered)], capture_output=True, text=True)
+    assert proc.returncode == 1 and "GiB" in proc.stdout

@@ -93,13 +93,13 @@ def test_verify_errors_are_one_line(tmp_path, capsys):
     assert "none.npz: no such file" in err or "no model.onnx" in err
 
 
-def test_readme_verify_output_matches(good, reference, capsys):
-    """The README's pasted verify table has the same header, stages and statuses as a real run."""
+def test_cli_doc_verify_output_matches(good, reference, capsys):
+    """docs/cli.md's pasted verify table has the same header, stages and statuses as a real run."""
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = re.search(r"Real output \(`python -m merge verify.*?```\n(.*?)```", readme, flags=re.S).group(1)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    block = re.search(r"Real output \(`python -m merge verify.*?```\n(.*?)```", doc, flags=re.S).group(1)
     from merge.tools.verify import default_images, format_table, verify
 
     stages = verify(good, model_folder=None, prompt="", images=default_images(), new_tokens=4, reference=reference)
