@@ -94,8 +94,11 @@ PADDING_PREFIX = "merge/padding/"
 
 # -- operator domains and opsets ------------------------------------------------------------------------------
 MS_DOMAIN = "com.microsoft"
-OPSET = 22  # the combined model's default-domain opset (the GenAI builder's)
-IR_VERSION = 10
+OPSET = 22  # the combined model's and every part's default-domain opset (the GenAI builder's)
+# The smallest IR version that may carry each default-domain opset (the ONNX release table); a model is written
+# with the one its opset needs.
+MIN_IR_VERSION = {18: 8, 19: 9, 20: 9, 21: 10, 22: 10, 23: 11, 24: 12, 25: 13, 26: 13, 27: 13, 28: 14}
+IR_VERSION = MIN_IR_VERSION[OPSET]
 
 # -- special tokens --------------------------------------------------------------------------------------------
 IMAGE_TOKEN = "<|image_pad|>"
