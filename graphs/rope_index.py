@@ -35,12 +35,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from merge.contract.names import MIN_IR_VERSION, OPSET
+from merge.contract.names import MIN_IR_VERSION, OPSET, ROPE_INDEX_INPUTS, ROPE_INDEX_OUTPUTS
 
 from .builder import BOOL, INT64, GraphBuilder, make_model, tensor_input
 
-INPUT_NAMES = ("input_ids", "attention_mask", "image_grid_thw", "video_grid_thw", "rope_deltas")
-OUTPUT_NAMES = ("position_ids", "rope_deltas_out")
+INPUT_NAMES = ROPE_INDEX_INPUTS  # input_ids, attention_mask, image_grid_thw, video_grid_thw, rope_deltas
+OUTPUT_NAMES = ROPE_INDEX_OUTPUTS  # position_ids, rope_deltas_out
 
 _MIN_OPSET = 18  # ReduceMax's axes as an input and Split's num_outputs
 
@@ -278,11 +278,10 @@ def build_rope_index(
     if video_token_id == image_token_id:
         raise ValueError(f"image and video tokens must differ, both are {image_token_id}")
 
-    input_ids = tensor_input("input_ids", INT64, ["batch", "sequence"])
-    attention_mask = tensor_input("attention_mask", INT64, ["batch", "total_sequence"])
-    image_grid_thw = tensor_input("image_grid_thw", INT64, ["num_images", _THW])
-    video_grid_thw = tensor_input("video_grid_thw", INT64, ["num_videos", _THW])
-    rope_deltas = tensor_input("rope_deltas", INT64, ["batch", 1])
+    shapes = (["batch", "sequence"], ["batch", "total_sequence"], ["num_images", _THW], ["num_videos", _THW],
+              ["batch", 1])
+    inputs = [tensor_input(name, INT64, shape) for name, shape in zip(INPUT_NAMES, shapes, strict=True)]
+    input_ids, attention_mask, image_grid_thw, video_grid_thw, rope_deltas = inputs
 
     b = GraphBuilder(prefix)
     total = b.op("Shape", [attention_mask], {"start": 1, "end": 2}, name="total_sequence")
@@ -308,5 +307,5 @@ def build_rope_index(
     position_ids.shape = ir.Shape([_THW, "batch", "sequence"])
     rope_deltas_out.shape = ir.Shape(["batch", 1])
 
-    return make_model(b, [input_ids, attention_mask, image_grid_thw, video_grid_thw, rope_deltas],
-                      [position_ids, rope_deltas_out], name=f"{prefix}rope_index", opset_imports={"": opset})
+    return make_model(b, inputs, [position_ids, rope_deltas_out], name=f"{prefix}rope_index",
+                      opset_imports={"": opset})
