@@ -1,8 +1,18 @@
-"""A thin graph builder on onnx_ir: scoped node names, named outputs, lazy weights.
+"""The one graph builder on onnx_ir: scoped node names, named outputs, constants and lazy weights as initializers.
 
 Every node gets a name made of the scopes it was built in (``vision/blocks.3/attn/qkv``), and so does its
-output value, so the graph reads in Netron the way the PyTorch module tree reads. Weights are
-``ir.LazyTensor`` initializers: nothing is loaded until the model is saved, one tensor at a time.
+output value, so the graph reads in Netron the way the PyTorch module tree reads. A name used twice in one scope
+gets a numbered twin (``.../Add``, ``.../Add_1``): no caller makes names unique by hand. Constants are
+initializers named by scope, one per scope, name and value; weights are ``ir.LazyTensor`` initializers:
+nothing is loaded until the model is saved, one tensor at a time.
+
+The same builder writes a whole part (:func:`make_model`), an ``If`` branch or a ``Loop`` body
+(:meth:`GraphBuilder.subgraph`, then :meth:`GraphBuilder.graph`), or a few nodes into a graph that exists
+already (:meth:`GraphBuilder.add_to`: what the stitch passes do)::
+
+    b = GraphBuilder("merge/padding")
+    last = b.op("Sub", [total, b.const(np.int32(1), "one")], name="last_position")
+    b.add_to(model.graph)            # nodes appended, constants registered as the graph's initializers
 """
 
 from __future__ import annotations
@@ -12,7 +22,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir import tape
+
+from merge.contract.names import MIN_IR_VERSION, OPSET, TOOL_NAME
 
 FLOAT = ir.DataType.FLOAT
 INT64 = ir.DataType.INT64
@@ -21,23 +32,26 @@ BOOL = ir.DataType.BOOL
 
 
 def tensor_input(name: str, dtype: ir.DataType, shape: Sequence[int | str | None]) -> ir.Value:
-    """A graph input; strings in ``shape`` become symbolic (dynamic) dimensions."""
+    """A graph's (or a subgraph's) input: strings and ``None`` in ``shape`` become symbolic (dynamic) dimensions."""
     dims = [ir.SymbolicDim(d) if isinstance(d, str) or d is None else d for d in shape]
     return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(dims))
 
 
 class GraphBuilder:
-    """Records nodes with scoped names; owns the graph's initializers."""
+    """Records nodes with scoped names, and the constants and weights they read (:attr:`initializers`)."""
 
     def __init__(self, root_scope: str = "") -> None:
-        self._tape = tape.Tape()
-        self._scopes: list[str] = [root_scope.strip("/")] if root_scope else []
+        self._nodes: list[ir.Node] = []
+        self._scopes: list[str] = [root_scope.strip("/")] if root_scope.strip("/") else []
         self._used: dict[str, int] = {}
+        self._constants: dict[tuple, ir.Value] = {}
         self.initializers: dict[str, ir.Value] = {}
+        self._is_subgraph = False
 
     # -- naming -------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def scope(self, name: str) -> Iterator[None]:
+        """Names built inside start with ``name/`` (after the enclosing scopes)."""
         self._scopes.append(name)
         try:
             yield
@@ -45,20 +59,27 @@ class GraphBuilder:
             self._scopes.pop()
 
     def scoped(self, name: str) -> str:
-        full = "/".join([*self._scopes, name])
+        """A new unique name: the scopes, then ``name`` (``name_1``, ``name_2`` ... when taken)."""
+        full = self._full(name)
         count = self._used.get(full, 0)
         self._used[full] = count + 1
         return full if count == 0 else f"{full}_{count}"
 
+    def _full(self, name: str) -> str:
+        return "/".join([*self._scopes, name])
+
     @contextlib.contextmanager
     def subgraph(self) -> Iterator[GraphBuilder]:
-        """A builder for a subgraph (a Loop body, an If branch): its own nodes, this builder's scopes and names;
-        its constants are this builder's initializers, which the subgraph reads from the enclosing graph."""
+        """A builder for a subgraph (a Loop body, an If branch): its own nodes, this builder's scopes and names.
+        Its constants and weights are this builder's initializers, which ONNX lets a subgraph read from the
+        enclosing graph by name; :meth:`graph` makes the subgraph."""
         child = GraphBuilder.__new__(GraphBuilder)
-        child._tape = tape.Tape()
+        child._nodes = []
         child._scopes = self._scopes
         child._used = self._used
+        child._constants = self._constants
         child.initializers = self.initializers
+        child._is_subgraph = True
         yield child
 
     # -- nodes --------------------------------------------------------------------------------------
@@ -71,10 +92,9 @@ class GraphBuilder:
         name: str | None = None,
         domain: str = "",
     ) -> ir.Value:
-        node_name = self.scoped(name or op_type)
-        out = self._tape.op(op_type, inputs, attributes, domain=domain, name=node_name)
-        out.name = node_name
-        return out
+        """One node with one output; node and output are both named ``scope/name`` (``name`` defaults to
+        ``op_type``)."""
+        return self.op_multi(op_type, inputs, attributes, num_outputs=1, name=name, domain=domain)[0]
 
     def op_multi(
         self,
@@ -86,18 +106,24 @@ class GraphBuilder:
         name: str | None = None,
         domain: str = "",
     ) -> Sequence[ir.Value]:
-        node_name = self.scoped(name or op_type)
-        outs = self._tape.op_multi_out(
-            op_type, inputs, attributes, num_outputs=num_outputs, domain=domain, name=node_name
-        )
-        for i, out in enumerate(outs):
-            out.name = f"{node_name}:{i}"
-        return outs
+        """One node with ``num_outputs`` outputs, named ``scope/name:0``, ``scope/name:1`` ... (one output: the
+        node's name)."""
+        node = self.node(ir.node(op_type, list(inputs), attributes, domain=domain, num_outputs=num_outputs,
+                                 name=name or op_type))
+        if num_outputs == 1:
+            node.outputs[0].name = node.name
+        else:
+            for i, out in enumerate(node.outputs):
+                out.name = f"{node.name}:{i}"
+        return node.outputs
 
     def node(self, node: ir.Node) -> ir.Node:
-        """Record a node built by hand (one whose optional outputs stay absent: unnamed values)."""
+        """Record a node built by hand (one whose optional outputs stay absent: unnamed values, say). Its name
+        (default its op type) is put in scope and made unique; its outputs keep theirs."""
+        if node.graph is not None:
+            raise ValueError(f"node {node.name!r} belongs to a graph already")
         node.name = self.scoped(node.name or node.op_type)
-        self._tape._nodes.append(node)  # the tape has no public way to add a built node
+        self._nodes.append(node)
         return node
 
     def check_equal(self, what: str, a: ir.Value, b: ir.Value) -> ir.Value:
@@ -111,18 +137,27 @@ class GraphBuilder:
 
     @property
     def nodes(self) -> Sequence[ir.Node]:
-        return self._tape.nodes
+        """The nodes recorded (and not yet moved by :meth:`add_to`), in order."""
+        return tuple(self._nodes)
 
     # -- constants and weights ----------------------------------------------------------------------
     def const(self, value: np.ndarray | int | float | Sequence[int], name: str) -> ir.Value:
-        """A small constant, stored as an initializer named by scope (deduplicated by name)."""
+        """A constant as an initializer named ``scope/name``; the same name and value again in the same scope is
+        the same initializer. Python ints are int64 (on every platform and NumPy), floats float32 (float64 arrays
+        too); a NumPy value keeps its type otherwise."""
         array = np.asarray(value)
         if array.dtype == np.float64:
             array = array.astype(np.float32)
+        elif array.dtype.kind == "i" and not isinstance(value, np.ndarray | np.generic):
+            array = array.astype(np.int64)
+        key = (self._full(name), array.dtype.str, array.shape, array.tobytes())
+        if key in self._constants:
+            return self._constants[key]
         full = self.scoped(name)
         val = ir.Value(name=full, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape))
         val.const_value = ir.tensor(array, name=full)
         self.initializers[full] = val
+        self._constants[key] = val
         return val
 
     def weight(self, name: str, shape: Sequence[int], load: Callable[[], np.ndarray]) -> ir.Value:
@@ -134,6 +169,42 @@ class GraphBuilder:
         val.const_value = lazy
         self.initializers[full] = val
         return val
+
+    # -- out of the builder -------------------------------------------------------------------------
+    def graph(self, name: str, outputs: Sequence[ir.Value], inputs: Sequence[ir.Value] = ()) -> ir.Graph:
+        """The recorded nodes as a graph named ``scope/name``. A subgraph's (see :meth:`subgraph`) reads its
+        constants from the enclosing graph; a top-level builder's graph holds them as its initializers."""
+        return ir.Graph(
+            list(inputs),
+            list(outputs),
+            nodes=self._nodes,
+            initializers=[] if self._is_subgraph else list(self.initializers.values()),
+            name=self.scoped(name),
+        )
+
+    def add_to(
+        self,
+        graph: ir.Graph,
+        *,
+        before: ir.Node | None = None,
+        after: ir.Node | None = None,
+        initializers_to: ir.Graph | None = None,
+    ) -> None:
+        """Move the recorded nodes into ``graph``: at its end, or just ``before`` or ``after`` one of its nodes. The
+        constants and weights become initializers of ``initializers_to`` (default ``graph``; give the main graph
+        when ``graph`` is a subgraph). The builder can record more nodes and add them later."""
+        if before is not None and after is not None:
+            raise ValueError("add_to takes before or after, not both")
+        nodes, self._nodes = self._nodes, []
+        if before is not None:
+            graph.insert_before(before, nodes)
+        elif after is not None:
+            graph.insert_after(after, nodes)
+        else:
+            graph.extend(nodes)
+        target = initializers_to if initializers_to is not None else graph
+        for value in self.initializers.values():
+            target.register_initializer(value)  # again for one registered before: a no-op
 
 
 def _checked(array: np.ndarray, shape: Sequence[int], name: str) -> np.ndarray:
@@ -149,9 +220,15 @@ def make_model(
     outputs: Sequence[ir.Value],
     *,
     name: str,
-    opset_imports: dict[str, int],
-    ir_version: int = 10,
+    opset_imports: dict[str, int] | None = None,
+    ir_version: int | None = None,
 ) -> ir.Model:
+    """The builder's nodes and initializers as a model. ``opset_imports`` defaults to the contract's opset alone;
+    ``ir_version`` to the smallest IR version that carries the default-domain opset."""
+    opset_imports = dict(opset_imports or {"": OPSET})
+    opset = opset_imports.get("", OPSET)
+    if opset not in MIN_IR_VERSION:
+        raise ValueError(f"no known IR version carries default-domain opset {opset} (known: {sorted(MIN_IR_VERSION)})")
     graph = ir.Graph(
         inputs,
         outputs,
@@ -160,4 +237,4 @@ def make_model(
         opset_imports=opset_imports,
         name=name,
     )
-    return ir.Model(graph, ir_version=ir_version, producer_name="qwen3vl-merge")
+    return ir.Model(graph, ir_version=ir_version or MIN_IR_VERSION[opset], producer_name=TOOL_NAME)

@@ -17,7 +17,14 @@ table gets one zero row *in front* (``Pad``), so index 0 reads zeros and index `
 ``r``. ``inputs_embeds`` picks between the gathered token embedding and the gathered image row with one
 ``Where``; each DeepStack term is one Gather from its level of the padded table: image tokens read their
 feature row, the rest read zeros, and no Where is needed. No Loop, no ScatterND, no copy of the vocabulary
-table: a decode step (no image rows) costs O(batch * sequence * hidden).
+table: a decode step (no image rows) costs O(batch * sequence * hidden). Two image rows and three video rows
+(``I`` an image token, ``V`` a video token)::
+
+    token          .   I   I   .   V   V   V   .
+    image rank     0   1   2   2   2   2   2   2      inclusive CumSum of the image mask (flat over the batch)
+    video rank     0   0   0   0   1   2   3   3
+    index          0   1   2   0   3   4   5   0      image: rank; video: image tokens + rank; others: 0
+    padded table   [zeros, image 0, image 1, video 0, video 1, video 2]      (Pad: one zero row in front)
 
 Safety: the counts of image and video tokens are checked against the image and video feature rows in the
 graph (``check_equal``: an error naming both numbers), as HF's ``get_placeholder_mask`` does on the host.
@@ -28,27 +35,21 @@ combined graph.
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 
 from graphs.builder import BOOL, FLOAT, INT64, GraphBuilder, make_model, tensor_input
-from merge.contract.names import MS_DOMAIN
+from merge.contract.names import (
+    EMBEDDING_MERGE_INPUTS,
+    EMBEDDING_TABLE_SCALES,
+    MS_DOMAIN,
+    OPSET,
+    embedding_merge_outputs,
+)
 
-INPUT_NAMES = ("input_ids", "embed_tokens", "image_embeds", "deepstack_embeds", "image_rows")
-OPSET = 21  # the combined model's default-domain opset (Pad's ``pads`` as an input needs 11)
-IR_VERSION = 10  # the smallest IR version that may carry opset 21
-
-
-def deepstack_output_name(level: int) -> str:
-    return f"deepstack_{level}"
-
-
-def output_names(num_levels: int) -> tuple[str, ...]:
-    return ("inputs_embeds", "visual_mask", *(deepstack_output_name(k) for k in range(num_levels)))
-
-
+INPUT_NAMES = EMBEDDING_MERGE_INPUTS
+output_names = embedding_merge_outputs
 TABLE_LAYOUTS = ("vocab_major", "hidden_major", "int4_blocks")
-SCALES_INPUT = "embed_scales"  # only with table_layout="int4_blocks"
+SCALES_INPUT = EMBEDDING_TABLE_SCALES  # only with table_layout="int4_blocks"
 
 
 def token_embeddings(b: GraphBuilder, table: ir.Value, input_ids: ir.Value, layout: str, hidden_size: int,
@@ -112,24 +113,25 @@ def build_embedding_merge(
     if video_token_id == image_token_id:
         raise ValueError(f"image and video tokens must differ, both are {image_token_id}")
 
-    input_ids = tensor_input("input_ids", INT64, ["batch", "sequence"])
+    ids_name, table_name, embeds_name, deepstack_name, rows_name = INPUT_NAMES
+    input_ids = tensor_input(ids_name, INT64, ["batch", "sequence"])
     embed_scales = None
     if table_layout == "int4_blocks":
         if hidden_size % block_size:
             raise ValueError(f"int4 blocks need hidden_size {hidden_size} divisible by block_size {block_size}")
         blocks = hidden_size // block_size
-        embed_tokens = tensor_input("embed_tokens", ir.DataType.UINT8, ["vocab", blocks, block_size // 2])
+        embed_tokens = tensor_input(table_name, ir.DataType.UINT8, ["vocab", blocks, block_size // 2])
         embed_scales = tensor_input(SCALES_INPUT, FLOAT, ["vocab", blocks])
     else:
         table_shape = ["vocab", hidden_size] if table_layout == "vocab_major" else [hidden_size, "vocab"]
-        embed_tokens = tensor_input("embed_tokens", FLOAT, table_shape)
-    image_embeds = tensor_input("image_embeds", FLOAT, ["visual_tokens", hidden_size])
-    deepstack_embeds = tensor_input("deepstack_embeds", FLOAT, [num_levels, "visual_tokens", hidden_size])
-    image_rows = tensor_input("image_rows", INT64, [1])
+        embed_tokens = tensor_input(table_name, FLOAT, table_shape)
+    image_embeds = tensor_input(embeds_name, FLOAT, ["visual_tokens", hidden_size])
+    deepstack_embeds = tensor_input(deepstack_name, FLOAT, [num_levels, "visual_tokens", hidden_size])
+    image_rows = tensor_input(rows_name, INT64, [1])
 
     b = GraphBuilder(prefix)
-    is_image = b.op("Equal", [input_ids, b.const(np.int64(image_token_id), "image_token_id")], name="is_image")
-    is_video = b.op("Equal", [input_ids, b.const(np.int64(video_token_id), "video_token_id")], name="is_video")
+    is_image = b.op("Equal", [input_ids, b.const(image_token_id, "image_token_id")], name="is_image")
+    is_video = b.op("Equal", [input_ids, b.const(video_token_id, "video_token_id")], name="is_video")
     visual_mask = b.op("Or", [is_image, is_video], name="visual_mask")
 
     # Row of each token in the zero-headed visual tables: rank + 1 at image tokens, image rows + rank + 1 at video
@@ -137,11 +139,12 @@ def build_embedding_merge(
     with b.scope("index"):
         all_tokens = b.const([0], "all")
         flat_shape = b.const([-1], "flat_shape")
+        axis0 = b.const(0, "axis0")
 
         def ranks(mask: ir.Value, kind: str) -> tuple[ir.Value, ir.Value, ir.Value]:
             flat = b.op("Reshape", [b.op("Cast", [mask], {"to": INT64}, name=f"{kind}_i64"), flat_shape],
                         name=f"flat_{kind}")
-            inclusive = b.op("CumSum", [flat, b.const(np.int64(0), f"{kind}_axis0")], name=f"{kind}_rank_plus_one")
+            inclusive = b.op("CumSum", [flat, axis0], name=f"{kind}_rank_plus_one")
             count = b.op("ReduceSum", [flat, all_tokens], {"keepdims": 1}, name=f"{kind}_tokens")
             return flat, inclusive, count
 
@@ -170,23 +173,24 @@ def build_embedding_merge(
 
     # Take each level's small [tokens + 1, hidden] table first, then gather it straight into its
     # [batch, sequence, hidden] output: no [levels, batch, sequence, hidden] intermediate to copy apart.
+    names = output_names(num_levels)
+    _, _, *level_names = names
     with b.scope("deepstack"):
         table = b.op("Pad", [deepstack_embeds, b.const([0, 1, 0, 0, 0, 0], "zero_row_first")], name="table")
         deepstack = []
         for k in range(num_levels):
-            level = b.op("Gather", [table, b.const(np.int64(k), f"level_{k}")], {"axis": 0}, name=f"table_{k}")
-            deepstack.append(b.op("Gather", [level, index], {"axis": 0}, name=deepstack_output_name(k)))
+            level = b.op("Gather", [table, b.const(k, f"level_{k}")], {"axis": 0}, name=f"table_{k}")
+            deepstack.append(b.op("Gather", [level, index], {"axis": 0}, name=level_names[k]))
 
     outputs = [inputs_embeds, visual_mask, *deepstack]
     per_token = [ir.SymbolicDim("batch"), ir.SymbolicDim("sequence")]
-    for value, name in zip(outputs, output_names(num_levels), strict=True):
+    for value, name in zip(outputs, names, strict=True):
         value.name = name
         is_mask = value is visual_mask
         value.type = ir.TensorType(BOOL if is_mask else FLOAT)
         value.shape = ir.Shape(per_token if is_mask else [*per_token, hidden_size])
 
     inputs = [input_ids, embed_tokens, image_embeds, deepstack_embeds, image_rows]
-    assert [v.name for v in inputs] == list(INPUT_NAMES)
     if embed_scales is not None:
         inputs.append(embed_scales)
     return make_model(
@@ -195,5 +199,4 @@ def build_embedding_merge(
         outputs,
         name=f"{prefix}embedding_merge",
         opset_imports={"": OPSET, MS_DOMAIN: 1} if embed_scales is not None else {"": OPSET},
-        ir_version=IR_VERSION,
     )

@@ -5,13 +5,17 @@ example image: everything that HF computes from ``grid_thw`` in Python (``.tolis
 in the graph from ``image_grid_thw``:
 
 * ``vision/grid``: for every patch, its image, frame, row and column (patches arrive in spatial-merge
-  block order, as the image processor emits them);
+  block order, as the image processor emits them; picture in :meth:`VisionGraph.grid`);
 * ``vision/pos_embed``: bilinear interpolation (align_corners) of the learned square position grid to
   each image's h x w, as 4 gathered taps and their weights;
 * ``vision/rotary``: the 2-D rotary angles from each patch's (row, column);
-* ``vision/attention_layout``: every frame of every image is one attention segment. Segments are laid
-  into a padded batch [segments, longest, hidden] and attention runs per segment with a key padding mask,
-  so cost grows with the number of images, not with the square of all patches in the call.
+* ``vision/segments``: every frame of every image is one attention segment. The segments are grouped by
+  length (picture in :meth:`VisionGraph.segment_layout`) and the tower runs on that grouped patch order from
+  the patch embedding to the mergers, whose outputs go back to the input order. In each block, attention runs
+  per run of equal-length segments as one [segments, length, hidden] batch through MultiHeadAttention with no
+  padding and no mask (ONNX Runtime's tiled, O(length)-memory path): an ``If`` takes the single-run case
+  (one image, or images of one size) straight, a ``Loop`` does one iteration per distinct length otherwise.
+  Cost grows with the square of each segment's patches, not with the square of all patches in the call.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Protocol
 import numpy as np
 import onnx_ir as ir
 
-from merge.contract.names import MS_DOMAIN
+from merge.contract.names import MS_DOMAIN, OPSET, VISION_SCOPE
 from merge.contract.vision import VISION_INPUTS, VISION_OUTPUTS, VisionSpec
 from merge.errors import MergeError
 
@@ -30,9 +34,7 @@ from .builder import BOOL, FLOAT, INT64, GraphBuilder, make_model, tensor_input
 
 log = logging.getLogger(__name__)
 
-OPSET = 21
 VISION_PREFIXES = ("model.visual.", "visual.", "vision_tower.")
-_LN_EPS = 1e-6
 
 
 class Weights(Protocol):
@@ -84,7 +86,7 @@ class VisionGraph:
         with b.scope(name):
             gamma = self._param(hf_module + ".weight", "weight")
             beta = self._param(hf_module + ".bias", "bias")
-            return b.op("LayerNormalization", [x, gamma, beta], {"axis": -1, "epsilon": _LN_EPS})
+            return b.op("LayerNormalization", [x, gamma, beta], {"axis": -1, "epsilon": self.spec.layer_norm_eps})
 
     def activation(self, x: ir.Value, kind: str) -> ir.Value:
         b = self.b
@@ -101,12 +103,32 @@ class VisionGraph:
 
     # -- grid-dependent tensors --------------------------------------------------------------------
     def grid(self, pixel_values: ir.Value, grid_thw: ir.Value) -> dict[str, ir.Value]:
-        """Per-patch image, frame, position inside the frame, row and column; per-image sizes."""
+        """Per-patch image, frame, position inside the frame, row and column; per-image sizes.
+
+        Across images: an image's patches follow the previous image's, frame after frame::
+
+            grid_thw [[1, 4, 6], [2, 2, 4]]:   counts t*h*w = [24, 16], ends = [24, 40], starts = [0, 24]
+            patch        0 ... 23 | 24 ... 31 | 32 ... 39
+            image           0     |     1     |     1         how many images end at or before the patch
+            frame           0     |     0     |     1         (patch - start) // (h * w)
+            within       0 ... 23 |  0 ... 7  |  0 ... 7      (patch - start) % (h * w)
+
+        Inside a frame (h = 4, w = 6, merge m = 2), the processor emits m x m blocks, each row-major, the blocks
+        row-major; the number at each (row, col) is ``within``::
+
+                    col  0  1    2  3    4  5
+                row 0:   0  1 |  4  5 |  8  9
+                row 1:   2  3 |  6  7 | 10 11       within 13: block 13 // m^2 = 3 of 6 // m = 3 per row,
+                        ------+-------+------       so block row 1, block col 0; in the block
+                row 2:  12 13 | 16 17 | 20 21       row (13 // m) % m = 0, col 13 % m = 1:
+                row 3:  14 15 | 18 19 | 22 23       row 1 * m + 0 = 2, col 0 * m + 1 = 1
+        """
         b, m = self.b, self.spec.spatial_merge_size
         c = {}
         with b.scope("grid"):
-            axis0 = b.const(np.int64(0), "axis0")
-            t, h, w = (b.op("Gather", [grid_thw, b.const(np.int64(i), f"col{i}")], {"axis": 1}, name=f"{n}")
+            axis0, axes0, axes1 = b.const(0, "axis0"), b.const([0], "axes0"), b.const([1], "axes1")
+            merge = b.const(m, "merge")
+            t, h, w = (b.op("Gather", [grid_thw, b.const(i, f"col{i}")], {"axis": 1}, name=f"{n}")
                        for i, n in enumerate("thw"))
             hw = b.op("Mul", [h, w], name="frame_patches")
             counts = b.op("Mul", [t, hw], name="image_patches")
@@ -116,36 +138,35 @@ class VisionGraph:
             # h and w a multiple of the merge size (a mismatch fails naming the check and both numbers); every
             # use of the patch count below goes through the checks, so they run before anything else
             rows = b.op("Shape", [pixel_values], {"start": 0, "end": 1}, name="pixel_rows")
-            grid_patches = b.op("ReduceSum", [counts, b.const([0], "all")], {"keepdims": 1}, name="grid_patches")
-            mc_ = b.const(np.int64(m), "merge_size")
-            odd = b.op("ReduceSum", [b.op("Add", [b.op("Mod", [h, mc_]), b.op("Mod", [w, mc_])]), b.const([0], "all_")],
+            grid_patches = b.op("ReduceSum", [counts, axes0], {"keepdims": 1}, name="grid_patches")
+            odd = b.op("ReduceSum", [b.op("Add", [b.op("Mod", [h, merge]), b.op("Mod", [w, merge])]), axes0],
                        {"keepdims": 1}, name="grid_sides_not_multiple_of_merge")
             checked = b.op("Add", [b.check_equal("patch_rows_vs_image_grid", rows, grid_patches),
                                    b.check_equal("grid_sides_off_merge_vs_zero", odd, b.const([0], "none"))])
             num_patches = b.op("Add", [rows, checked], name="num_patches")
-            patch = b.op("Range", [b.const(np.int64(0), "zero"), b.op("Squeeze", [num_patches, b.const([0], "axes0")]),
-                                   b.const(np.int64(1), "one")], name="patch_index")
+            patch = b.op("Range", [b.const(0, "zero"), b.op("Squeeze", [num_patches, axes0]), b.const(1, "one")],
+                         name="patch_index")
             # repeat_interleave(arange(num_images), counts) without a loop: a patch belongs to the number
             # of images that end at or before it.
-            after_end = b.op("GreaterOrEqual", [b.op("Unsqueeze", [patch, b.const([1], "axes1")]),
-                                                b.op("Unsqueeze", [ends, b.const([0], "axes0")])])
-            image = b.op("ReduceSum", [b.op("Cast", [after_end], {"to": INT64}), b.const([1], "reduce_axes")],
-                         {"keepdims": 0}, name="patch_image")
+            after_end = b.op("GreaterOrEqual", [b.op("Unsqueeze", [patch, axes1]), b.op("Unsqueeze", [ends, axes0])])
+            image = b.op("ReduceSum", [b.op("Cast", [after_end], {"to": INT64}), axes1], {"keepdims": 0},
+                         name="patch_image")
             rel = b.op("Sub", [patch, b.op("Gather", [starts, image], name="patch_image_start")])
             p_hw = b.op("Gather", [hw, image], name="patch_frame_patches")
             p_w = b.op("Gather", [w, image], name="patch_width")
             within = b.op("Mod", [rel, p_hw], name="index_in_frame")
             frame = b.op("Div", [rel, p_hw], name="frame_in_image")
-            # Patches come in merge-block order: (block_row, block_col, row_in_block, col_in_block).
-            mc, mm = b.const(np.int64(m), "merge"), b.const(np.int64(m * m), "merge_unit")
-            col_in = b.op("Mod", [within, mc], name="col_in_block")
-            row_in = b.op("Mod", [b.op("Div", [within, mc]), mc], name="row_in_block")
-            blocks_w = b.op("Div", [p_w, mc], name="blocks_per_row")
-            block = b.op("Div", [within, mm], name="block_index")
+            # Patches come in merge-block order: (block_row, block_col, row_in_block, col_in_block); the
+            # picture in the docstring above.
+            merge_unit = b.const(m * m, "merge_unit")
+            col_in = b.op("Mod", [within, merge], name="col_in_block")
+            row_in = b.op("Mod", [b.op("Div", [within, merge]), merge], name="row_in_block")
+            blocks_w = b.op("Div", [p_w, merge], name="blocks_per_row")
+            block = b.op("Div", [within, merge_unit], name="block_index")
             block_col = b.op("Mod", [block, blocks_w], name="block_col")
             block_row = b.op("Div", [block, blocks_w], name="block_row")
-            c["row"] = b.op("Add", [b.op("Mul", [block_row, mc]), row_in], name="row")
-            c["col"] = b.op("Add", [b.op("Mul", [block_col, mc]), col_in], name="col")
+            c["row"] = b.op("Add", [b.op("Mul", [block_row, merge]), row_in], name="row")
+            c["col"] = b.op("Add", [b.op("Mul", [block_col, merge]), col_in], name="col")
             c["height"] = b.op("Gather", [h, image], name="patch_height")
             c["width"] = p_w
             c.update(patch=patch, image=image, within=within, frame=frame, t=t, hw=hw, num_patches=num_patches,
@@ -159,7 +180,7 @@ class VisionGraph:
             table = self._param("pos_embed.weight", "weight")
             taps_h, weights_h = self._axis_taps(g["row"], g["height"], side, "rows")
             taps_w, weights_w = self._axis_taps(g["col"], g["width"], side, "cols")
-            side_c = b.const(np.int64(side), "side")
+            side_c = b.const(side, "side")
             idx, wts = [], []
             for i in range(2):
                 for j in range(2):
@@ -175,7 +196,7 @@ class VisionGraph:
     def _axis_taps(self, index: ir.Value, size: ir.Value, side: int, name: str):
         b = self.b
         with b.scope(name):
-            one_i = b.const(np.int64(1), "one")
+            one_i = b.const(1, "one")
             denom = b.op("Cast", [b.op("Max", [b.op("Sub", [size, one_i]), one_i])], {"to": FLOAT})
             scaled = b.op("Mul", [b.op("Cast", [index], {"to": FLOAT}), b.const(np.float32(side - 1), "side_m1")])
             src = b.op("Div", [scaled, denom], name="source")
@@ -185,7 +206,7 @@ class VisionGraph:
             w0 = b.op("Sub", [one_f, frac], name="weight0")
             w1 = b.op("Sub", [one_f, b.op("Abs", [b.op("Sub", [frac, one_f])])], name="weight1")
             t0 = b.op("Cast", [floor], {"to": INT64}, name="tap0")
-            lo, hi = b.const(np.int64(0), "lo"), b.const(np.int64(side - 1), "hi")
+            lo, hi = b.const(0, "lo"), b.const(side - 1, "hi")
             taps = [b.op("Min", [b.op("Max", [t, lo]), hi], name=f"clamp{k}")
                     for k, t in enumerate((t0, b.op("Add", [t0, one_i], name="tap1")))]
             return taps, (w0, w1)
@@ -216,20 +237,35 @@ class VisionGraph:
         ``token_inverse`` (merged token t of the input order is grouped token ``token_inverse[t]``). Whole
         segments move, so merge blocks stay together and the tower runs on the grouped order from the patch
         embedding to the mergers; only their outputs are put back in order.
+
+        An image, a 2-frame video and an image (merge unit m^2 = 4)::
+
+            grid_thw         [[1, 4, 6], [2, 2, 4], [1, 4, 6]]
+            input patches    0 ....... 23 | 24 .. 31 | 32 .. 39 | 40 ....... 63
+            segment (length) 0 (24)       | 1 (8)    | 2 (8)    | 3 (24)
+            run (Unique)     1            | 0        | 0        | 1              run_length [8, 24], run_count [2, 2]
+            key = run * segments + segment = [4, 1, 2, 7]  ->  order (TopK, smallest first) [1, 2, 0, 3]
+
+            grouped patch     0 ..  7 |  8 .. 15 | 16 ...... 39 | 40 ...... 63
+            perm             24 .. 31 | 32 .. 39 |  0 ...... 23 | 40 ...... 63     input patch of each
+            run               run 0: 2 x 8, offset 0 | run 1: 2 x 24, offset 16
+            attention         [2, 8, hidden]         | [2, 24, hidden]
+
+            token_inverse    [4 5 6 7 8 9 | 0 1 2 3 | 10 ... 15]    input token t is grouped token token_inverse[t]
+                             (grouped token g is input token perm[g * 4] // 4; scattered back)
         """
         b, mu = self.b, self.spec.merge_unit
         with b.scope("segments"):
-            axis0 = b.const(np.int64(0), "axis0")
-            zero, one = b.const(np.int64(0), "zero"), b.const(np.int64(1), "one")
+            axis0, axes0, axes1 = b.const(0, "axis0"), b.const([0], "axes0"), b.const([1], "axes1")
+            zero, one = b.const(0, "zero"), b.const(1, "one")
             t_end = b.op("CumSum", [g["t"], axis0], name="image_segment_ends")
             t_first = b.op("Sub", [t_end, g["t"]], name="image_first_segment")
-            total = b.op("ReduceSum", [g["t"], b.const([0], "axes0")], {"keepdims": 0}, name="num_segments")
+            total = b.op("ReduceSum", [g["t"], axes0], {"keepdims": 0}, name="num_segments")
             segment = b.op("Range", [zero, total, one], name="segment_index")
             # the image of each segment: how many images end at or before it (segments x images, both small)
-            after = b.op("GreaterOrEqual", [b.op("Unsqueeze", [segment, b.const([1], "axes1")]),
-                                            b.op("Unsqueeze", [t_end, b.const([0], "axes0_")])])
-            image = b.op("ReduceSum", [b.op("Cast", [after], {"to": INT64}), b.const([1], "reduce_axes")],
-                         {"keepdims": 0}, name="segment_image")
+            after = b.op("GreaterOrEqual", [b.op("Unsqueeze", [segment, axes1]), b.op("Unsqueeze", [t_end, axes0])])
+            image = b.op("ReduceSum", [b.op("Cast", [after], {"to": INT64}), axes1], {"keepdims": 0},
+                         name="segment_image")
             length = b.op("Gather", [g["hw"], image], name="segment_length")
             frame = b.op("Sub", [segment, b.op("Gather", [t_first, image])], name="segment_frame")
             start = b.op("Add", [b.op("Gather", [g["starts"], image]), b.op("Mul", [frame, length])],
@@ -239,7 +275,7 @@ class VisionGraph:
                                                           name="runs")
             # a stable order by run: key = run * segments + segment, ascending
             key = b.op("Add", [b.op("Mul", [run_of, total]), segment], name="group_key")
-            k = b.op("Unsqueeze", [total, b.const([0], "axes0__")], name="k")
+            k = b.op("Unsqueeze", [total, axes0], name="k")
             _, order = b.op_multi("TopK", [key, k], {"largest": 0, "sorted": 1}, num_outputs=2, name="group_order")
             g_length = b.op("Gather", [length, order], name="grouped_length")
             g_start = b.op("Gather", [start, order], name="grouped_input_start")
@@ -252,14 +288,15 @@ class VisionGraph:
                          {"value": ir.tensor(np.zeros(1, np.int64))}, name="no_marks")
             ones = b.op("ConstantOfShape", [b.op("Shape", [g_end])], {"value": ir.tensor(np.ones(1, np.int64))})
             marks = b.op("ScatterElements", [marks, g_end, ones], {"axis": 0}, name="end_marks")
-            owner = b.op("Slice", [b.op("CumSum", [marks, axis0]), b.const([0], "start0"), n], name="patch_segment")
+            start0 = b.const([0], "start0")
+            owner = b.op("Slice", [b.op("CumSum", [marks, axis0]), start0, n], name="patch_segment")
             offset = b.op("Sub", [g["patch"], b.op("Gather", [g_first, owner])], name="offset_in_segment")
             perm = b.op("Add", [b.op("Gather", [g_start, owner]), offset], name="patch_order")
             # merged tokens: grouped token t is input token perm[t * mu] / mu
-            mu_c = b.const(np.int64(mu), "merge_unit")
-            tokens = b.op("Div", [n, b.const([mu], "merge_unit_1d")], name="num_tokens")
-            t_perm = b.op("Div", [b.op("Slice", [perm, b.const([0], "t0"), n, b.const([0], "t_axis"),
-                                                  b.const([mu], "t_step")]), mu_c], name="token_order")
+            mu_1d = b.const([mu], "merge_unit_1d")
+            tokens = b.op("Div", [n, mu_1d], name="num_tokens")
+            t_perm = b.op("Div", [b.op("Slice", [perm, start0, n, axes0, mu_1d]), b.const(mu, "merge_unit")],
+                          name="token_order")
             t_index = b.op("Range", [zero, b.op("Squeeze", [tokens]), one], name="token_index")
             t_inverse = b.op("ScatterElements", [b.op("ConstantOfShape", [tokens],
                                                       {"value": ir.tensor(np.zeros(1, np.int64))}),
@@ -291,19 +328,27 @@ class VisionGraph:
 
         One run (all segments of one length: one image, or a video's frames) is one [count, length, hidden] batch
         through MultiHeadAttention with no mask, whose CPU kernel then tiles the scores (flash attention): memory
-        linear in the patches. Several runs go through a Loop, one iteration per distinct length."""
+        linear in the patches. Several runs go through a Loop, one iteration per distinct length (the runs: see
+        :meth:`segment_layout`)::
+
+            If(num_runs == 1)
+            ├─ then: single_run   run 0: q, k, v -> [count, length, hidden] -> MultiHeadAttention -> [patches, hidden]
+            └─ else: runs         Loop over the runs, rows_in [0, hidden] to start:
+                                    rows = q, k, v [offset, offset + count * length)   (axis 1)
+                                    rows_out = Concat(rows_in, MultiHeadAttention of that run's batch)
+        """
         b, s = self.b, self.spec
         hidden = s.hidden_size
         with b.scope("segments"):
             flat = b.const([-1, hidden], "flatten_shape")
-            axis0, axis1 = b.const([0], "axis0"), b.const([1], "axis1")
+            axes0, axes1 = b.const([0], "axes0"), b.const([1], "axes1")
             width = b.const([hidden], "width")
 
             def run(builder: GraphBuilder, index: ir.Value, rows: tuple[ir.Value, ...]) -> ir.Value:
                 length = builder.op("Gather", [lay["run_length"], index], name="length")
                 count = builder.op("Gather", [lay["run_count"], index], name="count")
-                shape = builder.op("Concat", [builder.op("Unsqueeze", [count, axis0]),
-                                              builder.op("Unsqueeze", [length, axis0]), width], {"axis": 0},
+                shape = builder.op("Concat", [builder.op("Unsqueeze", [count, axes0]),
+                                              builder.op("Unsqueeze", [length, axes0]), width], {"axis": 0},
                                    name="batch_shape")
                 batch = [builder.op("Reshape", [x, shape], name=f"{n}_batch") for x, n in zip(rows, "qkv",
                                                                                               strict=True)]
@@ -312,27 +357,26 @@ class VisionGraph:
                 return builder.op("Reshape", [out, flat], name="run_out")
 
             with b.subgraph() as one:  # the common case: a single run, no copies
-                single = ir.Graph([], [run(one, b.const(np.int64(0), "first_run"), (q, k, v))], nodes=one.nodes,
-                                  name=one.scoped("single_run"))
+                single = one.graph("single_run", [run(one, one.const(0, "first_run"), (q, k, v))])
             with b.subgraph() as body:
                 step = tensor_input(body.scoped("run"), INT64, [])
                 cond = tensor_input(body.scoped("cond_in"), BOOL, [])
                 done = tensor_input(body.scoped("rows_in"), FLOAT, ["rows", hidden])
-                first = body.op("Unsqueeze", [body.op("Gather", [lay["run_offset"], step]), axis0], name="offset")
+                first = body.op("Unsqueeze", [body.op("Gather", [lay["run_offset"], step]), axes0], name="offset")
                 size = body.op("Mul", [body.op("Gather", [lay["run_count"], step]),
                                        body.op("Gather", [lay["run_length"], step])], name="size")
-                last = body.op("Add", [first, body.op("Unsqueeze", [size, axis0])], name="end")
-                rows = tuple(body.op("Slice", [x, first, last, axis1], name=f"{n}_rows") for x, n in zip(
+                last = body.op("Add", [first, body.op("Unsqueeze", [size, axes0])], name="end")
+                rows = tuple(body.op("Slice", [x, first, last, axes1], name=f"{n}_rows") for x, n in zip(
                     (q, k, v), "qkv", strict=True))
                 rows_out = body.op("Concat", [done, run(body, step, rows)], {"axis": 0}, name="rows_out")
                 cond_out = body.op("Identity", [cond], name="cond_out")
-                loop_body = ir.Graph([step, cond, done], [cond_out, rows_out], nodes=body.nodes,
-                                     name=body.scoped("run_body"))
+                loop_body = body.graph("run_body", [cond_out, rows_out], inputs=[step, cond, done])
             with b.subgraph() as several:
-                start = b.const(np.zeros((0, hidden), np.float32), "no_rows")
+                start = several.const(np.zeros((0, hidden), np.float32), "no_rows")
+                # Loop(M: trip count, cond: none, v_initial: the rows so far)
                 looped = several.op("Loop", [lay["num_runs"], None, start], {"body": loop_body}, name="Loop")
-                runs = ir.Graph([], [looped], nodes=several.nodes, name=several.scoped("runs"))
-            is_single = b.op("Equal", [lay["num_runs"], b.const(np.int64(1), "one_run")], name="is_single_run")
+                runs = several.graph("runs", [looped])
+            is_single = b.op("Equal", [lay["num_runs"], b.const(1, "one_run")], name="is_single_run")
             out = b.op("If", [is_single], {"then_branch": single, "else_branch": runs}, name="If")
         return out
 
@@ -404,21 +448,22 @@ class VisionGraph:
         return image_embeds, deepstack
 
 
-def build_vision_model(weights: Weights, spec: VisionSpec, scope: str = "vision") -> ir.Model:
-    """The vision part as an onnx_ir model whose weights load lazily from ``weights`` when it is written."""
+def build_vision_model(weights: Weights, spec: VisionSpec, scope: str = VISION_SCOPE) -> ir.Model:
+    """The vision part as an onnx_ir model whose weights load lazily from ``weights`` when it is written; its
+    inputs and outputs are the contract's (:data:`merge.contract.vision.VISION_INPUTS`, ``VISION_OUTPUTS``)."""
     prefix = weights.find_prefix(VISION_PREFIXES, "patch_embed.proj.weight")
     b = GraphBuilder(scope)
-    pixel_values = tensor_input("pixel_values", FLOAT, ["num_patches", spec.patch_dim])
-    grid_thw = tensor_input("image_grid_thw", INT64, ["num_images", 3])
+    pixels_name, grid_name = VISION_INPUTS
+    pixel_values = tensor_input(pixels_name, FLOAT, ["num_patches", spec.patch_dim])
+    grid_thw = tensor_input(grid_name, INT64, ["num_images", 3])
     image_embeds, deepstack = VisionGraph(spec, weights, prefix, b).build(pixel_values, grid_thw)
-    image_embeds = b.op("Identity", [image_embeds], name="image_embeds")
-    deepstack = b.op("Identity", [deepstack], name="deepstack_embeds")
-    image_embeds.name, deepstack.name = "image_embeds", "deepstack_embeds"
+    embeds_name, deepstack_name = VISION_OUTPUTS
+    image_embeds = b.op("Identity", [image_embeds], name=embeds_name)
+    deepstack = b.op("Identity", [deepstack], name=deepstack_name)
+    image_embeds.name, deepstack.name = embeds_name, deepstack_name
     image_embeds.type, deepstack.type = ir.TensorType(FLOAT), ir.TensorType(FLOAT)
     image_embeds.shape = ir.Shape([ir.SymbolicDim("num_image_tokens"), spec.out_hidden_size])
     deepstack.shape = ir.Shape([len(spec.deepstack_visual_indexes), ir.SymbolicDim("num_image_tokens"),
                                 spec.out_hidden_size])
-    assert [v.name for v in (pixel_values, grid_thw)] == list(VISION_INPUTS)
-    assert [v.name for v in (image_embeds, deepstack)] == list(VISION_OUTPUTS)
     return make_model(b, [pixel_values, grid_thw], [image_embeds, deepstack], name="qwen3vl_vision",
                       opset_imports={"": OPSET, MS_DOMAIN: 1})

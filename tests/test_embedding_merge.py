@@ -21,6 +21,7 @@ import torch
 import transformers
 
 from graphs.embedding_merge import INPUT_NAMES, build_embedding_merge, output_names
+from merge.contract.names import OPSET
 from merge.presets.shapes import preset_config
 from merge.tools.compare import compare
 from tests.onnx_session import checked_session
@@ -344,7 +345,7 @@ def test_structure(num_levels: int):
     hidden = 32
     model = build_embedding_merge(1004, hidden, num_levels, prefix="emb/", video_token_id=1005)
     graph = model.graph
-    assert model.opset_imports == {"": 21}
+    assert model.opset_imports == {"": OPSET}
     assert [v.name for v in graph.inputs] == list(INPUT_NAMES)
     assert [v.name for v in graph.outputs] == list(output_names(num_levels))
     assert [v.dtype for v in graph.inputs] == [ir.DataType.INT64] + [ir.DataType.FLOAT] * 3 + [ir.DataType.INT64]

@@ -21,6 +21,7 @@ import transformers
 
 from graphs import rope_index
 from graphs.rope_index import INPUT_NAMES, OUTPUT_NAMES, build_rope_index
+from merge.contract.names import OPSET
 from merge.presets.shapes import preset_config
 from tests.onnx_session import checked_session
 
@@ -368,7 +369,7 @@ def test_structure_names_and_domains():
     assert [v.name for v in graph.inputs] == list(INPUT_NAMES)
     assert [v.name for v in graph.outputs] == list(OUTPUT_NAMES)
     assert all(v.dtype == ir.DataType.INT64 for v in [*graph.inputs, *graph.outputs])
-    assert model.opset_imports == {"": 21}
+    assert model.opset_imports == {"": OPSET}
     io_names = {v.name for v in [*graph.inputs, *graph.outputs]}
     nodes = list(ir.traversal.RecursiveGraphIterator(graph))
     assert len({n.name for n in nodes}) == len(nodes), "node names must be unique"

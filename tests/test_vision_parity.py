@@ -190,6 +190,10 @@ def test_vision_graph_structure(preset, vision):
                   for n in g.node]
     rotary = [n for n in graph.node if n.op_type == "RotaryEmbedding"]
     assert len(rotary) == 2 * spec.depth  # q and k of every block
+    norms = [n for n in graph.node if n.op_type == "LayerNormalization"]  # norm1, norm2 per block; the mergers'
+    assert len(norms) == 2 * spec.depth + 1 + len(spec.deepstack_visual_indexes)
+    eps = [onnx.helper.get_attribute_value(a) for n in norms for a in n.attribute if a.name == "epsilon"]
+    assert eps == [pytest.approx(spec.layer_norm_eps)] * len(norms), eps  # the config's (float32 in the graph)
     assert all(name.startswith("vision/") for name in names)
     assert len(set(names)) == len(names)
     large = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]

@@ -121,10 +121,27 @@ GQA_SEQLENS_K = 5
 GQA_TOTAL_SEQUENCE_LENGTH = 6
 GQA_ATTENTION_BIAS = 10
 
+# -- the parts' own interfaces (graphs/ builds each part with these; the stitch passes bind them by name) -------
+ROPE_INDEX_INPUTS = (INPUT_IDS, ATTENTION_MASK, IMAGE_GRID_THW, VIDEO_GRID_THW, ROPE_DELTAS)
+ROPE_INDEX_OUTPUTS = (DECODER_POSITION_IDS, ROPE_DELTAS_OUT)
+EMBEDDING_TOKEN_TABLE = "embed_tokens"
+EMBEDDING_TABLE_SCALES = "embed_scales"  # an int4-block token table's scales (ShareTiedTable), after the inputs
+EMBEDDING_MERGE_INPUTS = (INPUT_IDS, EMBEDDING_TOKEN_TABLE, "image_embeds", "deepstack_embeds", "image_rows")
+EMBEDDING_VISUAL_MASK = "visual_mask"
+
+
+def embedding_merge_outputs(num_levels: int) -> tuple[str, ...]:
+    """``inputs_embeds``, ``visual_mask``, then ``deepstack_{k}`` per DeepStack level."""
+    return (DECODER_INPUTS_EMBEDS, EMBEDDING_VISUAL_MASK, *(f"deepstack_{k}" for k in range(num_levels)))
+
+
 # -- operator domains and opsets ------------------------------------------------------------------------------
 MS_DOMAIN = "com.microsoft"
-OPSET = 22  # the combined model's default-domain opset (the GenAI builder's)
-IR_VERSION = 10
+OPSET = 22  # the combined model's and every part's default-domain opset (the GenAI builder's)
+# The smallest IR version that may carry each default-domain opset (the ONNX release table); a model is written
+# with the one its opset needs.
+MIN_IR_VERSION = {18: 8, 19: 9, 20: 9, 21: 10, 22: 10, 23: 11, 24: 12, 25: 13, 26: 13, 27: 13, 28: 14}
+IR_VERSION = MIN_IR_VERSION[OPSET]
 
 # -- special tokens --------------------------------------------------------------------------------------------
 IMAGE_TOKEN = "<|image_pad|>"

@@ -38,6 +38,12 @@ SIZE_LIMITS = {
 
 SUPPORTED_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast", "silu", "quick_gelu")
 
+# transformers' Qwen3-VL vision LayerNorms (each block's norm1 and norm2, the mergers' norm) are
+# ``nn.LayerNorm(eps=1e-6)``: its vision config has no key for it. A config that names one (``layer_norm_eps``, the
+# usual Hugging Face key) is followed.
+LAYER_NORM_EPS = 1e-6
+MAX_LAYER_NORM_EPS = 1e-2  # past this a LayerNorm no longer normalizes: a corrupt config
+
 
 @dataclass(frozen=True)
 class VisionSpec:
@@ -54,6 +60,7 @@ class VisionSpec:
     deepstack_visual_indexes: tuple[int, ...]
     hidden_act: str
     rope_theta: float
+    layer_norm_eps: float = LAYER_NORM_EPS
 
     @classmethod
     def from_config(cls, vision_config: dict, where: str = "vision_config") -> VisionSpec:
@@ -93,6 +100,7 @@ class VisionSpec:
             deepstack_visual_indexes=tuple(int(i) for i in cfg.get("deepstack_visual_indexes", ())),
             hidden_act=str(cfg.get("hidden_act", "gelu_pytorch_tanh")),
             rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            layer_norm_eps=float(cfg.get("layer_norm_eps", LAYER_NORM_EPS)),
         )
 
     def validate(self, where: str = "vision_config") -> None:
@@ -113,6 +121,9 @@ class VisionSpec:
         if repeated:  # transformers would run the first of that layer's mergers only, leaving the levels short
             raise MergeError(f"{where}: deepstack_visual_indexes {list(self.deepstack_visual_indexes)} repeats "
                              f"layer(s) {repeated}; each DeepStack level needs a layer of its own")
+        if not 0 < self.layer_norm_eps <= MAX_LAYER_NORM_EPS:  # also refuses NaN
+            raise MergeError(f"{where}: layer_norm_eps = {self.layer_norm_eps} must be above 0 and at most "
+                             f"{MAX_LAYER_NORM_EPS}")
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             raise MergeError(f"{where}: hidden_act {self.hidden_act!r} unsupported "
                              f"(supported: {SUPPORTED_ACTIVATIONS})")
