@@ -10,8 +10,8 @@ The same builder writes a whole part (:func:`make_model`), an ``If`` branch or a
 (:meth:`GraphBuilder.subgraph`, then :meth:`GraphBuilder.graph`), or a few nodes into a graph that exists
 already (:meth:`GraphBuilder.add_to`: what the stitch passes do)::
 
-    b = GraphBuilder("merge/padding")
-    last = b.op("Sub", [total, b.const(np.int32(1), "one")], name="last_position")
+    b = GraphBuilder("merge/checks")
+    rows = b.op("Shape", [input_ids], {"start": 0, "end": 1}, name="input_ids_rows")
     b.add_to(model.graph)            # nodes appended, constants registered as the graph's initializers
 """
 

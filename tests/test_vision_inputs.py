@@ -51,8 +51,8 @@ def test_wrong_patch_width_is_refused():
         ({"deepstack_visual_indexes": [0, 9]}, "[9] outside 0..3"),
         ({"deepstack_visual_indexes": [3, 1, 3]}, "[3, 1, 3] repeats layer(s) [3]"),
         ({"hidden_act": "relu6"}, "hidden_act 'relu6' unsupported"),
-        ({"layer_norm_eps": 0}, "layer_norm_eps = 0.0 must be above 0"),
-        ({"layer_norm_eps": 0.5}, "layer_norm_eps = 0.5 must be above 0 and at most 0.01"),
+        ({"layer_norm_eps": 0}, "layer_norm_eps = 0.0, but transformers' Qwen3-VL vision tower ignores that key"),
+        ({"layer_norm_eps": 1e-5}, "layer_norm_eps = 1e-05, but transformers' Qwen3-VL vision tower ignores"),
     ],
 )
 def test_bad_vision_config_is_refused(change, message):
@@ -62,9 +62,10 @@ def test_bad_vision_config_is_refused(change, message):
     assert message in str(info.value)
 
 
-def test_layer_norm_eps_is_transformers_unless_the_config_names_one():
-    """transformers' vision LayerNorms use eps 1e-6 and its config has no key for it; a config's
-    ``layer_norm_eps`` is followed."""
+def test_layer_norm_eps_is_transformers():
+    """transformers' vision LayerNorms use eps 1e-6 and its config has no key for it: the spec carries it, and a
+    config that names the same value is accepted (the twin, another value, is refused above)."""
     assert SPEC.layer_norm_eps == 1e-6
-    cfg = {**preset_config("tiny")["vision_config"], "layer_norm_eps": 1e-5}
-    assert VisionSpec.from_config(cfg).layer_norm_eps == 1e-5
+    cfg = {**preset_config("tiny")["vision_config"], "layer_norm_eps": 1e-6}
+    assert VisionSpec.from_config(cfg).layer_norm_eps == 1e-6
+

@@ -39,10 +39,9 @@ SIZE_LIMITS = {
 SUPPORTED_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast", "silu", "quick_gelu")
 
 # transformers' Qwen3-VL vision LayerNorms (each block's norm1 and norm2, the mergers' norm) are
-# ``nn.LayerNorm(eps=1e-6)``: its vision config has no key for it. A config that names one (``layer_norm_eps``, the
-# usual Hugging Face key) is followed.
+# ``nn.LayerNorm(eps=1e-6)``: its vision config has no key for it. A config that names another (``layer_norm_eps``, the
+# usual Hugging Face key) is refused: transformers ignores the key, so following it would part from PyTorch.
 LAYER_NORM_EPS = 1e-6
-MAX_LAYER_NORM_EPS = 1e-2  # past this a LayerNorm no longer normalizes: a corrupt config
 
 
 @dataclass(frozen=True)
@@ -121,9 +120,10 @@ class VisionSpec:
         if repeated:  # transformers would run the first of that layer's mergers only, leaving the levels short
             raise MergeError(f"{where}: deepstack_visual_indexes {list(self.deepstack_visual_indexes)} repeats "
                              f"layer(s) {repeated}; each DeepStack level needs a layer of its own")
-        if not 0 < self.layer_norm_eps <= MAX_LAYER_NORM_EPS:  # also refuses NaN
-            raise MergeError(f"{where}: layer_norm_eps = {self.layer_norm_eps} must be above 0 and at most "
-                             f"{MAX_LAYER_NORM_EPS}")
+        if self.layer_norm_eps != LAYER_NORM_EPS:  # also refuses NaN
+            raise MergeError(f"{where}: layer_norm_eps = {self.layer_norm_eps}, but transformers' Qwen3-VL vision "
+                             f"tower ignores that key and uses {LAYER_NORM_EPS}; remove it (the export follows "
+                             "transformers)")
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             raise MergeError(f"{where}: hidden_act {self.hidden_act!r} unsupported "
                              f"(supported: {SUPPORTED_ACTIVATIONS})")

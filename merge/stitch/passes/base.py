@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-import numpy as np
 import onnx_ir as ir
 
 from merge.errors import MergeError
@@ -97,30 +96,7 @@ def find_node(graph: ir.Graph, name: str) -> ir.Node | None:
     return next((n for n in graph if n.name == name), None)
 
 
-def producer_op(value: ir.Value | None) -> str | None:
-    node = value.producer() if value is not None else None
-    return node.op_type if node is not None else None
-
-
-# -- small builders -------------------------------------------------------------------------------------------------
-
-def tensor_value(name: str, dtype: ir.DataType, shape: Sequence[int | str]) -> ir.Value:
-    dims = [ir.SymbolicDim(d) if isinstance(d, str) else d for d in shape]
-    return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(dims))
-
-
-def constant_node(name: str, array: np.ndarray) -> ir.Node:
-    node = ir.node("Constant", [], {"value": ir.tensor(array, name=name)}, name=name)
-    node.outputs[0].name = name
-    return node
-
-
-def named_node(op: str, inputs: Sequence[ir.Value | None], name: str, attrs: dict | None = None,
-               domain: str = "") -> ir.Node:
-    node = ir.node(op, list(inputs), attrs or {}, domain=domain, name=name)
-    node.outputs[0].name = name
-    return node
-
+# -- parts -----------------------------------------------------------------------------------------------------------
 
 def inline_part(target: ir.Graph, part: ir.Model, feeds: dict[str, ir.Value], who: str,
                 weights_to: ir.Graph | None = None) -> dict[str, ir.Value]:
@@ -143,10 +119,3 @@ def inline_part(target: ir.Graph, part: ir.Model, feeds: dict[str, ir.Value], wh
     for init in inits:
         (weights_to or target).register_initializer(init)
     return outputs
-
-
-def register_builder(graph: ir.Graph, builder) -> None:
-    """Add a :class:`graphs.builder.GraphBuilder`'s nodes and initializers to ``graph``."""
-    graph.extend(builder.nodes)
-    for init in builder.initializers.values():
-        graph.register_initializer(init)

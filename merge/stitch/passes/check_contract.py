@@ -30,7 +30,7 @@ from merge.contract.names import (
     VISION_HAS_PATCHES,
 )
 
-from .base import StitchError, StitchPass, find_node, graph_input, register_builder, require_value
+from .base import StitchError, StitchPass, find_node, graph_input, require_value
 
 CHECKS = ("attention_mask_rows_vs_input_ids_rows", "attention_mask_length_vs_past_plus_sequence",
           "rope_deltas_rows_vs_input_ids_rows", "patches_on_a_decode_call_vs_none")
@@ -86,7 +86,7 @@ class CheckContract(StitchPass):
             passed = b.op("Add", [passed, zero], name="checks/all_passed")
         checked = b.op("Add", [positions, passed], name="checks/position_ids")
         gated = b.op("Add", [guard.inputs[0], zeros[3]], name="checks/patches_checked")
-        register_builder(graph, b)
+        b.add_to(graph)
         for node in list(positions.uses()):
             if node.node is not checked.producer():
                 node.node.replace_input_with(node.idx, checked)

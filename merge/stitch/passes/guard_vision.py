@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphs.builder import GraphBuilder
+from graphs.builder import FLOAT, INT64, GraphBuilder, tensor_input
 from merge.contract.names import (
     IMAGE_GRID_THW,
     PIXEL_VALUES,
@@ -20,7 +20,7 @@ from merge.contract.names import (
 )
 from merge.contract.vision import VISION_INPUTS, VISION_OUTPUTS
 
-from .base import StitchError, StitchPass, constant_node, has_input, inline_part, register_builder, tensor_value
+from .base import StitchError, StitchPass, has_input, inline_part
 
 
 class GuardVision(StitchPass):
@@ -54,10 +54,10 @@ class GuardVision(StitchPass):
 
     def apply(self, model: ir.Model) -> bool:
         graph = model.graph
-        pixel_values = tensor_value(PIXEL_VALUES, ir.DataType.FLOAT, ["num_patches", self.patch_dim])
-        image_grid_thw = tensor_value(IMAGE_GRID_THW, ir.DataType.INT64, ["num_images", 3])
-        video_values = tensor_value(PIXEL_VALUES_VIDEOS, ir.DataType.FLOAT, ["num_video_patches", self.patch_dim])
-        video_grid_thw = tensor_value(VIDEO_GRID_THW, ir.DataType.INT64, ["num_videos", 3])
+        pixel_values = tensor_input(PIXEL_VALUES, FLOAT, ["num_patches", self.patch_dim])
+        image_grid_thw = tensor_input(IMAGE_GRID_THW, INT64, ["num_images", 3])
+        video_values = tensor_input(PIXEL_VALUES_VIDEOS, FLOAT, ["num_video_patches", self.patch_dim])
+        video_grid_thw = tensor_input(VIDEO_GRID_THW, INT64, ["num_videos", 3])
         graph.inputs.extend([pixel_values, image_grid_thw, video_values, video_grid_thw])
 
         # Outside the If (a few scalar ops per call): each modality's patch rows against its own grid (the tower
@@ -86,23 +86,24 @@ class GuardVision(StitchPass):
                        name="num_patches")
             has = b.op("Greater", [num, b.const(np.array([0], np.int64), "zero")], name="has_patches")
             flag = b.op("Squeeze", [has], name="condition")
-        register_builder(graph, b)
+        b.add_to(graph)
 
-        branch = ir.Graph([], [], nodes=[], name="vision")  # filled below; weights stay in the main graph
-        concat = [ir.node("Concat", [pixel_values, video_values], {"axis": 0}, name="vision/inputs/pixel_values"),
-                  ir.node("Concat", [image_grid_thw, video_grid_thw], {"axis": 0}, name="vision/inputs/grid_thw")]
-        for node in concat:
-            node.outputs[0].name = node.name
-        branch.extend(concat)
-        feeds = {PIXEL_VALUES: concat[0].outputs[0], IMAGE_GRID_THW: concat[1].outputs[0]}
-        outputs = inline_part(branch, self.vision, feeds, str(self), weights_to=graph)
+        # The then-branch: the tower on image then video patches; its weights stay in the main graph (read by name).
+        with b.subgraph() as then:
+            with then.scope("inputs"):
+                patches = then.op("Concat", [pixel_values, video_values], {"axis": 0}, name="pixel_values")
+                grids = then.op("Concat", [image_grid_thw, video_grid_thw], {"axis": 0}, name="grid_thw")
+            branch = then.graph("tower", [])
+        outputs = inline_part(branch, self.vision, {PIXEL_VALUES: patches, IMAGE_GRID_THW: grids}, str(self),
+                              weights_to=graph)
         branch.outputs.extend(outputs[name] for name in VISION_OUTPUTS)
-        empty = [
-            constant_node("vision/skipped/image_embeds", np.zeros((0, self.hidden_size), np.float32)),
-            constant_node("vision/skipped/deepstack_embeds",
-                          np.zeros((self.num_levels, 0, self.hidden_size), np.float32)),
-        ]
-        skipped = ir.Graph([], [n.outputs[0] for n in empty], nodes=empty, name="vision/skipped")
+        # The else-branch: empty features, made in the branch (a branch output must be produced there).
+        with b.subgraph() as skip:
+            with skip.scope("skipped"):
+                empty = [skip.op("Constant", [], {"value": ir.tensor(np.zeros(shape, np.float32))}, name=name)
+                         for name, shape in (("image_embeds", (0, self.hidden_size)),
+                                             ("deepstack_embeds", (self.num_levels, 0, self.hidden_size)))]
+            skipped = skip.graph("skipped", empty)
         guard = ir.node("If", [flag], {"then_branch": branch, "else_branch": skipped}, num_outputs=2,
                         name=VISION_IF)
         image_embeds, deepstack = guard.outputs

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from merge.contract.names import DEEPSTACK_PREFIX, deepstack_add, deepstack_term, mlp_output
+from graphs.builder import GraphBuilder
+from merge.contract.names import DEEPSTACK_PREFIX, deepstack_term, mlp_output
 
-from .base import StitchError, StitchPass, named_node
+from .base import StitchError, StitchPass
 
 
 class InjectDeepStack(StitchPass):
@@ -43,11 +44,13 @@ class InjectDeepStack(StitchPass):
         for k in range(self.num_levels):
             anchor = values[mlp_output(k)]
             uses = list(anchor.uses())
-            add = named_node("Add", [anchor, values[deepstack_term(k)]], deepstack_add(k))
-            add.outputs[0].type, add.outputs[0].shape = anchor.type, anchor.shape
-            graph.insert_after(anchor.producer(), add)
+            b = GraphBuilder(DEEPSTACK_PREFIX)
+            with b.scope(f"layers.{k}"):
+                added = b.op("Add", [anchor, values[deepstack_term(k)]], name="add")  # deepstack_add(k)
+            added.type, added.shape = anchor.type, anchor.shape
+            b.add_to(graph, after=anchor.producer())
             for use in uses:
-                use.node.replace_input_with(use.idx, add.outputs[0])
+                use.node.replace_input_with(use.idx, added)
         return self.num_levels > 0
 
     def ensures(self, model: ir.Model) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from graphs.builder import INT64, tensor_input
 from merge.contract.names import (
     DECODER_INPUTS_EMBEDS,
     EMBEDDING_PREFIX,
@@ -15,7 +16,7 @@ from merge.contract.names import (
     deepstack_term,
 )
 
-from .base import StitchError, StitchPass, graph_input, has_input, inline_part, require_value, tensor_value
+from .base import StitchError, StitchPass, graph_input, has_input, inline_part, require_value
 
 
 class MergeEmbeddings(StitchPass):
@@ -44,7 +45,7 @@ class MergeEmbeddings(StitchPass):
     def apply(self, model: ir.Model) -> bool:
         graph = model.graph
         decoder_embeds = graph_input(graph, DECODER_INPUTS_EMBEDS, str(self))
-        input_ids = tensor_value(INPUT_IDS, ir.DataType.INT64, ["batch_size", "sequence_length"])
+        input_ids = tensor_input(INPUT_IDS, INT64, ["batch_size", "sequence_length"])
         graph.inputs.append(input_ids)
         graph.register_initializer(self.table)
         feeds = {"input_ids": input_ids, "embed_tokens": self.table,

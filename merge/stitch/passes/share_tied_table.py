@@ -19,7 +19,7 @@ from graphs.builder import GraphBuilder
 from graphs.embedding_merge import token_embeddings
 from merge.contract.names import EMBEDDING_PREFIX, INPUT_IDS, LOGITS, TOKEN_EMBEDS_NODE
 
-from .base import StitchError, StitchPass, find_node, graph_input, register_builder
+from .base import StitchError, StitchPass, find_node, graph_input
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class ShareTiedTable(StitchPass):
         b = GraphBuilder(EMBEDDING_PREFIX + "embeds/tied")
         embeds = token_embeddings(b, table, graph_input(graph, INPUT_IDS, str(self)), layout, self.hidden_size,
                                   scales, block_size)
-        register_builder(graph, b)
+        b.add_to(graph)
         ir.convenience.replace_all_uses_with(old.outputs[0], embeds)
         graph.remove(old, safe=True)
         self.layout = layout

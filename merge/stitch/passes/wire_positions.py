@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from graphs.builder import INT64, tensor_input
 from merge.contract.names import (
     ATTENTION_MASK,
     DECODER_POSITION_IDS,
@@ -16,7 +17,7 @@ from merge.contract.names import (
     VIDEO_GRID_THW,
 )
 
-from .base import StitchError, StitchPass, graph_input, has_input, inline_part, tensor_value
+from .base import StitchError, StitchPass, graph_input, has_input, inline_part
 
 
 class WirePositions(StitchPass):
@@ -37,7 +38,7 @@ class WirePositions(StitchPass):
     def apply(self, model: ir.Model) -> bool:
         graph = model.graph
         positions = graph_input(graph, DECODER_POSITION_IDS, str(self))
-        rope_deltas = tensor_value(ROPE_DELTAS, ir.DataType.INT64, ["batch_size", 1])
+        rope_deltas = tensor_input(ROPE_DELTAS, INT64, ["batch_size", 1])
         graph.inputs.append(rope_deltas)
         feeds = {name: graph_input(graph, name, str(self))
                  for name in (INPUT_IDS, ATTENTION_MASK, IMAGE_GRID_THW, VIDEO_GRID_THW)}
