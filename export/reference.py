@@ -1,7 +1,8 @@
 """``verify``'s PyTorch side: every stage's reference values from ``Qwen3VLForConditionalGeneration``.
 
-For int4 folders the reference carries the *same* 4-bit weights (quantized and dequantized with the format's
-own functions, :mod:`merge.contract.quant`), so quantization error is not mistaken for a graph error.
+For int4 folders the reference carries the *same* 4-bit weights (quantized by the build's own quantizers,
+:mod:`merge.quantize`, and dequantized by the format's functions, :mod:`merge.contract.quant`), so quantization
+error is not mistaken for a graph error.
 """
 
 from __future__ import annotations
@@ -12,13 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from merge.contract.names import VISION_DEEPSTACK_EMBEDS, VISION_IMAGE_EMBEDS
-from merge.contract.quant import (
-    QuantSpec,
-    dequantize_int4_rows,
-    dequantize_weight_int8,
-    quantize_weight_int4,
-    quantize_weight_int8,
-)
+from merge.contract.quant import QuantSpec, dequantize_int4_rows, dequantize_weight_int8
+from merge.quantize import quantize_weight_int4, quantize_weight_int8
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +23,7 @@ INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "
 
 
 def int4_weight(weight: np.ndarray, quant: QuantSpec) -> np.ndarray:
-    """A Linear weight [out, in] as the int4 folder holds it (quantized with the format's functions, dequantized)."""
+    """A Linear weight [out, in] as the int4 folder holds it (quantized as the build does, dequantized)."""
     w = np.ascontiguousarray(np.asarray(weight, np.float32).T)  # [in, out] as MatMulNBits sees it
     packed, scales, zero_points = quantize_weight_int4(w, quant.block_size, quant.symmetric)
     return dequantize_int4_rows(packed, scales, zero_points, w.shape[0])

@@ -32,6 +32,8 @@ def test_import_contracts_hold():
     ("merge/runtime/prompts.py", "import torch", "The runtime and the contract import neither"),
     ("merge/contract/names.py", "import merge.stitch.pipeline", "Rooms are layered"),
     ("graphs/rope_index.py", "import transformers", "Graph builders, the build and its passes"),
+    ("merge/quantize.py", "import torch", "the quantizers, checkpoints and inspect never import torch"),
+    ("merge/runtime/prompts.py", "import merge.quantize", "The runtime and the contract import neither"),
 ])
 def test_twin_a_forbidden_import_is_caught(tmp_path, module, line, contract):
     """The same contracts on a copy of the tree with one forbidden import added must fail, naming the contract."""

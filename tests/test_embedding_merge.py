@@ -403,7 +403,8 @@ def test_hidden_major_table_is_bit_equal(ref: Reference, case: str):
 
 def test_int4_blocks_table_matches_dequantized_rows(ref: Reference):
     """A tied int4 head's 4-bit blocks serve as the table (GatherBlockQuantized): rows equal the dequantized head."""
-    from merge.contract.quant import dequantize_int4, quantize_weight_int4
+    from merge.contract.quant import dequantize_int4
+    from merge.quantize import quantize_weight_int4
 
     block = 16 if ref.hidden_size % 32 else 32
     packed, scales, _ = quantize_weight_int4(np.ascontiguousarray(ref.embed_tokens.T), block, symmetric=True)

@@ -1,6 +1,6 @@
-"""INT4 MatMulNBits quantization (the pass, and the format in merge.contract.quant): layout checked by ONNX
-Runtime against an independent numpy dequantization, closeness to fp32, lazy streaming at save time, and a broken
-twin (scales x2) that must fail."""
+"""INT4 MatMulNBits quantization (the pass, the quantizers in merge.quantize, the format in merge.contract.quant):
+layout checked by ONNX Runtime against an independent numpy dequantization, closeness to fp32, lazy streaming at
+save time, and a broken twin (scales x2) that must fail."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-import merge.contract.quant as quant
-from merge.contract.quant import dequantize_int4, quantize_weight_int4
+import merge.quantize as quantizers
+from merge.contract.quant import dequantize_int4
+from merge.quantize import quantize_weight_int4
 from merge.stitch.passes.quantize_int4 import quantize_matmuls_int4
 from merge.tools.compare import compare
 
@@ -157,8 +158,8 @@ def test_symmetric_has_no_zero_points_and_level_0_no_attribute():
 @pytest.mark.parametrize("accuracy_level", [1, 4])
 def test_onnxruntime_matches_dequantized_reference(tmp_path, monkeypatch, backend, symmetric, accuracy_level):
     if backend == "numpy":
-        monkeypatch.setattr(quant, "ort_quantizer", lambda: None)
-    elif quant.ort_quantizer() is None:
+        monkeypatch.setattr(quantizers, "ort_quantizer", lambda: None)
+    elif quantizers.ort_quantizer() is None:
         pytest.skip("this onnxruntime build has no quantize_matmul_4bits")
     weights, path = quantized_copy(tmp_path, symmetric=symmetric, accuracy_level=accuracy_level)
     actual = run_ort(path)
@@ -201,7 +202,7 @@ def test_broken_twin_scales_doubled_fails(tmp_path):
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("shape", [(64, 48), (80, 40), (33, 7), (256, 512)])
 def test_numpy_packing_equals_onnxruntime_routine(shape, symmetric):
-    if quant.ort_quantizer() is None:
+    if quantizers.ort_quantizer() is None:
         pytest.skip("this onnxruntime build has no quantize_matmul_4bits")
     rng = np.random.default_rng(sum(shape))
     w = (rng.standard_normal(shape) * np.exp(rng.uniform(-3, 3, size=(1, shape[1])))).astype(np.float32)
@@ -232,13 +233,13 @@ def test_streaming_quantizes_only_at_save_once_per_weight(tmp_path, monkeypatch)
     assert all(isinstance(t, ir.ExternalTensor) for t in sources.values())
 
     calls: list[tuple[int, ...]] = []
-    real = quant.quantize_weight_int4
+    real = quantizers.quantize_weight_int4
 
     def counting(weight, *args, **kwargs):
         calls.append(weight.shape)
         return real(weight, *args, **kwargs)
 
-    monkeypatch.setattr(quant, "quantize_weight_int4", counting)
+    monkeypatch.setattr(quantizers, "quantize_weight_int4", counting)
     assert quantize_matmuls_int4(model, block_size=BLOCK, accuracy_level=1) == 2
     assert calls == []
     assert all(t.raw is None for t in sources.values())  # not even memory-mapped yet
@@ -310,8 +311,9 @@ def test_shared_weight_quantized_once_and_skips(tmp_path, monkeypatch):
     ]
 
     calls = []
-    real = quant.quantize_weight_int4
-    monkeypatch.setattr(quant, "quantize_weight_int4", lambda w, *a, **kw: calls.append(1) or real(w, *a, **kw))
+    real = quantizers.quantize_weight_int4
+    monkeypatch.setattr(quantizers, "quantize_weight_int4",
+                        lambda w, *a, **kw: calls.append(1) or real(w, *a, **kw))
     ir.save(model, tmp_path / "shared.onnx", external_data="shared.onnx.data")
     assert len(calls) == 1
     sess = ort.InferenceSession(str(tmp_path / "shared.onnx"), providers=["CPUExecutionProvider"])

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from merge.contract import quant
+from merge import quantize as quant
 from merge.contract.names import DECODER_SCOPE, MS_DOMAIN
 from merge.contract.quant import BITS, QuantSpec, check_block_size
 

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from merge.contract.names import MS_DOMAIN, VISION_SCOPE
-from merge.contract.quant import quantize_weight_int8
+from merge.quantize import quantize_weight_int8
 
 from .base import StitchError, StitchPass
 
