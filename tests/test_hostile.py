@@ -98,6 +98,10 @@ FOLDER_CASES = {
                             "precision = 5 is not a str"),
     "manifest_unknown_field": (lambda f, r: _write_manifest(f, {**_manifest(f), "evil": 1}),
                                "unknown field(s) ['evil']"),
+    "manifest_newer_format": (lambda f, r: _write_manifest(f, {**_manifest(f), "format_version": 10**6}),
+                              "format_version 1000000 is newer than the format"),
+    "manifest_format_not_a_count": (lambda f, r: _write_manifest(f, {**_manifest(f), "format_version": "1"}),
+                                    "format_version = '1' is not a non-negative integer"),
     "manifest_path_traversal": (lambda f, r: _write_manifest(f, {**_manifest(f), "preprocessing_files": [
         "../../../etc/passwd"]}), "'../../../etc/passwd', which is not a plain file name"),
     "data_symlink_out": (lambda f, r: ((f / "model.onnx.data").unlink(),
