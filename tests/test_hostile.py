@@ -83,6 +83,60 @@ def _set_entry(tensor, key: str, value: str) -> None:
     tensor.external_data.add(key=key, value=value)
 
 
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    out = bytearray()
+    for value in (number << 3 | 2, len(payload)):
+        while value >= 0x80:
+            out.append(value & 0x7F | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out) + payload
+
+
+def _append_constant(folder: Path, *tensors: bytes) -> None:
+    """model.onnx with one more Constant whose value is ``tensors`` (serialized), one field each, appended: protobuf
+    merges what is appended into the model's graph, and the occurrences of the singular value into one tensor."""
+    import onnx
+
+    attribute = onnx.AttributeProto(name="value", type=onnx.AttributeProto.TENSOR).SerializeToString()
+    attribute += b"".join(_field(5, t) for t in tensors)
+    node = onnx.NodeProto(op_type="Constant", output=["appended"]).SerializeToString() + _field(5, attribute)
+    with open(folder / "model.onnx", "ab") as f:
+        f.write(_field(7, _field(1, node)))
+    _rerecord(folder, "model.onnx")
+
+
+def _external_tensor(location: str | None, **fields):
+    """A 4-byte FLOAT tensor whose external data entries name ``location`` (none if None), offset 0, length 4."""
+    import onnx
+
+    tensor = onnx.TensorProto(name="appended", data_type=onnx.TensorProto.FLOAT, dims=[1], **fields)
+    for key, value in (("location", location), ("offset", "0"), ("length", "4")):
+        if value is not None:
+            tensor.external_data.add(key=key, value=value)
+    return tensor
+
+
+def _split_tensor(folder: Path, root: Path) -> None:
+    """The value given twice: an external tensor inside the data file, then a location outside. ONNX Runtime sees
+    one tensor with the second location (and refuses two locations itself); the checker must see it too."""
+    import onnx
+
+    inside = _external_tensor("model.onnx.data", data_location=onnx.TensorProto.EXTERNAL)
+    outside = onnx.TensorProto()
+    outside.external_data.add(key="location", value="../decoy.data")
+    _append_constant(folder, inside.SerializeToString(), outside.SerializeToString())
+
+
+def _location_past_the_enum(folder: Path, root: Path) -> None:
+    """data_location 2**32 + 1: an int32 enum, so EXTERNAL to protobuf; a reader that took the varint as it stands
+    saw no external tensor, and never checked its location outside the folder."""
+    tensor = _external_tensor("../decoy.data").SerializeToString() + bytes([14 << 3]) + bytes([0x81, 0x80, 0x80,
+                                                                                               0x80, 0x10])
+    _append_constant(folder, tensor)
+
+
 def _hardlink(folder: Path, root: Path) -> None:
     os.link(folder / "model.onnx.data", root / "elsewhere.data")
 
@@ -98,6 +152,10 @@ FOLDER_CASES = {
                             "precision = 5 is not a str"),
     "manifest_unknown_field": (lambda f, r: _write_manifest(f, {**_manifest(f), "evil": 1}),
                                "unknown field(s) ['evil']"),
+    "manifest_newer_format": (lambda f, r: _write_manifest(f, {**_manifest(f), "format_version": 10**6}),
+                              "format_version 1000000 is newer than the format"),
+    "manifest_format_not_a_count": (lambda f, r: _write_manifest(f, {**_manifest(f), "format_version": "1"}),
+                                    "format_version = '1' is not a non-negative integer"),
     "manifest_path_traversal": (lambda f, r: _write_manifest(f, {**_manifest(f), "preprocessing_files": [
         "../../../etc/passwd"]}), "'../../../etc/passwd', which is not a plain file name"),
     "data_symlink_out": (lambda f, r: ((f / "model.onnx.data").unlink(),
@@ -116,6 +174,8 @@ FOLDER_CASES = {
                                  "of model.onnx.data, which has"),
     "external_length_wrong": (lambda f, r: _rewrite_external(f, lambda t: _set_entry(t, "length", "4")),
                               "need"),
+    "external_split_in_two": (_split_tensor, "has its data in '../decoy.data'; only model.onnx.data"),
+    "external_location_past_the_enum": (_location_past_the_enum, "has its data in '../decoy.data'"),
     "data_truncated": (lambda f, r: os.truncate(f / "model.onnx.data", 1000), "bytes but merge.json says"),
     "model_garbage": (lambda f, r: ((f / "model.onnx").write_bytes(np.random.default_rng(0).bytes(5000)),
                                     _rerecord(f, "model.onnx")), "is not a readable ONNX model"),

@@ -3,6 +3,11 @@
 The build writes it last (after the model is checked), so a folder with a well-formed manifest is a
 complete one. Readers parse it with :meth:`Manifest.from_json`: every field is typed, unknown fields and
 wrong types are refused with a sentence naming the field.
+
+``format_version`` numbers what a folder's files hold that a reader relies on. A manifest without it was written
+before formats were numbered: format 0, whatever its graph happens to hold. A reader refuses a format newer than
+the one it knows (:data:`FORMAT_VERSION`), and asks for a new build where a feature needs a newer format than the
+folder's (the ``FORMAT_*`` constants below say which format brought what); it never guesses from the graph.
 """
 
 from __future__ import annotations
@@ -19,6 +24,14 @@ from .quant import PRECISIONS, VISION_PRECISIONS, QuantSpec
 
 EMBEDDING_LAYOUTS = ("vocab_major", "hidden_major", "int4_blocks")
 MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a few KiB; a bigger file is not ours
+
+# The format this tool writes and the newest it reads. Raise it when a build starts writing something a reader
+# needs to know about, and name the feature below.
+FORMAT_VERSION = 1
+# The first format with each feature the runtime relies on (format 0 folders may hold some of them, unrecorded):
+FORMAT_LOGITS_TO_KEEP = 1  # the optional input logits_to_keep
+FORMAT_VIDEOS = 1  # the inputs pixel_values_videos and video_grid_thw
+FORMAT_KV_CACHE_IN_PLACE = 1  # past_key_values.* may be buffers written in place (metadata kv_cache_in_place "1")
 
 
 @dataclass(frozen=True)
@@ -47,9 +60,11 @@ class Manifest:
     parts: dict[str, str] = field(default_factory=lambda: {"model": MODEL_FILE, "data": DATA_FILE})
     tool: str = TOOL_NAME
     vision_precision: str = "fp32"
+    format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict:
         return {
+            "format_version": self.format_version,
             "tool": self.tool,
             "tool_version": self.tool_version,
             "source_model": self.source_model,
@@ -90,8 +105,15 @@ class Manifest:
     def from_json(cls, data: Any, where: str = MANIFEST_FILE) -> Manifest:
         if not isinstance(data, dict):
             raise MergeError(f"{where}: expected a JSON object, found {type(data).__name__}")
-        known = {"tool", "tool_version", "source_model", "precision", "quantization", "vision_precision",
-                 "embedding_table", "parts",
+        # first: a newer format may well have fields this reader does not know
+        version = data.get("format_version", 0)  # written before formats were numbered: 0
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise MergeError(f"{where}: format_version = {version!r} is not a non-negative integer")
+        if version > FORMAT_VERSION:
+            raise MergeError(f"{where}: format_version {version} is newer than the format {FORMAT_VERSION} this "
+                             f"{TOOL_NAME} reads; update {TOOL_NAME}")
+        known = {"format_version", "tool", "tool_version", "source_model", "precision", "quantization",
+                 "vision_precision", "embedding_table", "parts",
                  "inputs", "outputs", "special_token_ids", "preprocessing_files", "checksums", "sizes"}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -162,4 +184,5 @@ class Manifest:
             sizes=mapping("sizes", int),
             parts=parts,
             vision_precision=vision_precision,
+            format_version=version,
         )

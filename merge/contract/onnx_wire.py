@@ -2,9 +2,17 @@
 ``onnx`` package (the runtime does not install it).
 
 Every tensor ONNX Runtime would load is visited: graph initializers (sparse ones too) and tensors inside node
-attributes, in the main graph, every subgraph (If branches, Loop bodies) and every model-local function. The
-reader refuses malformed input (a length past the end, an unknown wire type) with :class:`WireError` instead of
-reading out of bounds; it never allocates more than the bytes it is given.
+attributes, in the main graph, every subgraph (If branches, Loop bodies) and every model-local function (its nodes
+and its attributes' default values). The reader refuses malformed input (a length past the end, an unknown wire
+type, field number 0, a shape of more elements than an int64 counts) with :class:`WireError` instead of reading out
+of bounds; its memory and time grow with the bytes it is given, never with a length or a shape they claim.
+
+Each tensor is read as protobuf (and so ONNX Runtime) reads it, since a check that sees a tensor otherwise checks
+another tensor: a singular message field that occurs more than once (an attribute's ``t``, a sparse tensor's
+``values``) is one message with the fields of all its occurrences; a varint keeps its low 64 bits, an int32 field its
+low 32; an enum value the enum lacks (``data_location`` 7) leaves the field as it was; a field under a wire type its
+type never has (a dimension as fixed32) is an unknown field. ``tests/test_onnx_wire_fuzz.py`` holds the reader to
+protobuf's view.
 """
 
 from __future__ import annotations
@@ -18,11 +26,13 @@ GRAPH_NODE, GRAPH_INITIALIZER, GRAPH_SPARSE_INITIALIZER = 1, 5, 15
 NODE_ATTRIBUTE = 5
 ATTR_T, ATTR_G, ATTR_TENSORS, ATTR_GRAPHS, ATTR_SPARSE_TENSOR, ATTR_SPARSE_TENSORS = 5, 6, 10, 11, 22, 23
 SPARSE_VALUES, SPARSE_INDICES = 1, 2
-FUNCTION_NODE = 7
+FUNCTION_NODE, FUNCTION_ATTRIBUTE_PROTO = 7, 11
 TENSOR_DIMS, TENSOR_DATA_TYPE, TENSOR_NAME, TENSOR_EXTERNAL_DATA, TENSOR_DATA_LOCATION = 1, 2, 8, 13, 14
 ENTRY_KEY, ENTRY_VALUE = 1, 2
 EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
+DATA_LOCATIONS = (0, EXTERNAL)  # the enum's values (onnx.proto is proto2: its enums are closed)
 MAX_DEPTH = 64  # nested subgraphs; far beyond any real model
+MAX_ELEMENTS = 2**63 - 1  # a shape counts its elements in an int64
 
 # bits per element of each TensorProto.DataType (strings: none, they cannot be external)
 ELEMENT_BITS = {1: 32, 2: 8, 3: 8, 4: 16, 5: 16, 6: 32, 7: 64, 9: 8, 10: 16, 11: 64, 12: 32, 13: 64, 14: 64,
@@ -46,14 +56,29 @@ class TensorInfo:
         return self.data_location == EXTERNAL
 
     def nbytes(self) -> int | None:
-        """Bytes of the tensor's data from its type and shape (None for types without a fixed size)."""
+        """Bytes of the tensor's data from its type and shape (None for types without a fixed size, and for shapes
+        no tensor has: a negative dimension, more elements than an int64 counts)."""
         bits = ELEMENT_BITS.get(self.data_type)
-        if bits is None or any(d < 0 for d in self.dims):
+        count = _element_count(self.dims)
+        if bits is None or count is None:
             return None
-        count = 1
-        for d in self.dims:
-            count *= d
         return (count * bits + 7) // 8
+
+
+def _element_count(dims: list[int]) -> int | None:
+    """The product of ``dims``, or None (a negative dimension, or more than MAX_ELEMENTS). It stops as soon as the
+    product is too large: a file full of dimensions costs time in proportion to its size, not to the digits of a
+    product of a million factors."""
+    if any(d < 0 for d in dims):
+        return None
+    if 0 in dims:
+        return 0
+    count = 1
+    for d in dims:
+        count *= d
+        if count > MAX_ELEMENTS:
+            return None
+    return count
 
 
 def _varint(data: memoryview, pos: int) -> tuple[int, int]:
@@ -65,7 +90,7 @@ def _varint(data: memoryview, pos: int) -> tuple[int, int]:
         pos += 1
         result |= (byte & 0x7F) << shift
         if not byte & 0x80:
-            return result, pos
+            return result & 0xFFFF_FFFF_FFFF_FFFF, pos  # protobuf keeps the low 64 bits of a 10-byte varint
         shift += 7
         if shift > 63:
             raise WireError("a varint is longer than 10 bytes")
@@ -77,6 +102,8 @@ def fields(data: memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
     while pos < len(data):
         key, pos = _varint(data, pos)
         number, wire = key >> 3, key & 7
+        if number == 0:
+            raise WireError("a field has number 0, which protobuf does not allow")
         if wire == 0:
             value, pos = _varint(data, pos)
         elif wire == 1:
@@ -99,26 +126,37 @@ def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _tensor(data: memoryview) -> TensorInfo:
+def _int32(value: int) -> int:
+    value &= 0xFFFF_FFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _tensor(occurrences: list[memoryview]) -> TensorInfo:
+    """One TensorProto from the bytes of every occurrence of its field (several only for a singular field, which
+    protobuf merges: dims and external data entries add up; a later name, data_type or data_location replaces an
+    earlier)."""
     info = TensorInfo()
-    for number, wire, value in fields(data):
-        if number == TENSOR_DIMS:
-            if wire == 2:  # packed
+    for data in occurrences:
+        for number, wire, value in fields(data):
+            if number == TENSOR_DIMS and wire == 2:  # packed
                 pos = 0
                 while pos < len(value):
                     dim, pos = _varint(value, pos)
                     info.dims.append(_signed(dim))
-            else:
+            elif number == TENSOR_DIMS and wire == 0:  # fixed wire types are not an int64's: an unknown field
                 info.dims.append(_signed(value))
-        elif number == TENSOR_DATA_TYPE and wire == 0:
-            info.data_type = value
-        elif number == TENSOR_NAME and wire == 2:
-            info.name = bytes(value).decode("utf-8", "replace")
-        elif number == TENSOR_DATA_LOCATION and wire == 0:
-            info.data_location = value
-        elif number == TENSOR_EXTERNAL_DATA and wire == 2:
-            entry = {k: bytes(v).decode("utf-8", "replace") for k, w, v in fields(value) if w == 2}
-            info.external[entry.get(ENTRY_KEY, "")] = entry.get(ENTRY_VALUE, "")
+            elif number == TENSOR_DATA_TYPE and wire == 0:
+                info.data_type = _int32(value)
+            elif number == TENSOR_NAME and wire == 2:
+                info.name = bytes(value).decode("utf-8", "replace")
+            elif number == TENSOR_DATA_LOCATION and wire == 0 and _int32(value) in DATA_LOCATIONS:
+                info.data_location = _int32(value)
+            elif number == TENSOR_EXTERNAL_DATA and wire == 2:
+                entry = {k: bytes(v).decode("utf-8", "replace") for k, w, v in fields(value) if w == 2}
+                info.external[entry.get(ENTRY_KEY, "")] = entry.get(ENTRY_VALUE, "")
+    if _element_count(info.dims) is None and all(d >= 0 for d in info.dims):
+        raise WireError(f"tensor {info.name!r} has {len(info.dims)} dimensions whose product is more than "
+                        f"{MAX_ELEMENTS} elements")
     return info
 
 
@@ -129,32 +167,54 @@ def _graph_tensors(data: memoryview, depth: int) -> Iterator[TensorInfo]:
         if wire != 2:
             continue
         if number == GRAPH_INITIALIZER:
-            yield _tensor(value)
+            yield _tensor([value])
         elif number == GRAPH_SPARSE_INITIALIZER:
-            yield from _sparse_tensors(value)
+            yield from _sparse_tensors([value])
         elif number == GRAPH_NODE:
             yield from _node_tensors(value, depth)
 
 
-def _sparse_tensors(data: memoryview) -> Iterator[TensorInfo]:
-    for number, wire, value in fields(data):
-        if wire == 2 and number in (SPARSE_VALUES, SPARSE_INDICES):
-            yield _tensor(value)
+def _sparse_tensors(occurrences: list[memoryview]) -> Iterator[TensorInfo]:
+    """The values and indices of one SparseTensorProto (from every occurrence of a singular field, merged)."""
+    values: list[memoryview] = []
+    indices: list[memoryview] = []
+    for data in occurrences:
+        for number, wire, value in fields(data):
+            if wire == 2 and number == SPARSE_VALUES:
+                values.append(value)
+            elif wire == 2 and number == SPARSE_INDICES:
+                indices.append(value)
+    for parts in (values, indices):
+        if parts:
+            yield _tensor(parts)
 
 
 def _node_tensors(data: memoryview, depth: int) -> Iterator[TensorInfo]:
     for number, wire, value in fields(data):
-        if number != NODE_ATTRIBUTE or wire != 2:
+        if number == NODE_ATTRIBUTE and wire == 2:
+            yield from _attribute_tensors(value, depth)
+
+
+def _attribute_tensors(data: memoryview, depth: int) -> Iterator[TensorInfo]:
+    tensor: list[memoryview] = []  # t and sparse_tensor are singular: every occurrence is part of one message
+    sparse: list[memoryview] = []
+    for number, wire, value in fields(data):
+        if wire != 2:
             continue
-        for attr_number, attr_wire, attr_value in fields(value):
-            if attr_wire != 2:
-                continue
-            if attr_number in (ATTR_T, ATTR_TENSORS):
-                yield _tensor(attr_value)
-            elif attr_number in (ATTR_G, ATTR_GRAPHS):
-                yield from _graph_tensors(attr_value, depth + 1)
-            elif attr_number in (ATTR_SPARSE_TENSOR, ATTR_SPARSE_TENSORS):
-                yield from _sparse_tensors(attr_value)
+        if number == ATTR_T:
+            tensor.append(value)
+        elif number == ATTR_TENSORS:
+            yield _tensor([value])
+        elif number in (ATTR_G, ATTR_GRAPHS):  # a merged graph's tensors are those of its parts
+            yield from _graph_tensors(value, depth + 1)
+        elif number == ATTR_SPARSE_TENSOR:
+            sparse.append(value)
+        elif number == ATTR_SPARSE_TENSORS:
+            yield from _sparse_tensors([value])
+    if tensor:
+        yield _tensor(tensor)
+    if sparse:
+        yield from _sparse_tensors(sparse)
 
 
 def model_tensors(model: bytes | memoryview) -> list[TensorInfo]:
@@ -165,13 +225,15 @@ def model_tensors(model: bytes | memoryview) -> list[TensorInfo]:
     for number, wire, value in fields(data):
         if wire != 2:
             continue
-        if number == MODEL_GRAPH:
+        if number == MODEL_GRAPH:  # a merged graph's tensors are those of its parts
             found_graph = True
             tensors.extend(_graph_tensors(value, 0))
         elif number == MODEL_FUNCTIONS:
             for f_number, f_wire, f_value in fields(value):
                 if f_number == FUNCTION_NODE and f_wire == 2:
                     tensors.extend(_node_tensors(f_value, 1))
+                elif f_number == FUNCTION_ATTRIBUTE_PROTO and f_wire == 2:  # default values of its attributes
+                    tensors.extend(_attribute_tensors(f_value, 1))
     if not found_graph:
         raise WireError("no graph in the model")
     return tensors

@@ -20,7 +20,9 @@ import numpy as np
 from merge.contract.names import KV_CACHE_IN_PLACE, present_name
 from merge.errors import MergeError
 
-METADATA_KEY = KV_CACHE_IN_PLACE  # the build sets it to "1": the model accepts past buffers of a capacity
+# the build sets it to "1": the model accepts past buffers of a capacity. A fact the graph carries for any binding;
+# the Python runtime decides by the folder's format (merge.contract.manifest) and checks the model carries it
+METADATA_KEY = KV_CACHE_IN_PLACE
 
 
 class InPlaceCache:

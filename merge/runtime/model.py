@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from merge.contract.folder import CombinedFolder
+from merge.contract.manifest import FORMAT_KV_CACHE_IN_PLACE, FORMAT_LOGITS_TO_KEEP, FORMAT_VIDEOS
 from merge.contract.names import (
     ATTENTION_MASK,
     IMAGE_GRID_THW,
     INPUT_IDS,
     LOGITS,
     LOGITS_TO_KEEP,
+    MANIFEST_FILE,
     PAST_PREFIX,
     PIXEL_VALUES,
     PIXEL_VALUES_VIDEOS,
@@ -127,11 +129,35 @@ class CombinedModel:
         self.head_dim = self.config.text.head_dim
         self.patch_dim = self.config.vision.patch_dim
         self.output_names = [o.name for o in self.session.get_outputs()]
-        optional = {i.name for i in self.session.get_overridable_initializers()}
-        self.keeps_logits = LOGITS_TO_KEEP in optional or LOGITS_TO_KEEP in inputs  # folders built before: no
-        self.takes_videos = PIXEL_VALUES_VIDEOS in inputs  # folders built before videos: no
+        # what the folder can do is what its format (merge.json) says, never guessed from the graph
+        self.format_version = self.combined.manifest.format_version
+        self.keeps_logits = self.format_version >= FORMAT_LOGITS_TO_KEEP  # otherwise every position's logits
+        self.takes_videos = self.format_version >= FORMAT_VIDEOS
+        self.cache_in_place = self.format_version >= FORMAT_KV_CACHE_IN_PLACE  # otherwise the growing cache
+        # what each call must feed follows the graph: a format 0 folder may have the video inputs all the same
+        self.video_inputs = PIXEL_VALUES_VIDEOS in inputs
+        self._check_format(set(inputs), {i.name for i in self.session.get_overridable_initializers()})
+
+    def _check_format(self, inputs: set[str], optional: set[str]) -> None:
+        """The model holds what its folder's format promises (a merge.json edited by hand may promise more)."""
         metadata = self.session.get_modelmeta().custom_metadata_map
-        self.cache_in_place = metadata.get(CACHE_METADATA_KEY) == "1"  # folders built before: the growing cache
+        promises = [
+            (FORMAT_LOGITS_TO_KEEP, f"the optional input {LOGITS_TO_KEEP}", LOGITS_TO_KEEP in inputs | optional),
+            (FORMAT_VIDEOS, f"the inputs {PIXEL_VALUES_VIDEOS} and {VIDEO_GRID_THW}",
+             {PIXEL_VALUES_VIDEOS, VIDEO_GRID_THW} <= inputs),
+            (FORMAT_KV_CACHE_IN_PLACE, f'the metadata {CACHE_METADATA_KEY} = "1"',
+             metadata.get(CACHE_METADATA_KEY) == "1"),
+        ]
+        for needed, what, held in promises:
+            if self.format_version >= needed and not held:
+                raise MergeError(f"{self.folder}: {MANIFEST_FILE} says format {self.format_version}, whose models have "
+                                 f"{what}, but its model has not; the folder does not match its manifest (build it "
+                                 "again)")
+
+    def _require_format(self, needed: int, feature: str) -> None:
+        if self.format_version < needed:
+            raise MergeError(f"{self.folder} is a format {self.format_version} folder ({MANIFEST_FILE} format_version, "
+                             f"0 when absent) but {feature} needs format {needed}; build it again")
 
     def empty_images(self) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros((0, self.patch_dim), np.float32), np.zeros((0, 3), np.int64)
@@ -140,7 +166,7 @@ class CombinedModel:
         """The vision inputs of a call without images or videos (every decode step): 0 rows each."""
         pv, grid = self.empty_images()
         feeds = {PIXEL_VALUES: pv, IMAGE_GRID_THW: grid}
-        if self.takes_videos:
+        if self.video_inputs:
             feeds.update({PIXEL_VALUES_VIDEOS: pv, VIDEO_GRID_THW: grid})
         return feeds
 
@@ -149,8 +175,7 @@ class CombinedModel:
 
     def new_cache(self, batch: int, capacity: int) -> InPlaceCache:
         """A KV cache of ``capacity`` positions that the model writes in place (see :mod:`merge.runtime.cache`)."""
-        if not self.cache_in_place:
-            raise MergeError(f"{self.folder} was built before the KV cache could be written in place; build it again")
+        self._require_format(FORMAT_KV_CACHE_IN_PLACE, "writing the KV cache in place")
         return InPlaceCache(self.session, self.past_names, batch, self.num_kv_heads, self.head_dim, capacity)
 
     def check_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos=None,
@@ -185,9 +210,8 @@ class CombinedModel:
         if pixel_values is None:
             pixel_values, image_grid_thw = self.empty_images()
         videos = pixel_values_videos is not None and len(pixel_values_videos) > 0
-        if videos and not self.takes_videos:
-            raise MergeError(f"{self.folder} was built before videos were supported (its model has no "
-                             f"{PIXEL_VALUES_VIDEOS} input); build it again to use videos")
+        if videos:
+            self._require_format(FORMAT_VIDEOS, "taking videos")
         if pixel_values_videos is None:
             pixel_values_videos, video_grid_thw = self.empty_images()
         self.check_inputs(input_ids, attention_mask, np.asarray(pixel_values), np.asarray(image_grid_thw),
@@ -199,7 +223,7 @@ class CombinedModel:
             IMAGE_GRID_THW: np.ascontiguousarray(image_grid_thw, np.int64).reshape(-1, 3),
             ROPE_DELTAS: np.zeros((batch, 1), np.int64),
         }
-        if self.takes_videos:
+        if self.video_inputs:
             feeds[PIXEL_VALUES_VIDEOS] = np.ascontiguousarray(pixel_values_videos, np.float32)
             feeds[VIDEO_GRID_THW] = np.ascontiguousarray(video_grid_thw, np.int64).reshape(-1, 3)
         empty = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), np.float32)

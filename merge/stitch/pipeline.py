@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from merge import __version__
 from merge.contract.folder import file_sha256
-from merge.contract.manifest import Manifest, TensorInfo
+from merge.contract.manifest import FORMAT_VERSION, Manifest, TensorInfo
 from merge.contract.names import DATA_FILE, KV_CACHE_IN_PLACE, MODEL_FILE, PREPROCESSING_FILES, TOOL_NAME
 from merge.contract.quant import QuantSpec, check_vision_precision, precision_of
 from merge.sources.checkpoint import Checkpoint
@@ -110,6 +110,7 @@ def describe(model: ir.Model, source: ModelSource, quant: QuantSpec | None, layo
         return TensorInfo(value.name, value.dtype.numpy().name, dims)
 
     return Manifest(
+        format_version=FORMAT_VERSION,
         tool_version=__version__,
         source_model=source.spec,
         precision=precision_of(quant),
