@@ -4,11 +4,10 @@ The GenAI model builder's own INT4 path holds every weight in fp32 in memory (a 
 the decoder graph keeps fp32 weights and they are quantized here, one tensor at a time. :func:`quantize_matmuls_int4`
 only rewrites the graph: each quantized initializer is an ``ir.LazyTensor`` whose function reads the fp32
 source (a lazy checkpoint read from :mod:`graphs.decoder`, or a memory-mapped ``ir.ExternalTensor`` from
-``ir.load``) when ``ir.save`` writes it,
-quantizes it with numpy or ONNX Runtime's C++ routine (:mod:`merge.quantize`; the format and its numbers are
-:mod:`merge.contract.quant`), and unmaps the source again. Saving a model with many large MatMuls therefore holds about one
-weight's fp32 copy plus its packed form at a time. :class:`QuantizeInt4` is the build's pass: the decoder's
-MatMuls only (the vision part stays fp32).
+``ir.load``) when ``ir.save`` writes it, quantizes it with numpy or ONNX Runtime's C++ routine
+(:mod:`merge.quantize`; the format and its numbers are :mod:`merge.contract.quant`), and unmaps the source again.
+Saving a model with many large MatMuls therefore holds about one weight's fp32 copy plus its packed form at a
+time. :class:`QuantizeInt4` is the build's pass: the decoder's MatMuls only (the vision part stays fp32).
 """
 
 from __future__ import annotations
