@@ -1,4 +1,4 @@
-"""The one atomic-folder helper: a folder appears under its final name only when it is complete."""
+"""The atomic helpers: a folder (or a file) appears under its final name only when it is complete."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from merge.errors import WriteError
 from merge.space import nearest_existing
@@ -15,9 +16,7 @@ from merge.space import nearest_existing
 
 def default_dir_mode() -> int:
     """The mode ``mkdir`` would give a new folder under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o777 & ~umask
+    return 0o777 & ~_umask()
 
 
 def make_parent(final: Path) -> None:
@@ -65,3 +64,31 @@ def atomic_folder(final: Path, *, kind: str = "partial") -> Iterator[Path]:
     os.replace(stage, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(final: Path) -> Iterator[BinaryIO]:
+    """Yield a binary file beside ``final`` (``.{name}.partial-XXXX``) that takes ``final``'s place when the block
+    ends normally; when it raises (Ctrl-C, SIGTERM, a full disk) the file is removed and ``final`` is left as it was.
+    The parent folders are created; the file gets the mode a new file would get under the umask."""
+    final = Path(final)
+    make_parent(final)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.partial-", dir=final.parent)
+    except OSError as exc:
+        raise cannot_write(final, exc) from None
+    stage = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        stage.chmod(0o666 & ~_umask())  # mkstemp makes 0600 files
+        os.replace(stage, final)
+    except BaseException:
+        stage.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

@@ -72,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return _stopped(130)
     except Terminated:
         print("terminated", file=sys.stderr)
-        return 143
+        return _stopped(143)
     except BrokenPipeError:  # the reader went away (`| head`): nothing left to say to it
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -95,6 +95,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(code: int) -> int:
+    """After Ctrl-C or SIGTERM: an ONNX Runtime call told to terminate may still be inside one node (the vision
+    attention over a large photo: seconds to a minute; see merge.runtime.interrupt). Leave at once rather than wait
+    for it, or tear the interpreter down around a thread still computing; nothing is being written by then (runs
+    write nothing, writes are atomic)."""
+    interrupt = sys.modules.get("merge.runtime.interrupt")  # not imported: no call was made
+    if interrupt is None or not interrupt.running_calls():
+        return code
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -11,6 +11,7 @@ import logging
 import re
 import sys
 from pathlib import Path
+from typing import TextIO
 
 from merge.errors import MergeError
 
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
             raise MergeError(f"--prompt {shown!r} is not valid UTF-8 text") from None
     model = CombinedModel(folder, threads=args.threads, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
                           check_checksums=args.check_checksums, fps=args.fps, max_frames=args.max_frames)
+    model.watch = TerminalWatch(sys.stderr)
     out = sys.stdout
     if len(prompts) == 1:
         shown: list[str] = []
@@ -81,6 +83,57 @@ def run(args: argparse.Namespace) -> int:
     out.write(timing_line(completion) + "\n")
     out.flush()
     return 0
+
+
+# --max-pixels suggested before a long first call: about this many tokens per image
+SUGGESTED_TOKENS_PER_IMAGE = 1024
+
+
+class TerminalWatch:
+    """The first call, told on ``stream`` (stderr): before a long one (:data:`merge.runtime.interrupt.LONG_CALL_TOKENS`
+    image and video tokens or more), one line with its tokens and the options that make fewer; while any first call
+    runs past a second, when ``stream`` is a terminal, the seconds elapsed on one line, erased when it ends. A
+    :class:`merge.runtime.interrupt.Watch` (not a subclass: this module stays free of the runtime until ``run``)."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+        self.terminal = stream.isatty()
+        self.shown = -1  # the whole seconds last shown (-1: nothing on the line)
+
+    def start(self, call) -> None:
+        self.shown = -1
+        if call is not None and call.long:
+            self.stream.write(long_call_line(call) + "\n")
+            self.stream.flush()
+
+    def tick(self, seconds: float) -> None:
+        if not self.terminal or int(seconds) < 1 or int(seconds) == self.shown:
+            return
+        self.shown = int(seconds)
+        minutes, rest = divmod(self.shown, 60)
+        elapsed = f"{minutes} min {rest} s" if minutes else f"{rest} s"
+        self.stream.write(f"\rfirst call: {elapsed} (Ctrl-C stops it)")
+        self.stream.flush()
+
+    def stop(self) -> None:
+        if self.shown >= 0:
+            self.stream.write("\r" + " " * 40 + "\r")
+            self.stream.flush()
+            self.shown = -1
+
+
+def long_call_line(call) -> str:
+    """One line before a long first call: its image and video tokens, and how to have fewer."""
+    parts, fewer = [], []
+    if call.image_tokens:
+        parts.append(f"{call.image_tokens} image tokens ({call.num_images} image{'' if call.num_images == 1 else 's'})")
+        fewer.append(f"--max-pixels {SUGGESTED_TOKENS_PER_IMAGE * call.pixels_per_token} gives at most "
+                     f"{SUGGESTED_TOKENS_PER_IMAGE} tokens per image")
+    if call.video_tokens:
+        parts.append(f"{call.video_tokens} video tokens ({call.num_videos} video{'' if call.num_videos == 1 else 's'})")
+        fewer.append("fewer frames: --max-frames N or a lower --fps")
+    return (f"long first call: {', '.join(parts)} before the first word; it can take minutes on a CPU. "
+            f"{'; '.join(fewer)}. Ctrl-C stops it.")
 
 
 def _assign_images(specs: list[str], num_prompts: int, option: str = "--image") -> list[list[str]]:

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     require("verify", INSPECT_MODULES if args.reference else BUILD_MODULES)  # a saved reference needs no PyTorch
 
     from merge.contract.folder import CombinedFolder
-    from merge.tools.verify import check_writable, default_images, format_table, load_images, report_json, verify
+    from merge.tools.verify import check_writable, default_images, format_table, load_images, verify, write_report
 
     combined = CombinedFolder.open(args.combined)
     for path in (args.json, args.save_reference):
@@ -41,8 +41,7 @@ def run(args: argparse.Namespace) -> int:
                     max_frames=args.max_frames, stream=True if args.stream_weights else None)
     print(format_table(stages))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(report_json(stages) + "\n")
+        write_report(args.json, stages)
     return 0 if all(s.passed or not s.counted for s in stages) else 1
 
 

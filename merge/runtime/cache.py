@@ -62,8 +62,9 @@ class InPlaceCache:
         self.buffers = {name: self._ortvalue(array) for name, array in grown.items()}
         self.capacity = capacity
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One call; the outputs other than ``present.*`` (those are in the buffers)."""
+    def run(self, feeds: dict[str, np.ndarray], run_options=None) -> dict[str, np.ndarray]:
+        """One call (``run_options``: ``onnxruntime.RunOptions``, or none); the outputs other than ``present.*``
+        (those are in the buffers)."""
         total = feeds["attention_mask"].shape[1]
         if total > self.capacity:
             raise MergeError(f"the call needs {total} positions in the KV cache but it holds {self.capacity}")
@@ -71,7 +72,7 @@ class InPlaceCache:
             if name in self.buffers:
                 raise MergeError(f"{name} is the in-place cache's own buffer; do not feed it")
         if self.unbindable & set(feeds):
-            return self._run_plainly(feeds)
+            return self._run_plainly(feeds, run_options)
         binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
@@ -80,18 +81,18 @@ class InPlaceCache:
         for name, buffer in self.buffers.items():
             binding.bind_ortvalue_input(name, buffer)
             self._bind_present(binding, present_name(name), buffer)
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, run_options)
         values = binding.get_outputs()[:len(self.output_names)]
         return {name: value.numpy() for name, value in zip(self.output_names, values, strict=True)}
 
     def _bind_present(self, binding, name: str, buffer) -> None:
         binding.bind_ortvalue_output(name, buffer)  # the same memory as the past: written in place
 
-    def _run_plainly(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run_plainly(self, feeds: dict[str, np.ndarray], run_options=None) -> dict[str, np.ndarray]:
         """The same call through ``session.run``: the buffers go in as plain arrays, and what comes back as
         ``present`` (the same capacity) is copied into them: one copy of the cache, for this call only."""
         presents = [present_name(name) for name in self.arrays]
-        values = self.session.run(self.output_names + presents, {**feeds, **self.arrays})
+        values = self.session.run(self.output_names + presents, {**feeds, **self.arrays}, run_options)
         for array, present in zip(self.arrays.values(), values[len(self.output_names):], strict=True):
             np.copyto(array, present)
         return dict(zip(self.output_names, values[:len(self.output_names)], strict=True))

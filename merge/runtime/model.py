@@ -40,6 +40,7 @@ from merge.errors import MergeError
 
 from .cache import METADATA_KEY as CACHE_METADATA_KEY
 from .cache import InPlaceCache
+from .interrupt import FirstCall, Watch, run_interruptibly
 
 if TYPE_CHECKING:
     from .preprocess import Preprocessor
@@ -102,6 +103,8 @@ def _as_batch(prompt: str | Sequence[str], items: Sequence, kind: str = "images"
 
 class CombinedModel:
     """One ``onnxruntime.InferenceSession`` over ``COMBINED/model.onnx``."""
+
+    watch: Watch | None = None  # told before, during and after each first call (merge.runtime.interrupt)
 
     def __init__(self, folder: Path | str | CombinedFolder, *, threads: int | None = None,
                  providers: Sequence[str] | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
@@ -170,8 +173,8 @@ class CombinedModel:
             feeds.update({PIXEL_VALUES_VIDEOS: pv, VIDEO_GRID_THW: grid})
         return feeds
 
-    def forward(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
+    def forward(self, feeds: dict[str, np.ndarray], run_options=None) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(self.output_names, feeds, run_options), strict=True))
 
     def new_cache(self, batch: int, capacity: int) -> InPlaceCache:
         """A KV cache of ``capacity`` positions that the model writes in place (see :mod:`merge.runtime.cache`)."""
@@ -278,7 +281,10 @@ class CombinedModel:
                 del feeds[name]
         run = self.forward if cache is None else cache.run
         start = time.perf_counter()
-        out = run(feeds)
+        # the first call (the vision tower, the prompt: minutes for a large photo on 2B) in a worker thread, which
+        # Ctrl-C and SIGTERM stop; decode steps are short and stay in this thread
+        out = run_interruptibly(lambda options: run(feeds, options), watch=self.watch,
+                                about=FirstCall.of(feeds, self.config))
         prefill_seconds = time.perf_counter() - start
         result = Generation(tokens=np.zeros((input_ids.shape[0], 0), np.int64), prefill_logits=out[LOGITS],
                             prefill_seconds=prefill_seconds, prefill_outputs=out)

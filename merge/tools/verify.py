@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from merge.atomic import atomic_file
 from merge.contract.folder import CombinedFolder
 from merge.contract.manifest import Manifest
 from merge.contract.names import MERGED_INPUTS_EMBEDS, MERGED_POSITION_IDS, VISION_DEEPSTACK_EMBEDS, VISION_IMAGE_EMBEDS
@@ -111,8 +112,7 @@ MAX_REFERENCE_BYTES = 4 << 30  # a reference holds logits for a few prompts; pas
 def save_reference(path: Path, inputs: dict[str, np.ndarray], ref: dict[str, np.ndarray], precision: str) -> None:
     arrays = {f"input/{k}": v for k, v in inputs.items()} | {f"ref/{k}": v for k, v in ref.items()}
     arrays["precision"] = np.array(precision)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
+    with atomic_file(path) as f:  # whole or not at all: Ctrl-C during the seconds of compressing leaves nothing
         np.savez_compressed(f, **arrays)
 
 
@@ -340,6 +340,12 @@ def check_writable(path: Path, combined: CombinedFolder | None = None) -> None:
         raise MergeError(f"{path}: cannot be written ({parent} is a file, not a folder)")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise MergeError(f"{path}: cannot be written (the folder {parent} is not writable)")
+
+
+def write_report(path: Path, stages: list[Stage]) -> None:
+    """``--json``: the report, written whole or not at all."""
+    with atomic_file(path) as f:
+        f.write((report_json(stages) + "\n").encode())
 
 
 def report_json(stages: list[Stage]) -> str:
