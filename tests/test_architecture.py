@@ -66,6 +66,7 @@ def bare_venv(tmp_path_factory) -> Path:
     return python
 
 
+@pytest.mark.slow  # a fresh virtual environment and a pip install
 def test_bare_install_runs_a_combined_folder(bare_venv, combined, tmp_path):
     folder = combined("tiny")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

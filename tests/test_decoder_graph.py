@@ -63,6 +63,7 @@ def written(sources, tmp_path_factory):
     return get
 
 
+@pytest.mark.slow  # the GenAI builder exports its own decoder for each preset
 @pytest.mark.parametrize("preset", ["tiny", "tiny-merge1"])
 def test_decoder_equals_the_builders(preset, sources, written):
     """Same interface as the GenAI builder's decoder, same outputs within the fp32 bound on every case."""
@@ -79,6 +80,7 @@ def test_decoder_equals_the_builders(preset, sources, written):
             assert result.passed, result.line()
 
 
+@pytest.mark.slow  # the twin of the builder comparison: it needs the builder's decoder too
 def test_broken_rotary_twin_fails(sources, written, tmp_path):
     """The twin: the same graph with MRoPE's sections laid out contiguously (Qwen2-VL's layout) must differ."""
     ours, builders = written("tiny")

@@ -15,6 +15,8 @@ from merge.errors import MergeError
 from merge.runtime import CombinedModel
 from merge.tools.compare import compare
 
+pytestmark = pytest.mark.slow  # hypothesis examples against PyTorch
+
 TEXT_IDS = st.integers(min_value=3, max_value=900)  # the tiny presets' ordinary tokens (specials start at 992)
 SIDES = st.sampled_from([2, 4, 6])  # patches per side, multiples of the merge size
 

@@ -24,6 +24,8 @@ import pytest
 from merge.cli import main as cli_main
 from merge.contract.folder import file_sha256
 
+pytestmark = pytest.mark.slow  # the catalogue: a copy of a built folder per case
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = ["--prompt", "Describe.", "--max-new-tokens", "2"]
 

@@ -20,6 +20,8 @@ from tests.test_combined_parity import _images
 
 from .test_readme_and_cli import ROOT
 
+pytestmark = pytest.mark.slow  # npm install on first use, then a Node.js process per case
+
 CLIENT = ROOT / "clients" / "node"
 NEW_TOKENS = 8
 

@@ -17,6 +17,8 @@ import pytest
 from merge.stitch.child import run_python
 from merge.tools.compare import compare
 
+pytestmark = pytest.mark.slow  # a 12 MP photo through the first call and PyTorch: over a minute and a half
+
 PHOTO = (4032, 3024)  # PIL size: width, height
 PEAK_GIB = 4.0
 
