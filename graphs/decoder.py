@@ -337,6 +337,7 @@ class DecoderGraph:
             keep = self.keep_input()
             optional.append(keep)
             with b.scope("logits_to_keep"):
+                keep = self.fed_or_zero(keep)
                 start = b.op("Neg", [keep], name="start")  # -k: the last k positions; -0 = 0: all of them
                 starts = b.op("Unsqueeze", [start, b.const([0], "axes")], name="starts")
                 hidden = b.op("Slice", [hidden, starts, b.const([np.iinfo(np.int64).max], "ends"),
@@ -352,11 +353,27 @@ class DecoderGraph:
         return make_model(b, inputs, outputs, name="decoder", opset_imports={"": OPSET, MS_DOMAIN: 1})
 
     def keep_input(self) -> ir.Value:
-        """The input ``logits_to_keep``, scalar int64, with the initializer 0 as its default (every position)."""
-        keep = tensor_input(LOGITS_TO_KEEP, INT64, [])
-        keep.const_value = ir.tensor(np.array(0, np.int64), name=LOGITS_TO_KEEP)
-        self.b.initializers[LOGITS_TO_KEEP] = keep
-        return keep
+        """The input ``logits_to_keep``: an *optional* int64 scalar (``optional(tensor(int64))``), so a client may
+        leave it out. Not an initializer that a fed value overrides: ONNX Runtime warns about every such input on
+        every load, in every binding."""
+        return ir.Value(name=LOGITS_TO_KEEP, type=ir.OptionalType(ir.TensorType(INT64)), shape=ir.Shape([]))
+
+    def fed_or_zero(self, keep: ir.Value) -> ir.Value:
+        """The value fed as ``keep``, or 0 (every position) when the call left it out::
+
+            fed = OptionalHasElement(logits_to_keep)
+            If(fed): then OptionalGetElement(logits_to_keep)   else 0
+        """
+        b = self.b
+        fed = b.op("OptionalHasElement", [keep], name="fed")
+        with b.subgraph() as then:
+            value = then.op("OptionalGetElement", [keep], name="value")
+            then_branch = then.graph("then", [self.typed(value, [], INT64)])
+        with b.subgraph() as absent:
+            zero = absent.op("Constant", [], {"value": ir.tensor(np.array(0, np.int64))}, name="every_position")
+            else_branch = absent.graph("else", [self.typed(zero, [], INT64)])
+        kept = b.op("If", [fed], {"then_branch": then_branch, "else_branch": else_branch}, name="value")
+        return self.typed(kept, [], INT64)
 
 
 def build_decoder_model(ckpt: Weights, config: ModelConfig, options: DecoderOptions = DecoderOptions()) -> ir.Model:

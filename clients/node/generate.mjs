@@ -86,6 +86,12 @@ const videoGrid = inputs.video_grid_thw ?? [];
 feeds.pixel_values_videos = new ort.Tensor("float32", Float32Array.from(videoRows.flat()), [videoRows.length, pixelDim]);
 feeds.video_grid_thw = new ort.Tensor("int64", BigInt64Array.from(videoGrid.flat().map(BigInt)), [videoGrid.length, 3]);
 for (const name of pastNames) feeds[name] = new ort.Tensor("float32", new Float32Array(0), [batch, kvHeads, 0, headDim]);
+// logits_to_keep is an optional input (optional(tensor(int64))): ONNX Runtime runs without it, but the JavaScript
+// API asks for every input it lists, so this loop feeds it: 0 keeps every position (the prefill's argmax is
+// reported per position), 1 only the last (all a decode step needs).
+const keeps = session.inputNames.includes("logits_to_keep");
+const keep = (n) => new ort.Tensor("int64", BigInt64Array.from([BigInt(n)]), []);
+if (keeps) feeds.logits_to_keep = keep(0);
 
 const tokens = Array.from({ length: batch }, () => []);
 let out = await session.run(feeds);
@@ -105,6 +111,7 @@ for (let step = 0; step < newTokens; step++) {
     rope_deltas: out.rope_deltas_out,
   };
   for (const name of pastNames) feeds[name] = out[name.replace("past_key_values.", "present.")];
+  if (keeps) feeds.logits_to_keep = keep(1);
   out = await session.run(feeds);
 }
 process.stdout.write(JSON.stringify({ tokens, prefill_argmax: prefillArgmax }) + "\n");

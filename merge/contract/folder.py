@@ -172,9 +172,6 @@ class CombinedFolder:
         import onnxruntime as ort
 
         options = options or ort.SessionOptions()
-        # ONNX Runtime warns, on every load, that the optional input logits_to_keep (an input with a default
-        # initializer, on purpose) cannot be constant-folded: errors only
-        options.log_severity_level = max(options.log_severity_level, 3)
         if self.data is not None and self.largest_external > MAX_IN_MEMORY_TENSOR:
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path))
         elif self.data is not None:

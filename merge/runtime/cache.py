@@ -44,8 +44,8 @@ class InPlaceCache:
         self.reserve(capacity)
         self.output_names = [o.name for o in session.get_outputs()
                              if o.name not in {present_name(p) for p in past_names}]
-        # IOBinding cannot bind an input backed by an initializer (logits_to_keep): such a call runs plainly
-        self.unbindable = {i.name for i in session.get_overridable_initializers()}
+        # IOBinding binds tensors only, not an optional-typed input (logits_to_keep): a call feeding one runs plainly
+        self.unbindable = {i.name for i in session.get_inputs() if i.type.startswith("optional(")}
 
     def reserve(self, capacity: int) -> None:
         """Room for at least ``capacity`` positions: larger buffers, what is written so far copied over (once per

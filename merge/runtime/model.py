@@ -139,13 +139,13 @@ class CombinedModel:
         self.cache_in_place = self.format_version >= FORMAT_KV_CACHE_IN_PLACE  # otherwise the growing cache
         # what each call must feed follows the graph: a format 0 folder may have the video inputs all the same
         self.video_inputs = PIXEL_VALUES_VIDEOS in inputs
-        self._check_format(set(inputs), {i.name for i in self.session.get_overridable_initializers()})
+        self._check_format(set(inputs))
 
-    def _check_format(self, inputs: set[str], optional: set[str]) -> None:
+    def _check_format(self, inputs: set[str]) -> None:
         """The model holds what its folder's format promises (a merge.json edited by hand may promise more)."""
         metadata = self.session.get_modelmeta().custom_metadata_map
         promises = [
-            (FORMAT_LOGITS_TO_KEEP, f"the optional input {LOGITS_TO_KEEP}", LOGITS_TO_KEEP in inputs | optional),
+            (FORMAT_LOGITS_TO_KEEP, f"the optional input {LOGITS_TO_KEEP}", LOGITS_TO_KEEP in inputs),
             (FORMAT_VIDEOS, f"the inputs {PIXEL_VALUES_VIDEOS} and {VIDEO_GRID_THW}",
              {PIXEL_VALUES_VIDEOS, VIDEO_GRID_THW} <= inputs),
             (FORMAT_KV_CACHE_IN_PLACE, f'the metadata {CACHE_METADATA_KEY} = "1"',
