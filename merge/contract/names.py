@@ -126,13 +126,22 @@ ROPE_INDEX_INPUTS = (INPUT_IDS, ATTENTION_MASK, IMAGE_GRID_THW, VIDEO_GRID_THW, 
 ROPE_INDEX_OUTPUTS = (DECODER_POSITION_IDS, ROPE_DELTAS_OUT)
 EMBEDDING_TOKEN_TABLE = "embed_tokens"
 EMBEDDING_TABLE_SCALES = "embed_scales"  # an int4-block token table's scales (ShareTiedTable), after the inputs
-EMBEDDING_MERGE_INPUTS = (INPUT_IDS, EMBEDDING_TOKEN_TABLE, "image_embeds", "deepstack_embeds", "image_rows")
+EMBEDDING_IMAGE_EMBEDS = "image_embeds"  # bound to VISION_IMAGE_EMBEDS
+EMBEDDING_DEEPSTACK_EMBEDS = "deepstack_embeds"  # bound to VISION_DEEPSTACK_EMBEDS
+EMBEDDING_IMAGE_ROWS = "image_rows"  # bound to VISION_IMAGE_ROWS
+EMBEDDING_MERGE_INPUTS = (INPUT_IDS, EMBEDDING_TOKEN_TABLE, EMBEDDING_IMAGE_EMBEDS, EMBEDDING_DEEPSTACK_EMBEDS,
+                          EMBEDDING_IMAGE_ROWS)
 EMBEDDING_VISUAL_MASK = "visual_mask"
+
+
+def embedding_merge_level(level: int) -> str:
+    """The embedding merge part's output for DeepStack ``level`` (renamed :func:`deepstack_term` once inlined)."""
+    return f"deepstack_{level}"
 
 
 def embedding_merge_outputs(num_levels: int) -> tuple[str, ...]:
     """``inputs_embeds``, ``visual_mask``, then ``deepstack_{k}`` per DeepStack level."""
-    return (DECODER_INPUTS_EMBEDS, EMBEDDING_VISUAL_MASK, *(f"deepstack_{k}" for k in range(num_levels)))
+    return (DECODER_INPUTS_EMBEDS, EMBEDDING_VISUAL_MASK, *(embedding_merge_level(k) for k in range(num_levels)))
 
 
 # -- operator domains and opsets ------------------------------------------------------------------------------

@@ -8,12 +8,19 @@ import onnx_ir as ir
 from graphs.builder import INT64, tensor_input
 from merge.contract.names import (
     DECODER_INPUTS_EMBEDS,
+    EMBEDDING_DEEPSTACK_EMBEDS,
+    EMBEDDING_IMAGE_EMBEDS,
+    EMBEDDING_IMAGE_ROWS,
     EMBEDDING_PREFIX,
+    EMBEDDING_TOKEN_TABLE,
+    EMBEDDING_VISUAL_MASK,
     INPUT_IDS,
     VISION_DEEPSTACK_EMBEDS,
     VISION_IMAGE_EMBEDS,
     VISION_IMAGE_ROWS,
     deepstack_term,
+    embedding_merge_level,
+    embedding_merge_outputs,
 )
 
 from .base import StitchError, StitchPass, graph_input, has_input, inline_part, require_value
@@ -37,7 +44,7 @@ class MergeEmbeddings(StitchPass):
         require_value(graph, VISION_IMAGE_EMBEDS, str(self))
         if has_input(graph, INPUT_IDS):
             raise StitchError(f"the model already has an input {INPUT_IDS!r}")
-        expected = {"inputs_embeds", "visual_mask", *(f"deepstack_{k}" for k in range(self.num_levels))}
+        expected = set(embedding_merge_outputs(self.num_levels))
         found = {v.name for v in self.part.graph.outputs}
         if found != expected:
             raise StitchError(f"the embedding merge's outputs are {sorted(found)}, expected {sorted(expected)}")
@@ -48,16 +55,16 @@ class MergeEmbeddings(StitchPass):
         input_ids = tensor_input(INPUT_IDS, INT64, ["batch_size", "sequence_length"])
         graph.inputs.append(input_ids)
         graph.register_initializer(self.table)
-        feeds = {"input_ids": input_ids, "embed_tokens": self.table,
-                 "image_embeds": require_value(graph, VISION_IMAGE_EMBEDS, str(self)),
-                 "deepstack_embeds": require_value(graph, VISION_DEEPSTACK_EMBEDS, str(self)),
-                 "image_rows": require_value(graph, VISION_IMAGE_ROWS, str(self))}
+        feeds = {INPUT_IDS: input_ids, EMBEDDING_TOKEN_TABLE: self.table,
+                 EMBEDDING_IMAGE_EMBEDS: require_value(graph, VISION_IMAGE_EMBEDS, str(self)),
+                 EMBEDDING_DEEPSTACK_EMBEDS: require_value(graph, VISION_DEEPSTACK_EMBEDS, str(self)),
+                 EMBEDDING_IMAGE_ROWS: require_value(graph, VISION_IMAGE_ROWS, str(self))}
         outputs = inline_part(graph, self.part, feeds, str(self))
-        ir.convenience.replace_all_uses_with(decoder_embeds, outputs["inputs_embeds"])
+        ir.convenience.replace_all_uses_with(decoder_embeds, outputs[DECODER_INPUTS_EMBEDS])
         graph.inputs.remove(decoder_embeds)
         for k in range(self.num_levels):
-            outputs[f"deepstack_{k}"].name = deepstack_term(k)
-        outputs["visual_mask"].name = EMBEDDING_PREFIX + "visual_mask"
+            outputs[embedding_merge_level(k)].name = deepstack_term(k)
+        outputs[EMBEDDING_VISUAL_MASK].name = EMBEDDING_PREFIX + EMBEDDING_VISUAL_MASK
         return True
 
 
