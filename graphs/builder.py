@@ -31,10 +31,21 @@ INT32 = ir.DataType.INT32
 BOOL = ir.DataType.BOOL
 
 
-def tensor_input(name: str, dtype: ir.DataType, shape: Sequence[int | str | None]) -> ir.Value:
-    """A graph's (or a subgraph's) input: strings and ``None`` in ``shape`` become symbolic (dynamic) dimensions."""
+def tensor_input(name: str, dtype: ir.DataType, shape: Sequence[int | str | None], *,
+                 optional: bool = False) -> ir.Value:
+    """A graph's (or a subgraph's) input: strings and ``None`` in ``shape`` become symbolic (dynamic) dimensions.
+    ``optional``: of ONNX's type ``optional(tensor(dtype))``, which a call may leave out."""
     dims = [ir.SymbolicDim(d) if isinstance(d, str) or d is None else d for d in shape]
-    return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(dims))
+    kind = ir.OptionalType(ir.TensorType(dtype)) if optional else ir.TensorType(dtype)
+    return ir.Value(name=name, type=kind, shape=ir.Shape(dims))
+
+
+def initializer(name: str, tensor: ir.TensorProtocol) -> ir.Value:
+    """A value that holds ``tensor`` (an ``ir.LazyTensor`` too: nothing is read until the model is written), named
+    ``name``, of the tensor's type and shape; register it in a graph to make it an initializer."""
+    tensor.name = name
+    return ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(list(tensor.shape)),
+                    const_value=tensor)
 
 
 class GraphBuilder:
@@ -154,8 +165,7 @@ class GraphBuilder:
         if key in self._constants:
             return self._constants[key]
         full = self.scoped(name)
-        val = ir.Value(name=full, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape))
-        val.const_value = ir.tensor(array, name=full)
+        val = initializer(full, ir.tensor(array))
         self.initializers[full] = val
         self._constants[key] = val
         return val
@@ -163,10 +173,8 @@ class GraphBuilder:
     def weight(self, name: str, shape: Sequence[int], load: Callable[[], np.ndarray]) -> ir.Value:
         """A float32 weight loaded lazily by ``load`` when the model is written."""
         full = self.scoped(name)
-        lazy = ir.LazyTensor(lambda: ir.tensor(_checked(load(), shape, full), name=full), FLOAT, ir.Shape(shape))
-        lazy.name = full
-        val = ir.Value(name=full, type=ir.TensorType(FLOAT), shape=ir.Shape(list(shape)))
-        val.const_value = lazy
+        val = initializer(full, ir.LazyTensor(lambda: ir.tensor(_checked(load(), shape, full), name=full), FLOAT,
+                                              ir.Shape(shape)))
         self.initializers[full] = val
         return val
 

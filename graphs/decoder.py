@@ -356,7 +356,7 @@ class DecoderGraph:
         """The input ``logits_to_keep``: an *optional* int64 scalar (``optional(tensor(int64))``), so a client may
         leave it out. Not an initializer that a fed value overrides: ONNX Runtime warns about every such input on
         every load, in every binding."""
-        return ir.Value(name=LOGITS_TO_KEEP, type=ir.OptionalType(ir.TensorType(INT64)), shape=ir.Shape([]))
+        return tensor_input(LOGITS_TO_KEEP, INT64, [], optional=True)
 
     def fed_or_zero(self, keep: ir.Value) -> ir.Value:
         """The value fed as ``keep``, or 0 (every position) when the call left it out::

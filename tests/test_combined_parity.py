@@ -115,8 +115,9 @@ def test_combined_interface(combined, sources):
     assert inputs[:7] == ["input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
                           "video_grid_thw", "rope_deltas"]
     assert sorted(inputs[7:-1]) == sorted(f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value"))
-    assert inputs[-1] == "logits_to_keep"  # optional: an initializer gives its default, 0 (every position)
-    assert any(t.name == "logits_to_keep" for t in model.graph.initializer)
+    assert inputs[-1] == "logits_to_keep"  # optional(tensor(int64)): a call may leave it out (every position)
+    assert model.graph.input[-1].type.HasField("optional_type")
+    assert not any(t.name == "logits_to_keep" for t in model.graph.initializer)  # no initializer input: no warning
     assert outputs[0] == "logits" and outputs[-1] == "rope_deltas_out"
     assert sorted(outputs[1:-1]) == sorted(f"present.{i}.{k}" for i in range(layers) for k in ("key", "value"))
     scopes = {n.name.split("/")[0] for n in model.graph.node}

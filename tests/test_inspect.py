@@ -110,7 +110,9 @@ def test_operator_counts_include_subgraphs(precision, built, sources):
     assert ops["per_scope"]["vision"]["Loop"] == depth
     assert ops["overall"]["com.microsoft.GroupQueryAttention"] == layers
     assert ops["per_scope"]["decoder"]["com.microsoft.GroupQueryAttention"] == layers
-    assert ops["overall"]["If"] == 2 + depth  # the vision guard, the position switch, a run switch per block
+    # the vision guard, the position switch, a run switch per block, logits_to_keep fed or not
+    assert ops["overall"]["If"] == 3 + depth
+    assert ops["per_scope"]["decoder"]["If"] == 1
     assert ops["per_scope"]["merge"]["Add"] >= len(source.config.vision.deepstack_visual_indexes)
     if precision == "int4":
         assert ops["per_scope"]["decoder"]["com.microsoft.MatMulNBits"] == 7 * layers + 1

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from graphs.builder import FLOAT
+from graphs.builder import FLOAT, initializer
 from graphs.decoder import TEXT_PREFIXES
 from graphs.embedding_merge import build_embedding_merge
 from graphs.rope_index import build_rope_index
@@ -46,10 +46,8 @@ def token_table(checkpoint: Checkpoint, config: ModelConfig) -> ir.Value:
     if list(shape) != [config.text.vocab_size, config.text.hidden_size]:
         raise MergeError(f"{checkpoint.folder}: {name} has shape {shape}, not [vocab_size, hidden_size] = "
                          f"[{config.text.vocab_size}, {config.text.hidden_size}]")
-    table = ir.Value(name=TOKEN_TABLE, type=ir.TensorType(FLOAT), shape=ir.Shape(list(shape)))
-    table.const_value = ir.LazyTensor(lambda: ir.tensor(checkpoint.load(name), name=TOKEN_TABLE), FLOAT,
-                                      ir.Shape(list(shape)), name=TOKEN_TABLE)
-    return table
+    return initializer(TOKEN_TABLE, ir.LazyTensor(lambda: ir.tensor(checkpoint.load(name), name=TOKEN_TABLE), FLOAT,
+                                                  ir.Shape(list(shape))))
 
 
 

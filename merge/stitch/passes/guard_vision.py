@@ -104,12 +104,15 @@ class GuardVision(StitchPass):
                          for name, shape in (("image_embeds", (0, self.hidden_size)),
                                              ("deepstack_embeds", (self.num_levels, 0, self.hidden_size)))]
             skipped = skip.graph("skipped", empty)
-        guard = ir.node("If", [flag], {"then_branch": branch, "else_branch": skipped}, num_outputs=2,
-                        name=VISION_IF)
-        image_embeds, deepstack = guard.outputs
+        image_embeds, deepstack = b.op_multi("If", [flag], {"then_branch": branch, "else_branch": skipped},
+                                             num_outputs=2, name="if_has_patches")
         image_embeds.name, deepstack.name = VISION_IMAGE_EMBEDS, VISION_DEEPSTACK_EMBEDS
         image_embeds.type = deepstack.type = ir.TensorType(ir.DataType.FLOAT)
         image_embeds.shape = ir.Shape([ir.SymbolicDim("num_visual_tokens"), self.hidden_size])
         deepstack.shape = ir.Shape([self.num_levels, ir.SymbolicDim("num_visual_tokens"), self.hidden_size])
-        graph.append(guard)
+        b.add_to(graph)
         return True
+
+    def ensures(self, model: ir.Model) -> None:
+        if not any(node.name == VISION_IF and node.op_type == "If" for node in model.graph):
+            raise StitchError(f"no If named {VISION_IF!r} holds the vision part")

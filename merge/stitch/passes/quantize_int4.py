@@ -20,6 +20,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
+from graphs.builder import initializer
 from merge import quantize as quant
 from merge.contract.names import DECODER_SCOPE, MS_DOMAIN
 from merge.contract.quant import BITS, QuantSpec, check_block_size
@@ -210,12 +211,7 @@ def quantize_matmuls_int4(
             values = []
             for key, dtype, shape, suffix in specs:
                 name = _unique(f"{weight.name or node.name}{suffix}", names)
-                value = ir.Value(
-                    name=name,
-                    shape=ir.Shape(shape),
-                    type=ir.TensorType(dtype),
-                    const_value=job.lazy(key, dtype, shape, name),
-                )
+                value = initializer(name, job.lazy(key, dtype, shape, name))
                 owner.register_initializer(value)
                 values.append(value)
             jobs[id(weight)] = tuple(values)

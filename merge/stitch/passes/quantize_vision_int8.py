@@ -15,6 +15,7 @@ import threading
 import numpy as np
 import onnx_ir as ir
 
+from graphs.builder import initializer
 from merge.contract.names import MS_DOMAIN, VISION_SCOPE
 from merge.quantize import quantize_weight_int8
 
@@ -66,12 +67,10 @@ class QuantizeVisionInt8(StitchPass):
             out_dim, in_dim = (int(d) for d in weight.const_value.shape)
             owner = weight.graph
             job = _Int8Job(weight.const_value, weight.name)
-            codes = ir.Value(name=f"{weight.name}_int8", type=ir.TensorType(ir.DataType.INT8),
-                             shape=ir.Shape([in_dim, out_dim]),
-                             const_value=job.lazy("codes", ir.DataType.INT8, (in_dim, out_dim), f"{weight.name}_int8"))
-            scale = ir.Value(name=f"{weight.name}_scale", type=ir.TensorType(ir.DataType.FLOAT),
-                             shape=ir.Shape([out_dim]),
-                             const_value=job.lazy("scale", ir.DataType.FLOAT, (out_dim,), f"{weight.name}_scale"))
+            codes = initializer(f"{weight.name}_int8",
+                                job.lazy("codes", ir.DataType.INT8, (in_dim, out_dim), f"{weight.name}_int8"))
+            scale = initializer(f"{weight.name}_scale",
+                                job.lazy("scale", ir.DataType.FLOAT, (out_dim,), f"{weight.name}_scale"))
             owner.register_initializer(codes)
             owner.register_initializer(scale)
             bias = node.inputs[2] if len(node.inputs) > 2 else None
