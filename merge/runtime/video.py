@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from merge.contract.names import PREPROCESSOR_CONFIG_FILE, VIDEO_PREPROCESSOR_CO
 from merge.errors import MergeError
 
 from .files import Files
-from .images import MAX_ASPECT_RATIO, MAX_DECODED_PIXELS, MAX_PIXEL_BUDGET, load_image, to_rgb
+from .images import MAX_ASPECT_RATIO, MAX_DECODED_PIXELS, MAX_PIXEL_BUDGET, ConfigValues, load_image, to_rgb
 
 # Qwen3VLVideoProcessor's defaults, used where video_preprocessor_config.json leaves a value out.
 DEFAULT_FPS = 2.0
@@ -204,26 +204,39 @@ class VideoProcessor:
     do_normalize: bool = True
     image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    source: str = field(default=VIDEO_PREPROCESSOR_CONFIG_FILE, repr=False, compare=False)  # the file refusals name
 
     def __post_init__(self) -> None:
-        where = VIDEO_PREPROCESSOR_CONFIG_FILE
-        for key, high in (("patch_size", 256), ("temporal_patch_size", 64), ("merge_size", 16),
-                          ("min_frames", MAX_FRAMES_LIMIT), ("max_frames", MAX_FRAMES_LIMIT),
-                          ("max_video_tokens", 1 << 20), ("min_pixels", MAX_PIXEL_BUDGET * 64),
-                          ("max_pixels", MAX_PIXEL_BUDGET * 64)):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-                raise MergeError(f"{where}: {key} = {value!r} must be an integer from 1 to {high:,}")
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source"}
+        size = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
+        self._typed(ConfigValues(values, self.source), ConfigValues(size, self.source, "size."))
         if self.min_pixels > self.max_pixels:
-            raise MergeError(f"{where}: size.shortest_edge {self.min_pixels:,} is larger than size.longest_edge "
-                             f"{self.max_pixels:,}")
+            raise MergeError(f"{self.source}: size.shortest_edge {self.min_pixels:,} is larger than "
+                             f"size.longest_edge {self.max_pixels:,}")
         if self.min_frames > self.max_frames:
-            raise MergeError(f"{where}: min_frames {self.min_frames} is larger than max_frames {self.max_frames}")
-        if not (isinstance(self.fps, int | float) and not isinstance(self.fps, bool) and 0 < self.fps <= 1000):
-            raise MergeError(f"{where}: fps = {self.fps!r} must be a number above 0 and at most 1000")
-        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
-            raise MergeError(f"{where}: image_mean and image_std must hold 3 values (std > 0), got "
-                             f"{list(self.image_mean)} and {list(self.image_std)}")
+            raise MergeError(f"{self.source}: min_frames {self.min_frames} is larger than max_frames "
+                             f"{self.max_frames}")
+
+    @staticmethod
+    def _typed(values: ConfigValues, size: ConfigValues) -> dict[str, Any]:
+        """The processor's keys, typed and in range (None where left out); the pixel bounds from ``size``."""
+        pixels = MAX_PIXEL_BUDGET * 64
+        return {
+            "patch_size": values.integer("patch_size", 1, 256),
+            "temporal_patch_size": values.integer("temporal_patch_size", 1, 64),
+            "merge_size": values.integer("merge_size", 1, 16),
+            "min_pixels": size.integer("shortest_edge", 1, pixels),
+            "max_pixels": size.integer("longest_edge", 1, pixels),
+            "fps": values.number("fps", 0, 1000),
+            "min_frames": values.integer("min_frames", 1, MAX_FRAMES_LIMIT),
+            "max_frames": values.integer("max_frames", 1, MAX_FRAMES_LIMIT),
+            "max_video_tokens": values.integer("max_video_tokens", 1, 1 << 20),
+            **{key: values.boolean(key) for key in ("do_sample_frames", "cap_pixels_per_frame", "do_resize",
+                                                    "do_rescale", "do_normalize")},
+            "rescale_factor": values.number("rescale_factor", 0, 1),
+            "image_mean": values.channels("image_mean", positive=False),
+            "image_std": values.channels("image_std", positive=True),
+        }
 
     @classmethod
     def from_folder(cls, folder: Path | str | Files, *, fps: float | None = None,
@@ -232,37 +245,22 @@ class VideoProcessor:
         ``preprocessor_config.json`` where it has none); ``fps`` / ``max_frames`` given here override it."""
         files = folder if isinstance(folder, Files) else Files(folder)
         config = files.json(VIDEO_PREPROCESSOR_CONFIG_FILE, required=False)
+        where = files.where(VIDEO_PREPROCESSOR_CONFIG_FILE)
         if config is None:
             image = files.json(PREPROCESSOR_CONFIG_FILE)
             config = {k: image[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean",
                                             "image_std") if image.get(k) is not None}
-        return cls.from_config(config).with_sampling(fps, max_frames)
+            where = files.where(PREPROCESSOR_CONFIG_FILE)
+        return cls.from_config(config, where).with_sampling(fps, max_frames)
 
     @classmethod
-    def from_config(cls, config: dict) -> VideoProcessor:
-        size = config.get("size") or {}
-        if not isinstance(size, dict):
-            raise MergeError(f"{VIDEO_PREPROCESSOR_CONFIG_FILE}: size must be an object, found {size!r}")
-        keys = ("patch_size", "temporal_patch_size", "merge_size", "fps", "min_frames", "max_frames",
-                "do_sample_frames", "max_video_tokens", "do_resize", "do_rescale", "rescale_factor", "do_normalize")
-        known: dict[str, Any] = {k: config[k] for k in keys if config.get(k) is not None}
-        if config.get("cap_pixels_per_frame") is not None:
-            known["cap_pixels_per_frame"] = bool(config["cap_pixels_per_frame"])
-        for key in ("image_mean", "image_std"):
-            if config.get(key) is not None:
-                value = config[key]
-                known[key] = tuple(float(v) for v in (value if isinstance(value, list | tuple) else [value] * 3))
-        if size.get("shortest_edge") is not None:
-            known["min_pixels"] = size["shortest_edge"]
-        if size.get("longest_edge") is not None:
-            known["max_pixels"] = size["longest_edge"]
-        if config.get("resample") not in (None, 3):
-            raise MergeError(f"{VIDEO_PREPROCESSOR_CONFIG_FILE}: resample {config['resample']!r} is not supported "
-                             "(only 3, bicubic, as Qwen3-VL publishes)")
-        try:
-            return cls(**known)
-        except TypeError as exc:
-            raise MergeError(f"{VIDEO_PREPROCESSOR_CONFIG_FILE}: a value has the wrong type ({exc})") from None
+    def from_config(cls, config: dict, where: str | Path = VIDEO_PREPROCESSOR_CONFIG_FILE) -> VideoProcessor:
+        """From a ``video_preprocessor_config.json`` dictionary (``where``: the file, as refusals name it). Every
+        value is typed and range-checked: a wrong one is refused in one line naming the file and the key."""
+        values = ConfigValues(config, where)
+        values.choice("resample", {3: "bicubic, the only filter videos are resized with here"})
+        known = {k: v for k, v in cls._typed(values, values.section("size")).items() if v is not None}
+        return cls(source=str(where), **known)
 
     def with_sampling(self, fps: float | None = None, max_frames: int | None = None) -> VideoProcessor:
         """This processor with the sampling rate and the frame limit overridden where given (``--fps``,
@@ -280,7 +278,7 @@ class VideoProcessor:
         try:
             return replace(self, **changes)
         except MergeError as exc:
-            raise MergeError(str(exc).replace(VIDEO_PREPROCESSOR_CONFIG_FILE, "--fps/--max-frames")) from None
+            raise MergeError(str(exc).replace(self.source, "--fps/--max-frames")) from None
 
     # -- decoding and sampling ---------------------------------------------------------------------------------
     def target_size(self, num_frames: int, height: int, width: int) -> tuple[int, int]:
