@@ -1,14 +1,18 @@
 """Qwen2-VL / Qwen3-VL image preprocessing from ``preprocessor_config.json`` with numpy and Pillow only.
 
-As transformers' PIL backend does it: RGB (transparency composited onto white), resize with
-:func:`smart_resize` (sides multiples of patch * merge, pixel count within the configured bounds) using the
-configured Pillow filter on uint8, rescale in float64 then float32, normalize in float32, then cut into
-patches in merge-block order with each image repeated ``temporal_patch_size`` times. ``tests/test_run.py``
-holds it equal to transformers' own image processor.
+Images read from a path or from bytes are turned upright by their EXIF orientation, as transformers'
+``load_image`` turns them (``ImageOps.exif_transpose``); a PIL image given from Python is used as it is, as
+transformers' processor uses it. Then as transformers' PIL backend does it: RGB (transparency composited onto
+white), resize with :func:`smart_resize` (sides multiples of patch * merge, pixel count within the configured
+bounds) using the configured Pillow filter on uint8, rescale in float64 then float32, normalize in float32, then
+cut into patches in merge-block order with each image repeated ``temporal_patch_size`` times.
+``tests/test_run.py`` holds it equal to transformers' own image processor, ``tests/test_real_inputs.py`` the
+orientation to its ``load_image``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import warnings
@@ -36,6 +40,7 @@ PIL_BICUBIC = 3
 # Pillow's resampling filters by number (NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING): transformers'
 # PILImageResampling, which a config's "resample" names
 PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+EXIF_ORIENTATION = 0x0112
 MAX_ASPECT_RATIO = 200
 # The largest pixel budget accepted for min_pixels / max_pixels (8192 x 8192; Qwen3-VL publishes 4096 x 4096):
 # a bigger value in a folder's preprocessor_config.json is a corrupt or hostile file, refused before any image
@@ -252,11 +257,11 @@ class ImageProcessor:
         return smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
 
     def pixels(self, image) -> np.ndarray:
-        """One PIL image -> resized, rescaled, normalized [C, H, W] (float32 when rescaled or normalized)."""
+        """One image -> resized, rescaled, normalized [C, H, W] (float32 when rescaled or normalized). A PIL image
+        is taken as given; image bytes or a path are read as :func:`load_image` reads them (upright)."""
         from PIL import Image
 
-        if not isinstance(image, Image.Image):
-            raise MergeError(f"expected a PIL image, got {type(image).__name__}")
+        image = as_image(image)
         check_decodable(image, "an image")
         if self.do_convert_rgb:
             array = to_rgb(image)
@@ -302,30 +307,51 @@ def check_pixel_budget(min_pixels, max_pixels, where: str) -> None:
         raise MergeError(f"{where}: min_pixels {min_pixels:,} is larger than max_pixels {max_pixels:,}")
 
 
-def load_image(path: Path | str):
-    """A PIL image from a file, fully read; a missing, unreadable or oversized file is a :class:`MergeError` naming
-    it. The size is checked from the file's header before any pixel is decoded."""
-    from PIL import Image, UnidentifiedImageError
+def as_image(image):
+    """A PIL image as given (as transformers' processor takes one: no EXIF rotation, the caller opened it), or the
+    image that bytes or a path hold, read by :func:`load_image`."""
+    from PIL import Image
 
-    path = Path(path)
-    if not path.exists():
-        raise MergeError(f"image file not found: {path}")
-    if not path.is_file():
-        raise MergeError(f"{path} is not a file (expected an image)")
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, str | Path | bytes | bytearray | memoryview):
+        return load_image(image)
+    raise MergeError(f"expected a PIL image, image bytes or a path, got {type(image).__name__}")
+
+
+def load_image(source: Path | str | bytes | bytearray | memoryview):
+    """A PIL image from a file or from a file's bytes, fully read and turned upright by its EXIF orientation, as
+    transformers' ``load_image`` turns it (``ImageOps.exif_transpose``). A missing, unreadable or oversized image is
+    a :class:`MergeError` naming it; the size is checked from the file's header before any pixel is decoded."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if isinstance(source, bytes | bytearray | memoryview):
+        name, stream = f"an image of {len(source):,} bytes", io.BytesIO(source)
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise MergeError(f"image file not found: {path}")
+        if not path.is_file():
+            raise MergeError(f"{path} is not a file (expected an image)")
+        name, stream = str(path), path
     try:
         with warnings.catch_warnings():  # our own check below says it in one line, Pillow's warning would add one
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(stream)
         with image:
-            check_decodable(image, str(path))
+            check_decodable(image, name)
             image.load()  # the pixels are in memory once the file closes
+            with warnings.catch_warnings():  # corrupt EXIF: Pillow reads what it can (as for transformers) and
+                warnings.simplefilter("ignore", UserWarning)  # warns on many lines; the photo is used all the same
+                if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                    image = ImageOps.exif_transpose(image)
         return image
     except UnidentifiedImageError as exc:
-        raise MergeError(f"{path} is not an image Pillow can read") from exc
+        raise MergeError(f"{name} is not an image Pillow can read") from exc
     except Image.DecompressionBombError as exc:
-        raise MergeError(f"{path}: {exc}") from exc
+        raise MergeError(f"{name}: {exc}") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise MergeError(f"{path} is not a readable image ({exc})") from exc
+        raise MergeError(f"{name} is not a readable image ({exc})") from exc
 
 
 def check_decodable(image, name: str) -> None:
