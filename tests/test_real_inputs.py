@@ -3,6 +3,9 @@
 - **EXIF orientation**: a photo read from a path or from bytes is turned upright as transformers' ``load_image``
   turns it (``ImageOps.exif_transpose``), held to it on all eight orientations (same pixels, same grid); a PIL
   image given from Python is used as it is, as transformers' processor uses it.
+- **Edit lists and raw streams**: an MP4 cut by stream copy (an edit list hiding its first frames), raw
+  elementary streams (.h264, .m4v) and a stream whose decoder drops frames read as PyAV decodes them; a raw stream
+  that records no frame rate is refused in one true sentence.
 - **Processor configs typed**: a wrong type, an unknown resample filter, NaN or inf in preprocessor_config.json or
   video_preprocessor_config.json is refused in one line naming the file and the key.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,7 @@ from merge.errors import MergeError
 from merge.runtime.images import ImageProcessor, load_image
 from merge.runtime.video import VideoProcessor
 from merge.tools.compare import compare
+from tests.videos import frame, write_clip
 
 # -- EXIF orientation ---------------------------------------------------------------------------------------------
 
@@ -115,6 +120,121 @@ def test_frames_folder_with_exif_orientation_is_upright(tmp_path):
 def test_image_bytes_io_is_not_mistaken_for_a_picture():
     with pytest.raises(MergeError, match="expected a PIL image, image bytes or a path"):
         ImageProcessor()(images=[io.BytesIO(b"x")])
+
+
+# -- edit lists and raw elementary streams ------------------------------------------------------------------------
+
+def _pyav_frames(path: Path) -> np.ndarray:
+    import av
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def _cut_by_stream_copy(source: Path, target: Path, first_frame: int) -> Path:
+    """What ``ffmpeg -ss T -i source -c copy target`` writes: every packet copied from the keyframe before the cut,
+    the time shifted so the cut is at 0, the frames before it left in the file behind an edit list."""
+    import av
+
+    with av.open(str(source)) as src, av.open(str(target), "w") as out:
+        stream = src.streams.video[0]
+        copy = out.add_stream_from_template(stream)
+        shift = round(first_frame / stream.average_rate / stream.time_base)
+        for packet in src.demux(stream):
+            if packet.dts is None:
+                continue
+            packet.pts -= shift
+            packet.dts -= shift
+            packet.stream = copy
+            out.mux(packet)
+    return target
+
+
+def _write_raw(path: Path, fmt: str, codec: str, frames: int = 24, fps: int = 10, options=None) -> Path:
+    import av
+
+    with av.open(str(path), "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=fps, options=options or {})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        for i in range(frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame(i, 64, 48), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def _check_reads_as_pyav_decodes(path: Path, frames: int, fps: float) -> None:
+    decoded = _pyav_frames(path)
+    assert len(decoded) == frames
+    processor = VideoProcessor(do_resize=False)
+    video = processor.load(path)
+    assert video.total_frames == frames and video.source_fps == pytest.approx(fps)
+    assert video.indices.tolist() == processor.indices(frames, fps).tolist()
+    np.testing.assert_array_equal(video.frames, decoded[video.indices])
+
+
+@pytest.mark.parametrize("codec", ["libx264", "mpeg4"])
+def test_clip_cut_by_stream_copy_reads_as_pyav_decodes(codec, tmp_path):
+    source = write_clip(tmp_path / "source.mp4", 40, 10, 96, 64, codec=codec)
+    cut = _cut_by_stream_copy(source, tmp_path / "cut.mp4", 13)
+    _check_reads_as_pyav_decodes(cut, 27, 10)
+
+
+def test_clip_cut_by_ffmpeg_reads_as_pyav_decodes(tmp_path):
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        pytest.skip("ffmpeg is not installed (apt-get install ffmpeg): the cut made by ffmpeg -ss -c copy itself")
+    source = write_clip(tmp_path / "source.mp4", 40, 10, 96, 64, codec="libx264")
+    cut = tmp_path / "cut.mp4"
+    subprocess.run([ffmpeg, "-v", "error", "-ss", "1.3", "-i", str(source), "-c", "copy", str(cut)], check=True)
+    _check_reads_as_pyav_decodes(cut, 27, 10)
+
+
+@pytest.mark.parametrize(("name", "fmt", "codec"), [("clip.h264", "h264", "libx264"), ("clip.m4v", "m4v", "mpeg4")])
+def test_raw_elementary_stream_reads_as_pyav_decodes(name, fmt, codec, tmp_path):
+    """A raw stream has no container: the frame count comes from its packets, the rate from the bitstream (10),
+    not from the raw demuxer's default of 25."""
+    _check_reads_as_pyav_decodes(_write_raw(tmp_path / name, fmt, codec), 24, 10)
+
+
+def test_raw_stream_without_a_frame_rate_is_refused_in_one_true_sentence(tmp_path):
+    clip = _write_raw(tmp_path / "clip.mjpeg", "mjpeg", "mjpeg")
+    with pytest.raises(MergeError) as error:
+        VideoProcessor().load(clip)
+    message = str(error.value)
+    assert "\n" not in message and str(clip) in message and "records no frame rate" in message
+
+
+def test_a_file_cut_short_is_the_frames_it_holds(tmp_path):
+    """A file cut short mid-stream: the frames that decode are the clip (as PyAV, and players, read it)."""
+    import av
+
+    source = write_clip(tmp_path / "source.mkv", 30, 10, 64, 48)
+    with av.open(str(source)) as container:
+        listed = container.streams.video[0].frames
+    data = source.read_bytes()
+    cut = tmp_path / "short.mkv"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    decoded = _pyav_frames(cut)
+    assert 0 < len(decoded) < 30 and listed in (0, 30)
+    video = VideoProcessor(do_resize=False).load(cut)
+    assert video.total_frames == len(decoded)
+    np.testing.assert_array_equal(video.frames, decoded[video.indices])
+
+
+def test_a_stream_whose_decoder_drops_frames_is_read_as_decoded(tmp_path):
+    """A capture joined mid-stream: its first frames reference a keyframe it lacks, and the decoder drops them
+    (39 frames in the file, 30 decode). The clip is sampled again over the 30, as PyAV reads it."""
+    import av
+
+    whole = _write_raw(tmp_path / "whole.h264", "h264", "libx264", frames=40,
+                       options={"x264-params": "keyint=10:scenecut=0:bframes=0"})
+    with av.open(str(whole)) as container:
+        units = [bytes(packet) for packet in container.demux(video=0) if packet.size]
+    joined = tmp_path / "joined.h264"
+    joined.write_bytes(b"".join(units[1:]))
+    _check_reads_as_pyav_decodes(joined, 30, 10)
 
 
 # -- processor configs typed --------------------------------------------------------------------------------------

@@ -17,10 +17,16 @@ What transformers' ``Qwen3VLVideoProcessor`` and ``Qwen3VLProcessor`` do with a 
 
 Frames are decoded one at a time and only the sampled ones are kept, already resized: a long or large clip never
 sits in memory whole. ``tests/test_video.py`` holds each step to transformers' own code.
+
+Decoding, where real files part from what transformers' ``read_video_pyav`` assumes (``tests/test_real_inputs.py``):
+a clip is the frames PyAV's decoder gives, counted from the packets less those an edit list hides (a cut by stream
+copy), or again from decoding where the decoder drops some; a raw elementary stream takes its rate from its
+bitstream.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -35,6 +41,8 @@ from merge.errors import MergeError
 from .files import Files
 from .images import MAX_ASPECT_RATIO, MAX_DECODED_PIXELS, MAX_PIXEL_BUDGET, ConfigValues, load_image, to_rgb
 
+log = logging.getLogger(__name__)
+
 # Qwen3VLVideoProcessor's defaults, used where video_preprocessor_config.json leaves a value out.
 DEFAULT_FPS = 2.0
 DEFAULT_MIN_FRAMES = 4
@@ -46,6 +54,9 @@ DEFAULT_MAX_VIDEO_TOKENS = 768
 UNKNOWN_SOURCE_FPS = 24.0
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 MAX_FRAMES_LIMIT = 100_000  # a max_frames past this in a config is a corrupt or hostile file
+# libavformat's AVFMT_NOTIMESTAMPS: the format (a raw elementary stream: .h264, .hevc, .m4v, .mjpeg) has no
+# timestamps of its own, and its demuxer's frame rate is a default (25), not the clip's
+AVFMT_NOTIMESTAMPS = 0x0080
 
 
 def sample_indices(total: int, source_fps: float, fps: float, min_frames: int, max_frames: int) -> np.ndarray:
@@ -325,6 +336,8 @@ class VideoProcessor:
         return Video(np.stack(kept), indices, float(source_fps), len(frames), name)
 
     def _from_file(self, path: Path) -> Video:
+        """A video file as PyAV decodes it: the frames its decoder gives (an edit list's hidden frames are not
+        among them), sampled and resized."""
         try:
             import av
         except ImportError:  # pragma: no cover - av is a dependency
@@ -334,41 +347,48 @@ class VideoProcessor:
         if not path.is_file():
             raise MergeError(f"{path} is not a file (expected a video, or a folder of frames)")
         try:
-            with av.open(str(path)) as container:
-                if not container.streams.video:
-                    raise MergeError(f"{path} has no video stream")
-                stream = container.streams.video[0]
-                width, height = stream.codec_context.width, stream.codec_context.height
-                if width * height > MAX_DECODED_PIXELS or width < 1 or height < 1:
-                    raise MergeError(f"{path}: frames of {width}x{height} pixels, not between 1 and "
-                                     f"{MAX_DECODED_PIXELS:,} pixels each")
-                rate = stream.average_rate or stream.guessed_rate
-                if not rate:
-                    raise MergeError(f"{path}: the video stream gives no frame rate")
-                total = int(stream.frames)
-                if total <= 0:  # some containers do not record it: count the packets
-                    total = sum(1 for packet in container.demux(stream) if packet.size)
-                    container.seek(0)
-                if total <= 0:
-                    raise MergeError(f"{path}: the video stream holds no frames")
-                indices = self.indices(total, float(rate))
-                resize = FrameResizer((height, width), self.target_size(len(indices), height, width))
-                wanted = {int(i) for i in indices}
-                kept: dict[int, np.ndarray] = {}
-                for i, frame in enumerate(container.decode(stream)):
-                    if i > indices[-1]:
-                        break
-                    if i in wanted:
-                        kept[i] = resize(frame.to_ndarray(format="rgb24"))
+            total, rate = _frames_and_rate(path)
+            indices = self.indices(total, rate)
+            kept, decoded = self._decode(path, indices)
+            if decoded <= indices[-1]:
+                # the decoder gave fewer frames than the file holds (frames it drops, a file damaged past its
+                # index): the clip is the frames that decode, sampled again, as PyAV and players read it
+                log.warning("%s: %d frames in the file but %d decode; the clip is those %d", path, total, decoded,
+                            decoded)
+                if decoded <= 0:
+                    raise MergeError(f"{path}: none of the {total} frames in the file could be decoded")
+                total = decoded
+                indices = self.indices(total, rate)
+                kept, decoded = self._decode(path, indices)
         except MergeError:
             raise
         except (av.error.FFmpegError, OSError, ValueError) as exc:
             raise MergeError(f"{path} is not a video PyAV can read ({exc})") from None
         missing = [int(i) for i in indices if int(i) not in kept]
-        if missing:
-            raise MergeError(f"{path}: the stream claims {total} frames but frame {missing[0]} could not be decoded "
-                             f"(a truncated file?)")
-        return Video(np.stack([kept[int(i)] for i in indices]), indices, float(rate), total, str(path))
+        if missing:  # pragma: no cover - the second pass decodes what the first counted
+            raise MergeError(f"{path}: frame {missing[0]} of {total} decoded once but not a second time")
+        return Video(np.stack([kept[int(i)] for i in indices]), indices, rate, total, str(path))
+
+    def _decode(self, path: Path, indices: np.ndarray) -> tuple[dict[int, np.ndarray], int]:
+        """The sampled frames of the file's first video stream, resized, and how many frames were
+        decoded (all of them when the stream ends before the last sampled index)."""
+        import av
+
+        wanted = {int(i) for i in indices}
+        kept: dict[int, np.ndarray] = {}
+        resize = None
+        count = 0
+        with av.open(str(path)) as container:
+            for frame in container.decode(container.streams.video[0]):
+                if count > indices[-1]:
+                    break
+                if count in wanted:
+                    image = frame.to_ndarray(format="rgb24")
+                    if resize is None:
+                        resize = FrameResizer(image.shape[:2], self.target_size(len(indices), *image.shape[:2]))
+                    kept[count] = resize(image)
+                count += 1
+        return kept, count
 
     # -- pixels ------------------------------------------------------------------------------------------------
     def pixels(self, video: Video) -> np.ndarray:
@@ -413,6 +433,40 @@ class VideoProcessor:
             raise MergeError("no videos to process")
         return {"pixel_values_videos": np.concatenate(patches, axis=0),
                 "video_grid_thw": np.asarray(grids, np.int64), "timestamps": [v.timestamps for v in videos]}
+
+
+def _frames_and_rate(path: Path) -> tuple[int, float]:
+    """(frames, frames per second) of the file's first video stream, as PyAV will decode it.
+
+    Frames: its packets, less those the container marks to discard (the frames an edit list hides: what a cut by
+    stream copy leaves before its start), so that a clip cut by ``ffmpeg -ss ... -c copy`` counts the frames it
+    shows. Rate: the container's (transformers' ``average_rate``); a raw elementary stream (.h264, .hevc, .m4v)
+    has no container timing, so the rate its bitstream records, and a refusal when it records none.
+    """
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise MergeError(f"{path} has no video stream")
+        stream = container.streams.video[0]
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width * height > MAX_DECODED_PIXELS or width < 1 or height < 1:
+            raise MergeError(f"{path}: frames of {width}x{height} pixels, not between 1 and {MAX_DECODED_PIXELS:,} "
+                             "pixels each")
+        if int(container.format.flags) & AVFMT_NOTIMESTAMPS:
+            rate = stream.codec_context.framerate
+            if not rate:
+                raise MergeError(f"{path}: a raw {container.format.name} stream records no frame rate (there is no "
+                                 f"container and its bitstream has none); wrap it in a container that gives one, "
+                                 f"e.g. ffmpeg -framerate 30 -i {path.name} -c copy {path.stem}.mkv")
+        else:
+            rate = stream.average_rate or stream.guessed_rate
+            if not rate:
+                raise MergeError(f"{path}: the video stream gives no frame rate")
+        total = sum(1 for packet in container.demux(stream) if packet.size and not packet.is_discard)
+    if total <= 0:
+        raise MergeError(f"{path}: the video stream holds no frames")
+    return total, float(rate)
 
 
 class _LazyFrame:
