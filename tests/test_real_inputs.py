@@ -6,6 +6,8 @@
 - **Edit lists and raw streams**: an MP4 cut by stream copy (an edit list hiding its first frames), raw
   elementary streams (.h264, .m4v) and a stream whose decoder drops frames read as PyAV decodes them; a raw stream
   that records no frame rate is refused in one true sentence.
+- **Video rotation**: a clip whose container carries a display matrix (a portrait phone clip) is turned as the
+  matrix says (libavutil's definition, and ffmpeg's own autorotate where ffmpeg is installed).
 - **Processor configs typed**: a wrong type, an unknown resample filter, NaN or inf in preprocessor_config.json or
   video_preprocessor_config.json is refused in one line naming the file and the key.
 """
@@ -237,6 +239,86 @@ def test_a_stream_whose_decoder_drops_frames_is_read_as_decoded(tmp_path):
     _check_reads_as_pyav_decodes(joined, 30, 10)
 
 
+# -- video rotation -----------------------------------------------------------------------------------------------
+
+ONE = 1 << 16  # 1.0 in a display matrix's 16.16 fixed point
+W_ONE = 1 << 30  # 1.0 in its 2.30 third column
+
+# Display matrices (a, b, u, c, d, v, x, y, w) as libavutil/display.h defines them: source pixel (p, q) goes to
+# (a p + c q + x, b p + d q + y). "phone" is what a phone held upright writes: a quarter turn clockwise.
+MATRICES = {
+    "identity": (ONE, 0, 0, 0, ONE, 0, 0, 0, W_ONE),
+    "phone": (0, ONE, 0, -ONE, 0, 0, 0, 0, W_ONE),
+    "counter_clockwise": (0, -ONE, 0, ONE, 0, 0, 0, 0, W_ONE),
+    "half_turn": (-ONE, 0, 0, 0, -ONE, 0, 0, 0, W_ONE),
+    "mirror": (-ONE, 0, 0, 0, ONE, 0, 0, 0, W_ONE),
+    "upside_down_mirror": (ONE, 0, 0, 0, -ONE, 0, 0, 0, W_ONE),
+    "transpose": (0, ONE, 0, ONE, 0, 0, 0, 0, W_ONE),
+    "transverse": (0, -ONE, 0, -ONE, 0, 0, 0, 0, W_ONE),
+}
+CLIP = (6, 10, 64, 32)  # frames, fps, width, height: landscape as coded
+
+
+def _by_definition(frames: np.ndarray, matrix) -> np.ndarray:
+    """[T, H, W, C] frames moved pixel by pixel as the display matrix says, then shifted into view."""
+    a, b, c, d = (round(matrix[i] / ONE) for i in (0, 1, 3, 4))
+    q, p = np.mgrid[0:frames.shape[1], 0:frames.shape[2]]
+    to_p, to_q = a * p + c * q, b * p + d * q
+    to_p, to_q = to_p - to_p.min(), to_q - to_q.min()
+    out = np.zeros((frames.shape[0], to_q.max() + 1, to_p.max() + 1, frames.shape[3]), frames.dtype)
+    out[:, to_q, to_p] = frames[:, q, p]
+    return out
+
+
+def _rotated_clip(path: Path, matrix) -> Path:
+    import av
+
+    if not hasattr(av.video.stream.VideoStream, "set_display_matrix"):
+        pytest.skip(f"PyAV {av.__version__} cannot write a display matrix (Stream.set_display_matrix)")
+    return write_clip(path, *CLIP, display_matrix=matrix)
+
+
+def test_portrait_phone_clip_gives_portrait_frames(tmp_path):
+    """The clip is coded 64x32 with a quarter turn clockwise in its matrix: the frames come out 32 wide, 64 high,
+    equal to the coded frames turned by hand."""
+    plain = VideoProcessor(do_resize=False).load(write_clip(tmp_path / "plain.mp4", *CLIP))
+    clip = _rotated_clip(tmp_path / "portrait.mp4", MATRICES["phone"])
+    video = VideoProcessor(do_resize=False).load(clip)
+    assert video.frames.shape == (len(plain.frames), CLIP[2], CLIP[3], 3)  # 64 high, 32 wide
+    np.testing.assert_array_equal(video.frames, np.rot90(plain.frames, k=-1, axes=(1, 2)))
+    # resized, the grid is a portrait one too
+    grid = VideoProcessor()(videos=[VideoProcessor().load(clip)])["video_grid_thw"].tolist()
+    landscape = VideoProcessor()(videos=[VideoProcessor().load(write_clip(tmp_path / "p.mp4", *CLIP))])
+    t, h, w = landscape["video_grid_thw"].tolist()[0]
+    assert grid == [[t, w, h]] and w > h
+
+
+@pytest.mark.parametrize("name", MATRICES)
+def test_display_matrix_applied_as_defined(name, tmp_path):
+    plain = VideoProcessor(do_resize=False).load(write_clip(tmp_path / "plain.mp4", *CLIP))
+    video = VideoProcessor(do_resize=False).load(_rotated_clip(tmp_path / f"{name}.mp4", MATRICES[name]))
+    np.testing.assert_array_equal(video.frames, _by_definition(plain.frames, MATRICES[name]))
+
+
+@pytest.mark.parametrize("name", MATRICES)
+def test_display_matrix_applied_as_ffmpeg_autorotates(name, tmp_path):
+    """ffmpeg's command line turns a clip upright by default (autorotate): the same frames, decoded by it."""
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        pytest.skip("ffmpeg is not installed (apt-get install ffmpeg): the cross-check against its autorotate")
+    clip = _rotated_clip(tmp_path / f"{name}.mp4", MATRICES[name])
+    video = VideoProcessor(do_resize=False, do_sample_frames=False).load(clip)
+    raw = subprocess.run([ffmpeg, "-v", "error", "-i", str(clip), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                         capture_output=True, check=True).stdout
+    np.testing.assert_array_equal(video.frames, np.frombuffer(raw, np.uint8).reshape(video.frames.shape))
+
+
+def test_display_matrix_off_the_quarter_turns_is_refused(tmp_path):
+    tilted = (46341, 46341, 0, -46341, 46341, 0, 0, 0, W_ONE)  # 45 degrees
+    with pytest.raises(MergeError, match="display matrix turns the picture by 45 degrees clockwise"):
+        VideoProcessor().load(_rotated_clip(tmp_path / "tilted.mp4", tilted))
+
+
 # -- processor configs typed --------------------------------------------------------------------------------------
 
 BAD_IMAGE_CONFIGS = [
@@ -338,3 +420,20 @@ def test_valid_configs_are_read_as_before(sources):
     assert video.fps == 2.0 and video.cap_pixels_per_frame is True
     folder = sources("tiny").folder
     assert ImageProcessor.from_folder(folder).patch_size == VideoProcessor.from_folder(folder).patch_size == 16
+
+
+# -- through the command line -------------------------------------------------------------------------------------
+
+def test_real_inputs_through_run(combined, tmp_path, capsys):
+    """``merge run`` on a sideways photo, a portrait clip, a clip cut by stream copy and a raw .h264 stream."""
+    from merge.cli import main
+
+    photo = _photo(tmp_path / "sideways.jpg", 6)
+    portrait = _rotated_clip(tmp_path / "portrait.mp4", MATRICES["phone"])
+    cut = _cut_by_stream_copy(write_clip(tmp_path / "source.mp4", 40, 10, 96, 64, codec="libx264"),
+                              tmp_path / "cut.mp4", 13)
+    raw = _write_raw(tmp_path / "clip.h264", "h264", "libx264")
+    argv = ["run", str(combined("tiny")), "--image", str(photo), "--prompt", "Describe.", "--max-new-tokens", "2"]
+    for clip in (portrait, cut, raw):
+        argv += ["--video", str(clip)]
+    assert main(argv) == 0, capsys.readouterr().err

@@ -21,7 +21,7 @@ sits in memory whole. ``tests/test_video.py`` holds each step to transformers' o
 Decoding, where real files part from what transformers' ``read_video_pyav`` assumes (``tests/test_real_inputs.py``):
 a clip is the frames PyAV's decoder gives, counted from the packets less those an edit list hides (a cut by stream
 copy), or again from decoding where the decoder drops some; a raw elementary stream takes its rate from its
-bitstream.
+bitstream; each frame is turned upright by its display matrix (a portrait phone clip), as FFmpeg's players do.
 """
 
 from __future__ import annotations
@@ -57,6 +57,9 @@ MAX_FRAMES_LIMIT = 100_000  # a max_frames past this in a config is a corrupt or
 # libavformat's AVFMT_NOTIMESTAMPS: the format (a raw elementary stream: .h264, .hevc, .m4v, .mjpeg) has no
 # timestamps of its own, and its demuxer's frame rate is a default (25), not the clip's
 AVFMT_NOTIMESTAMPS = 0x0080
+# how far a normalized display matrix may stray from a quarter turn or mirror (about 1 degree, as FFmpeg's own
+# autorotate allows) and still be taken for one
+QUARTER_TURN_TOLERANCE = 0.0175
 
 
 def sample_indices(total: int, source_fps: float, fps: float, min_frames: int, max_frames: int) -> np.ndarray:
@@ -337,7 +340,7 @@ class VideoProcessor:
 
     def _from_file(self, path: Path) -> Video:
         """A video file as PyAV decodes it: the frames its decoder gives (an edit list's hidden frames are not
-        among them), sampled and resized."""
+        among them), each turned upright by the container's display matrix, sampled and resized."""
         try:
             import av
         except ImportError:  # pragma: no cover - av is a dependency
@@ -370,7 +373,7 @@ class VideoProcessor:
         return Video(np.stack([kept[int(i)] for i in indices]), indices, rate, total, str(path))
 
     def _decode(self, path: Path, indices: np.ndarray) -> tuple[dict[int, np.ndarray], int]:
-        """The sampled frames of the file's first video stream, resized, and how many frames were
+        """The sampled frames of the file's first video stream, upright and resized, and how many frames were
         decoded (all of them when the stream ends before the last sampled index)."""
         import av
 
@@ -383,8 +386,8 @@ class VideoProcessor:
                 if count > indices[-1]:
                     break
                 if count in wanted:
-                    image = frame.to_ndarray(format="rgb24")
-                    if resize is None:
+                    image = upright(frame.to_ndarray(format="rgb24"), display_matrix(frame), path)
+                    if resize is None:  # the size once turned: a portrait clip is resized as a portrait one
                         resize = FrameResizer(image.shape[:2], self.target_size(len(indices), *image.shape[:2]))
                     kept[count] = resize(image)
                 count += 1
@@ -467,6 +470,40 @@ def _frames_and_rate(path: Path) -> tuple[int, float]:
     if total <= 0:
         raise MergeError(f"{path}: the video stream holds no frames")
     return total, float(rate)
+
+
+def display_matrix(frame) -> np.ndarray | None:
+    """The frame's display matrix (libavutil/display.h: nine int32, 16.16 fixed point but the third column),
+    which FFmpeg's decoders attach from the container (an MP4's track matrix, a phone's rotation); None if none."""
+    for side_data in frame.side_data:  # iterating gives the entries themselves (PyAV 14 to 18)
+        if getattr(side_data.type, "name", "") == "DISPLAYMATRIX":
+            matrix = np.frombuffer(bytes(side_data), np.int32)
+            return matrix if matrix.size == 9 else None
+    return None
+
+
+def upright(image: np.ndarray, matrix: np.ndarray | None, name: Path | str) -> np.ndarray:
+    """[H, W, C] ``image`` turned as its display matrix says, as FFmpeg's players and its command line do
+    (autorotate): the matrix moves source pixel (p, q) to (a p + c q, b p + d q). Quarter turns and mirrors (the
+    eight EXIF orientations) are applied exactly; another angle is refused; a singular matrix means nothing."""
+    if matrix is None:
+        return image
+    a, b, c, d = (float(matrix[i]) for i in (0, 1, 3, 4))
+    scale_p, scale_q = math.hypot(a, b), math.hypot(c, d)
+    if scale_p == 0 or scale_q == 0:
+        return image
+    a, b, c, d = a / scale_p, b / scale_p, c / scale_q, d / scale_q
+    turn = np.round([a, b, c, d])
+    if np.abs(np.array([a, b, c, d]) - turn).max() > QUARTER_TURN_TOLERANCE or abs(turn[0] * turn[3] -
+                                                                                   turn[1] * turn[2]) != 1:
+        raise MergeError(f"{name}: its display matrix turns the picture by {math.degrees(math.atan2(b, a)):.0f} "
+                         "degrees clockwise; only quarter turns and mirrors are applied here (re-encode it upright, "
+                         "e.g. with ffmpeg -i IN OUT)")
+    a, b, c, d = (int(v) for v in turn)
+    if a == 0:  # a quarter turn: p' = c q, q' = b p, so the output's rows run along the source's columns
+        image = image.transpose(1, 0, 2)
+        return image[::b, ::c]
+    return image[::d, ::a]
 
 
 class _LazyFrame:
