@@ -17,8 +17,10 @@ def frame(i: int, width: int, height: int) -> np.ndarray:
     return image
 
 
-def write_clip(path: Path, frames: int, fps: int | float, width: int, height: int, codec: str = "mpeg4") -> Path:
-    """A clip of ``frames`` frames at ``fps`` (mpeg4 in .mp4 by default: the encoder every FFmpeg build has)."""
+def write_clip(path: Path, frames: int, fps: int | float, width: int, height: int, codec: str = "mpeg4",
+               display_matrix: tuple[int, ...] | None = None) -> Path:
+    """A clip of ``frames`` frames at ``fps`` (mpeg4 in .mp4 by default: the encoder every FFmpeg build has);
+    ``display_matrix``: nine integers the container records as the display transformation (PyAV 18 and later)."""
     from fractions import Fraction
 
     import av
@@ -27,6 +29,8 @@ def write_clip(path: Path, frames: int, fps: int | float, width: int, height: in
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if display_matrix is not None:
+            stream.set_display_matrix(list(display_matrix))
         for i in range(frames):
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame(i, width, height), format="rgb24")):
                 container.mux(packet)

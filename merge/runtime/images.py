@@ -1,18 +1,23 @@
 """Qwen2-VL / Qwen3-VL image preprocessing from ``preprocessor_config.json`` with numpy and Pillow only.
 
-As transformers' PIL backend does it: RGB (transparency composited onto white), resize with
-:func:`smart_resize` (sides multiples of patch * merge, pixel count within the configured bounds) using the
-configured Pillow filter on uint8, rescale in float64 then float32, normalize in float32, then cut into
-patches in merge-block order with each image repeated ``temporal_patch_size`` times. ``tests/test_run.py``
-holds it equal to transformers' own image processor.
+Images read from a path or from bytes are turned upright by their EXIF orientation, as transformers'
+``load_image`` turns them (``ImageOps.exif_transpose``); a PIL image given from Python is used as it is, as
+transformers' processor uses it. Then as transformers' PIL backend does it: RGB (transparency composited onto
+white), resize with :func:`smart_resize` (sides multiples of patch * merge, pixel count within the configured
+bounds) using the configured Pillow filter on uint8, rescale in float64 then float32, normalize in float32, then
+cut into patches in merge-block order with each image repeated ``temporal_patch_size`` times.
+``tests/test_run.py`` holds it equal to transformers' own image processor, ``tests/test_real_inputs.py`` the
+orientation to its ``load_image``.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +37,10 @@ DEFAULT_MERGE_SIZE = 2
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PIL_BICUBIC = 3
+# Pillow's resampling filters by number (NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING): transformers'
+# PILImageResampling, which a config's "resample" names
+PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+EXIF_ORIENTATION = 0x0112
 MAX_ASPECT_RATIO = 200
 # The largest pixel budget accepted for min_pixels / max_pixels (8192 x 8192; Qwen3-VL publishes 4096 x 4096):
 # a bigger value in a folder's preprocessor_config.json is a corrupt or hostile file, refused before any image
@@ -39,6 +48,80 @@ MAX_ASPECT_RATIO = 200
 MAX_PIXEL_BUDGET = 1 << 26
 # The largest image decoded at all: Pillow's decompression-bomb limit, checked from the file's header first.
 MAX_DECODED_PIXELS = 89_478_485
+
+
+class ConfigValues:
+    """The values of one processor config (``preprocessor_config.json``, ``video_preprocessor_config.json``), read
+    typed: each getter returns None for a key left out (or null) and refuses a value of the wrong type, out of
+    range, NaN or infinite in one line naming the file and the key."""
+
+    def __init__(self, config: Any, where: str | Path, prefix: str = ""):
+        if not isinstance(config, dict):
+            raise MergeError(f"{where}: expected a JSON object, found {_shown(config)}")
+        self.config, self.where, self.prefix = config, str(where), prefix
+
+    def refuse(self, key: str, value: Any, expected: str) -> MergeError:
+        return MergeError(f"{self.where}: {self.prefix}{key} = {_shown(value)} must be {expected}")
+
+    def section(self, key: str) -> ConfigValues:
+        """A nested object (``size``); an empty one when left out."""
+        value = self.config.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise self.refuse(key, value, "an object")
+        return ConfigValues(value or {}, self.where, f"{self.prefix}{key}.")
+
+    def integer(self, key: str, low: int, high: int) -> int | None:
+        value = self.config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
+            raise self.refuse(key, value, f"an integer from {low:,} to {high:,}")
+        return value
+
+    def boolean(self, key: str) -> bool | None:
+        value = self.config.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise self.refuse(key, value, "true or false")
+        return value
+
+    def number(self, key: str, above: float, high: float) -> float | None:
+        """A finite number with ``above < value <= high``."""
+        value = self.config.get(key)
+        if value is None:
+            return None
+        if not _is_number(value) or not above < value <= high:
+            raise self.refuse(key, value, f"a number above {above:g} and at most {high:g}")
+        return float(value)
+
+    def choice(self, key: str, allowed: dict[int, str]) -> int | None:
+        value = self.config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value not in allowed):
+            names = ", ".join(f"{k} ({name})" for k, name in allowed.items())
+            raise self.refuse(key, value, f"one of {names}")
+        return value
+
+    def channels(self, key: str, positive: bool) -> tuple[float, float, float] | None:
+        """Three finite numbers (one number stands for all three, as transformers takes it); above 0 if
+        ``positive``."""
+        value = self.config.get(key)
+        if value is None:
+            return None
+        values = value if isinstance(value, list | tuple) else [value] * 3
+        if len(values) != 3 or not all(_is_number(v) and (v > 0 or not positive) for v in values):
+            raise self.refuse(key, value, f"3 finite numbers{' above 0' if positive else ''} (or one for all three)")
+        return tuple(float(v) for v in values)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _shown(value: Any) -> str:
+    """A config value as one short line, written as JSON writes it (NaN and Infinity as Python's json does)."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):  # not a JSON value: given from Python
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """Qwen2-VL's target size: both sides multiples of ``factor``, about the same aspect ratio, and
@@ -111,43 +194,48 @@ class ImageProcessor:
     do_normalize: bool = True
     image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
     image_std: tuple[float, ...] = OPENAI_CLIP_STD
+    source: str = field(default=PREPROCESSOR_CONFIG_FILE, repr=False, compare=False)  # the file refusals name
 
     def __post_init__(self) -> None:
-        check_pixel_budget(self.min_pixels, self.max_pixels, PREPROCESSOR_CONFIG_FILE)
-        for key, high in (("patch_size", 256), ("temporal_patch_size", 64), ("merge_size", 16)):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-                raise MergeError(f"{PREPROCESSOR_CONFIG_FILE}: {key} = {value!r} must be an integer from 1 to {high}")
-        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
-            raise MergeError(f"{PREPROCESSOR_CONFIG_FILE}: image_mean and image_std must hold 3 values (std > 0), "
-                             f"got {list(self.image_mean)} and {list(self.image_std)}")
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source"}
+        self._typed(ConfigValues(values, self.source))
+        check_pixel_budget(self.min_pixels, self.max_pixels, self.source)
+
+    @staticmethod
+    def _typed(values: ConfigValues) -> dict[str, Any]:
+        """The processor's own keys, typed and in range (None where left out)."""
+        return {
+            "patch_size": values.integer("patch_size", 1, 256),
+            "temporal_patch_size": values.integer("temporal_patch_size", 1, 64),
+            "merge_size": values.integer("merge_size", 1, 16),
+            **{key: values.boolean(key) for key in ("do_convert_rgb", "do_resize", "do_rescale", "do_normalize")},
+            "resample": values.choice("resample", PIL_FILTERS),
+            "rescale_factor": values.number("rescale_factor", 0, 1),
+            "image_mean": values.channels("image_mean", positive=False),
+            "image_std": values.channels("image_std", positive=True),
+        }
 
     @classmethod
-    def from_config(cls, config: dict) -> ImageProcessor:
-        """From a ``preprocessor_config.json`` dictionary; ``min_pixels`` / ``max_pixels`` override ``size``
-        (shortest_edge / longest_edge), as in transformers."""
-        size = dict(config.get("size") or {})
-        min_pixels = config.get("min_pixels") or size.get("shortest_edge") or size.get("min_pixels")
-        max_pixels = config.get("max_pixels") or size.get("longest_edge") or size.get("max_pixels")
-        known = {k: config[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "do_convert_rgb",
-                                         "do_resize", "resample", "do_rescale", "rescale_factor", "do_normalize")
-                 if config.get(k) is not None}
-        for key in ("image_mean", "image_std"):
-            if config.get(key) is not None:
-                value = config[key]
-                known[key] = tuple(float(v) for v in (value if isinstance(value, list | tuple) else [value] * 3))
-        try:
-            return cls(min_pixels=int(min_pixels or DEFAULT_MIN_PIXELS),
-                       max_pixels=int(max_pixels or DEFAULT_MAX_PIXELS), **known)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise MergeError(f"{PREPROCESSOR_CONFIG_FILE}: a value is not a number ({exc})") from None
+    def from_config(cls, config: dict, where: str | Path = PREPROCESSOR_CONFIG_FILE) -> ImageProcessor:
+        """From a ``preprocessor_config.json`` dictionary (``where``: the file, as refusals name it);
+        ``min_pixels`` / ``max_pixels`` override ``size`` (shortest_edge / longest_edge), as in transformers. Every
+        value is typed and range-checked: a wrong one is refused in one line naming the file and the key."""
+        values = ConfigValues(config, where)
+        size = values.section("size")
+        pixels = {}
+        for name, keys in (("min_pixels", ("shortest_edge", "min_pixels")), ("max_pixels", ("longest_edge",
+                                                                                             "max_pixels"))):
+            given = [values.integer(name, 1, MAX_PIXEL_BUDGET)] + [size.integer(k, 1, MAX_PIXEL_BUDGET) for k in keys]
+            pixels[name] = next((v for v in given if v is not None), None)
+        known = {k: v for k, v in {**cls._typed(values), **pixels}.items() if v is not None}
+        return cls(source=str(where), **known)
 
     @classmethod
     def from_folder(cls, folder: Path | str | Files, *, min_pixels: int | None = None,
                     max_pixels: int | None = None) -> ImageProcessor:
         """The folder's ``preprocessor_config.json``; ``min_pixels`` / ``max_pixels`` given here override it."""
-        config = (folder if isinstance(folder, Files) else Files(folder)).json(PREPROCESSOR_CONFIG_FILE)
-        processor = cls.from_config(config)
+        files = folder if isinstance(folder, Files) else Files(folder)
+        processor = cls.from_config(files.json(PREPROCESSOR_CONFIG_FILE), files.where(PREPROCESSOR_CONFIG_FILE))
         return processor.with_pixel_budget(min_pixels, max_pixels)
 
     def with_pixel_budget(self, min_pixels: int | None = None, max_pixels: int | None = None) -> ImageProcessor:
@@ -169,11 +257,11 @@ class ImageProcessor:
         return smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
 
     def pixels(self, image) -> np.ndarray:
-        """One PIL image -> resized, rescaled, normalized [C, H, W] (float32 when rescaled or normalized)."""
+        """One image -> resized, rescaled, normalized [C, H, W] (float32 when rescaled or normalized). A PIL image
+        is taken as given; image bytes or a path are read as :func:`load_image` reads them (upright)."""
         from PIL import Image
 
-        if not isinstance(image, Image.Image):
-            raise MergeError(f"expected a PIL image, got {type(image).__name__}")
+        image = as_image(image)
         check_decodable(image, "an image")
         if self.do_convert_rgb:
             array = to_rgb(image)
@@ -219,30 +307,51 @@ def check_pixel_budget(min_pixels, max_pixels, where: str) -> None:
         raise MergeError(f"{where}: min_pixels {min_pixels:,} is larger than max_pixels {max_pixels:,}")
 
 
-def load_image(path: Path | str):
-    """A PIL image from a file, fully read; a missing, unreadable or oversized file is a :class:`MergeError` naming
-    it. The size is checked from the file's header before any pixel is decoded."""
-    from PIL import Image, UnidentifiedImageError
+def as_image(image):
+    """A PIL image as given (as transformers' processor takes one: no EXIF rotation, the caller opened it), or the
+    image that bytes or a path hold, read by :func:`load_image`."""
+    from PIL import Image
 
-    path = Path(path)
-    if not path.exists():
-        raise MergeError(f"image file not found: {path}")
-    if not path.is_file():
-        raise MergeError(f"{path} is not a file (expected an image)")
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, str | Path | bytes | bytearray | memoryview):
+        return load_image(image)
+    raise MergeError(f"expected a PIL image, image bytes or a path, got {type(image).__name__}")
+
+
+def load_image(source: Path | str | bytes | bytearray | memoryview):
+    """A PIL image from a file or from a file's bytes, fully read and turned upright by its EXIF orientation, as
+    transformers' ``load_image`` turns it (``ImageOps.exif_transpose``). A missing, unreadable or oversized image is
+    a :class:`MergeError` naming it; the size is checked from the file's header before any pixel is decoded."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if isinstance(source, bytes | bytearray | memoryview):
+        name, stream = f"an image of {len(source):,} bytes", io.BytesIO(source)
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise MergeError(f"image file not found: {path}")
+        if not path.is_file():
+            raise MergeError(f"{path} is not a file (expected an image)")
+        name, stream = str(path), path
     try:
         with warnings.catch_warnings():  # our own check below says it in one line, Pillow's warning would add one
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(stream)
         with image:
-            check_decodable(image, str(path))
+            check_decodable(image, name)
             image.load()  # the pixels are in memory once the file closes
+            with warnings.catch_warnings():  # corrupt EXIF: Pillow reads what it can (as for transformers) and
+                warnings.simplefilter("ignore", UserWarning)  # warns on many lines; the photo is used all the same
+                if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                    image = ImageOps.exif_transpose(image)
         return image
     except UnidentifiedImageError as exc:
-        raise MergeError(f"{path} is not an image Pillow can read") from exc
+        raise MergeError(f"{name} is not an image Pillow can read") from exc
     except Image.DecompressionBombError as exc:
-        raise MergeError(f"{path}: {exc}") from exc
+        raise MergeError(f"{name}: {exc}") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise MergeError(f"{path} is not a readable image ({exc})") from exc
+        raise MergeError(f"{name} is not a readable image ({exc})") from exc
 
 
 def check_decodable(image, name: str) -> None:

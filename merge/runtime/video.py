@@ -17,13 +17,19 @@ What transformers' ``Qwen3VLVideoProcessor`` and ``Qwen3VLProcessor`` do with a 
 
 Frames are decoded one at a time and only the sampled ones are kept, already resized: a long or large clip never
 sits in memory whole. ``tests/test_video.py`` holds each step to transformers' own code.
+
+Decoding, where real files part from what transformers' ``read_video_pyav`` assumes (``tests/test_real_inputs.py``):
+a clip is the frames PyAV's decoder gives, counted from the packets less those an edit list hides (a cut by stream
+copy), or again from decoding where the decoder drops some; a raw elementary stream takes its rate from its
+bitstream; each frame is turned upright by its display matrix (a portrait phone clip), as FFmpeg's players do.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +39,9 @@ from merge.contract.names import PREPROCESSOR_CONFIG_FILE, VIDEO_PREPROCESSOR_CO
 from merge.errors import MergeError
 
 from .files import Files
-from .images import MAX_ASPECT_RATIO, MAX_DECODED_PIXELS, MAX_PIXEL_BUDGET, load_image, to_rgb
+from .images import MAX_ASPECT_RATIO, MAX_DECODED_PIXELS, MAX_PIXEL_BUDGET, ConfigValues, load_image, to_rgb
+
+log = logging.getLogger(__name__)
 
 # Qwen3VLVideoProcessor's defaults, used where video_preprocessor_config.json leaves a value out.
 DEFAULT_FPS = 2.0
@@ -46,6 +54,12 @@ DEFAULT_MAX_VIDEO_TOKENS = 768
 UNKNOWN_SOURCE_FPS = 24.0
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 MAX_FRAMES_LIMIT = 100_000  # a max_frames past this in a config is a corrupt or hostile file
+# libavformat's AVFMT_NOTIMESTAMPS: the format (a raw elementary stream: .h264, .hevc, .m4v, .mjpeg) has no
+# timestamps of its own, and its demuxer's frame rate is a default (25), not the clip's
+AVFMT_NOTIMESTAMPS = 0x0080
+# how far a normalized display matrix may stray from a quarter turn or mirror (about 1 degree, as FFmpeg's own
+# autorotate allows) and still be taken for one
+QUARTER_TURN_TOLERANCE = 0.0175
 
 
 def sample_indices(total: int, source_fps: float, fps: float, min_frames: int, max_frames: int) -> np.ndarray:
@@ -204,26 +218,39 @@ class VideoProcessor:
     do_normalize: bool = True
     image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    source: str = field(default=VIDEO_PREPROCESSOR_CONFIG_FILE, repr=False, compare=False)  # the file refusals name
 
     def __post_init__(self) -> None:
-        where = VIDEO_PREPROCESSOR_CONFIG_FILE
-        for key, high in (("patch_size", 256), ("temporal_patch_size", 64), ("merge_size", 16),
-                          ("min_frames", MAX_FRAMES_LIMIT), ("max_frames", MAX_FRAMES_LIMIT),
-                          ("max_video_tokens", 1 << 20), ("min_pixels", MAX_PIXEL_BUDGET * 64),
-                          ("max_pixels", MAX_PIXEL_BUDGET * 64)):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-                raise MergeError(f"{where}: {key} = {value!r} must be an integer from 1 to {high:,}")
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source"}
+        size = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
+        self._typed(ConfigValues(values, self.source), ConfigValues(size, self.source, "size."))
         if self.min_pixels > self.max_pixels:
-            raise MergeError(f"{where}: size.shortest_edge {self.min_pixels:,} is larger than size.longest_edge "
-                             f"{self.max_pixels:,}")
+            raise MergeError(f"{self.source}: size.shortest_edge {self.min_pixels:,} is larger than "
+                             f"size.longest_edge {self.max_pixels:,}")
         if self.min_frames > self.max_frames:
-            raise MergeError(f"{where}: min_frames {self.min_frames} is larger than max_frames {self.max_frames}")
-        if not (isinstance(self.fps, int | float) and not isinstance(self.fps, bool) and 0 < self.fps <= 1000):
-            raise MergeError(f"{where}: fps = {self.fps!r} must be a number above 0 and at most 1000")
-        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
-            raise MergeError(f"{where}: image_mean and image_std must hold 3 values (std > 0), got "
-                             f"{list(self.image_mean)} and {list(self.image_std)}")
+            raise MergeError(f"{self.source}: min_frames {self.min_frames} is larger than max_frames "
+                             f"{self.max_frames}")
+
+    @staticmethod
+    def _typed(values: ConfigValues, size: ConfigValues) -> dict[str, Any]:
+        """The processor's keys, typed and in range (None where left out); the pixel bounds from ``size``."""
+        pixels = MAX_PIXEL_BUDGET * 64
+        return {
+            "patch_size": values.integer("patch_size", 1, 256),
+            "temporal_patch_size": values.integer("temporal_patch_size", 1, 64),
+            "merge_size": values.integer("merge_size", 1, 16),
+            "min_pixels": size.integer("shortest_edge", 1, pixels),
+            "max_pixels": size.integer("longest_edge", 1, pixels),
+            "fps": values.number("fps", 0, 1000),
+            "min_frames": values.integer("min_frames", 1, MAX_FRAMES_LIMIT),
+            "max_frames": values.integer("max_frames", 1, MAX_FRAMES_LIMIT),
+            "max_video_tokens": values.integer("max_video_tokens", 1, 1 << 20),
+            **{key: values.boolean(key) for key in ("do_sample_frames", "cap_pixels_per_frame", "do_resize",
+                                                    "do_rescale", "do_normalize")},
+            "rescale_factor": values.number("rescale_factor", 0, 1),
+            "image_mean": values.channels("image_mean", positive=False),
+            "image_std": values.channels("image_std", positive=True),
+        }
 
     @classmethod
     def from_folder(cls, folder: Path | str | Files, *, fps: float | None = None,
@@ -232,37 +259,22 @@ class VideoProcessor:
         ``preprocessor_config.json`` where it has none); ``fps`` / ``max_frames`` given here override it."""
         files = folder if isinstance(folder, Files) else Files(folder)
         config = files.json(VIDEO_PREPROCESSOR_CONFIG_FILE, required=False)
+        where = files.where(VIDEO_PREPROCESSOR_CONFIG_FILE)
         if config is None:
             image = files.json(PREPROCESSOR_CONFIG_FILE)
             config = {k: image[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean",
                                             "image_std") if image.get(k) is not None}
-        return cls.from_config(config).with_sampling(fps, max_frames)
+            where = files.where(PREPROCESSOR_CONFIG_FILE)
+        return cls.from_config(config, where).with_sampling(fps, max_frames)
 
     @classmethod
-    def from_config(cls, config: dict) -> VideoProcessor:
-        size = config.get("size") or {}
-        if not isinstance(size, dict):
-            raise MergeError(f"{VIDEO_PREPROCESSOR_CONFIG_FILE}: size must be an object, found {size!r}")
-        keys = ("patch_size", "temporal_patch_size", "merge_size", "fps", "min_frames", "max_frames",
-                "do_sample_frames", "max_video_tokens", "do_resize", "do_rescale", "rescale_factor", "do_normalize")
-        known: dict[str, Any] = {k: config[k] for k in keys if config.get(k) is not None}
-        if config.get("cap_pixels_per_frame") is not None:
-            known["cap_pixels_per_frame"] = bool(config["cap_pixels_per_frame"])
-        for key in ("image_mean", "image_std"):
-            if config.get(key) is not None:
-                value = config[key]
-                known[key] = tuple(float(v) for v in (value if isinstance(value, list | tuple) else [value] * 3))
-        if size.get("shortest_edge") is not None:
-            known["min_pixels"] = size["shortest_edge"]
-        if size.get("longest_edge") is not None:
-            known["max_pixels"] = size["longest_edge"]
-        if config.get("resample") not in (None, 3):
-            raise MergeError(f"{VIDEO_PREPROCESSOR_CONFIG_FILE}: resample {config['resample']!r} is not supported "
-                             "(only 3, bicubic, as Qwen3-VL publishes)")
-        try:
-            return cls(**known)
-        except TypeError as exc:
-            raise MergeError(f"{VIDEO_PREPROCESSOR_CONFIG_FILE}: a value has the wrong type ({exc})") from None
+    def from_config(cls, config: dict, where: str | Path = VIDEO_PREPROCESSOR_CONFIG_FILE) -> VideoProcessor:
+        """From a ``video_preprocessor_config.json`` dictionary (``where``: the file, as refusals name it). Every
+        value is typed and range-checked: a wrong one is refused in one line naming the file and the key."""
+        values = ConfigValues(config, where)
+        values.choice("resample", {3: "bicubic, the only filter videos are resized with here"})
+        known = {k: v for k, v in cls._typed(values, values.section("size")).items() if v is not None}
+        return cls(source=str(where), **known)
 
     def with_sampling(self, fps: float | None = None, max_frames: int | None = None) -> VideoProcessor:
         """This processor with the sampling rate and the frame limit overridden where given (``--fps``,
@@ -280,7 +292,7 @@ class VideoProcessor:
         try:
             return replace(self, **changes)
         except MergeError as exc:
-            raise MergeError(str(exc).replace(VIDEO_PREPROCESSOR_CONFIG_FILE, "--fps/--max-frames")) from None
+            raise MergeError(str(exc).replace(self.source, "--fps/--max-frames")) from None
 
     # -- decoding and sampling ---------------------------------------------------------------------------------
     def target_size(self, num_frames: int, height: int, width: int) -> tuple[int, int]:
@@ -327,6 +339,8 @@ class VideoProcessor:
         return Video(np.stack(kept), indices, float(source_fps), len(frames), name)
 
     def _from_file(self, path: Path) -> Video:
+        """A video file as PyAV decodes it: the frames its decoder gives (an edit list's hidden frames are not
+        among them), each turned upright by the container's display matrix, sampled and resized."""
         try:
             import av
         except ImportError:  # pragma: no cover - av is a dependency
@@ -336,41 +350,48 @@ class VideoProcessor:
         if not path.is_file():
             raise MergeError(f"{path} is not a file (expected a video, or a folder of frames)")
         try:
-            with av.open(str(path)) as container:
-                if not container.streams.video:
-                    raise MergeError(f"{path} has no video stream")
-                stream = container.streams.video[0]
-                width, height = stream.codec_context.width, stream.codec_context.height
-                if width * height > MAX_DECODED_PIXELS or width < 1 or height < 1:
-                    raise MergeError(f"{path}: frames of {width}x{height} pixels, not between 1 and "
-                                     f"{MAX_DECODED_PIXELS:,} pixels each")
-                rate = stream.average_rate or stream.guessed_rate
-                if not rate:
-                    raise MergeError(f"{path}: the video stream gives no frame rate")
-                total = int(stream.frames)
-                if total <= 0:  # some containers do not record it: count the packets
-                    total = sum(1 for packet in container.demux(stream) if packet.size)
-                    container.seek(0)
-                if total <= 0:
-                    raise MergeError(f"{path}: the video stream holds no frames")
-                indices = self.indices(total, float(rate))
-                resize = FrameResizer((height, width), self.target_size(len(indices), height, width))
-                wanted = {int(i) for i in indices}
-                kept: dict[int, np.ndarray] = {}
-                for i, frame in enumerate(container.decode(stream)):
-                    if i > indices[-1]:
-                        break
-                    if i in wanted:
-                        kept[i] = resize(frame.to_ndarray(format="rgb24"))
+            total, rate = _frames_and_rate(path)
+            indices = self.indices(total, rate)
+            kept, decoded = self._decode(path, indices)
+            if decoded <= indices[-1]:
+                # the decoder gave fewer frames than the file holds (frames it drops, a file damaged past its
+                # index): the clip is the frames that decode, sampled again, as PyAV and players read it
+                log.warning("%s: %d frames in the file but %d decode; the clip is those %d", path, total, decoded,
+                            decoded)
+                if decoded <= 0:
+                    raise MergeError(f"{path}: none of the {total} frames in the file could be decoded")
+                total = decoded
+                indices = self.indices(total, rate)
+                kept, decoded = self._decode(path, indices)
         except MergeError:
             raise
         except (av.error.FFmpegError, OSError, ValueError) as exc:
             raise MergeError(f"{path} is not a video PyAV can read ({exc})") from None
         missing = [int(i) for i in indices if int(i) not in kept]
-        if missing:
-            raise MergeError(f"{path}: the stream claims {total} frames but frame {missing[0]} could not be decoded "
-                             f"(a truncated file?)")
-        return Video(np.stack([kept[int(i)] for i in indices]), indices, float(rate), total, str(path))
+        if missing:  # pragma: no cover - the second pass decodes what the first counted
+            raise MergeError(f"{path}: frame {missing[0]} of {total} decoded once but not a second time")
+        return Video(np.stack([kept[int(i)] for i in indices]), indices, rate, total, str(path))
+
+    def _decode(self, path: Path, indices: np.ndarray) -> tuple[dict[int, np.ndarray], int]:
+        """The sampled frames of the file's first video stream, upright and resized, and how many frames were
+        decoded (all of them when the stream ends before the last sampled index)."""
+        import av
+
+        wanted = {int(i) for i in indices}
+        kept: dict[int, np.ndarray] = {}
+        resize = None
+        count = 0
+        with av.open(str(path)) as container:
+            for frame in container.decode(container.streams.video[0]):
+                if count > indices[-1]:
+                    break
+                if count in wanted:
+                    image = upright(frame.to_ndarray(format="rgb24"), display_matrix(frame), path)
+                    if resize is None:  # the size once turned: a portrait clip is resized as a portrait one
+                        resize = FrameResizer(image.shape[:2], self.target_size(len(indices), *image.shape[:2]))
+                    kept[count] = resize(image)
+                count += 1
+        return kept, count
 
     # -- pixels ------------------------------------------------------------------------------------------------
     def pixels(self, video: Video) -> np.ndarray:
@@ -415,6 +436,74 @@ class VideoProcessor:
             raise MergeError("no videos to process")
         return {"pixel_values_videos": np.concatenate(patches, axis=0),
                 "video_grid_thw": np.asarray(grids, np.int64), "timestamps": [v.timestamps for v in videos]}
+
+
+def _frames_and_rate(path: Path) -> tuple[int, float]:
+    """(frames, frames per second) of the file's first video stream, as PyAV will decode it.
+
+    Frames: its packets, less those the container marks to discard (the frames an edit list hides: what a cut by
+    stream copy leaves before its start), so that a clip cut by ``ffmpeg -ss ... -c copy`` counts the frames it
+    shows. Rate: the container's (transformers' ``average_rate``); a raw elementary stream (.h264, .hevc, .m4v)
+    has no container timing, so the rate its bitstream records, and a refusal when it records none.
+    """
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise MergeError(f"{path} has no video stream")
+        stream = container.streams.video[0]
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width * height > MAX_DECODED_PIXELS or width < 1 or height < 1:
+            raise MergeError(f"{path}: frames of {width}x{height} pixels, not between 1 and {MAX_DECODED_PIXELS:,} "
+                             "pixels each")
+        if int(container.format.flags) & AVFMT_NOTIMESTAMPS:
+            rate = stream.codec_context.framerate
+            if not rate:
+                raise MergeError(f"{path}: a raw {container.format.name} stream records no frame rate (there is no "
+                                 f"container and its bitstream has none); wrap it in a container that gives one, "
+                                 f"e.g. ffmpeg -framerate 30 -i {path.name} -c copy {path.stem}.mkv")
+        else:
+            rate = stream.average_rate or stream.guessed_rate
+            if not rate:
+                raise MergeError(f"{path}: the video stream gives no frame rate")
+        total = sum(1 for packet in container.demux(stream) if packet.size and not packet.is_discard)
+    if total <= 0:
+        raise MergeError(f"{path}: the video stream holds no frames")
+    return total, float(rate)
+
+
+def display_matrix(frame) -> np.ndarray | None:
+    """The frame's display matrix (libavutil/display.h: nine int32, 16.16 fixed point but the third column),
+    which FFmpeg's decoders attach from the container (an MP4's track matrix, a phone's rotation); None if none."""
+    for side_data in frame.side_data:  # iterating gives the entries themselves (PyAV 14 to 18)
+        if getattr(side_data.type, "name", "") == "DISPLAYMATRIX":
+            matrix = np.frombuffer(bytes(side_data), np.int32)
+            return matrix if matrix.size == 9 else None
+    return None
+
+
+def upright(image: np.ndarray, matrix: np.ndarray | None, name: Path | str) -> np.ndarray:
+    """[H, W, C] ``image`` turned as its display matrix says, as FFmpeg's players and its command line do
+    (autorotate): the matrix moves source pixel (p, q) to (a p + c q, b p + d q). Quarter turns and mirrors (the
+    eight EXIF orientations) are applied exactly; another angle is refused; a singular matrix means nothing."""
+    if matrix is None:
+        return image
+    a, b, c, d = (float(matrix[i]) for i in (0, 1, 3, 4))
+    scale_p, scale_q = math.hypot(a, b), math.hypot(c, d)
+    if scale_p == 0 or scale_q == 0:
+        return image
+    a, b, c, d = a / scale_p, b / scale_p, c / scale_q, d / scale_q
+    turn = np.round([a, b, c, d])
+    if np.abs(np.array([a, b, c, d]) - turn).max() > QUARTER_TURN_TOLERANCE or abs(turn[0] * turn[3] -
+                                                                                   turn[1] * turn[2]) != 1:
+        raise MergeError(f"{name}: its display matrix turns the picture by {math.degrees(math.atan2(b, a)):.0f} "
+                         "degrees clockwise; only quarter turns and mirrors are applied here (re-encode it upright, "
+                         "e.g. with ffmpeg -i IN OUT)")
+    a, b, c, d = (int(v) for v in turn)
+    if a == 0:  # a quarter turn: p' = c q, q' = b p, so the output's rows run along the source's columns
+        image = image.transpose(1, 0, 2)
+        return image[::b, ::c]
+    return image[::d, ::a]
 
 
 class _LazyFrame:
