@@ -123,7 +123,7 @@ def test_combined_interface(combined, sources):
     scopes = {n.name.split("/")[0] for n in model.graph.node}
     assert scopes <= {"vision", "merge", "decoder"}, scopes
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("If") == 2  # the vision guard and the first-call/decode position switch
+    assert ops.count("If") == 3  # the vision guard, the first-call/decode position switch, logits_to_keep fed or not
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["source_model"] == "tiny" and meta["precision"] == "fp32"
     locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
