@@ -55,7 +55,7 @@ def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> ir.Mode
     failing pass where ``PassManager`` would say only the step). A broken contract, or any error meant for the user,
     surfaces as itself (a :class:`MergeError`: one sentence, a :class:`StitchError` naming the pass); anything else
     as onnx_ir's ``PassError`` naming the pass it happened in."""
-    log.debug("stitch passes: %s", ", ".join(map(str, passes)))
+    log.debug("stitch passes: %s", ", ".join(type(p).__name__ for p in passes))
     try:
         return ir.passes.Sequential(*passes)(model).model
     except ir.passes.PassError as exc:
