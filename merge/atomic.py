@@ -1,10 +1,20 @@
-"""The atomic helpers: a folder (or a file) appears under its final name only when it is complete."""
+"""The atomic helpers: a folder (or a file) appears under its final name only when it is complete.
+
+A staging folder is named ``.{name}.{kind}-{16 hex digits}`` beside its final place and holds a marker file
+(:data:`STAGING_MARKER`) saying which name and kind it was made for: :func:`leftover_kind` recognises a leftover
+by that exact name and that marker, never by a glob on the user's name, so nothing a build did not make is taken
+for one.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
+import secrets
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,10 +23,9 @@ from typing import BinaryIO
 from merge.errors import WriteError
 from merge.space import nearest_existing
 
-
-def default_dir_mode() -> int:
-    """The mode ``mkdir`` would give a new folder under the current umask."""
-    return 0o777 & ~_umask()
+STAGING_MARKER = ".qwen3vl-merge-staging"  # inside every staging folder while it stages (removed before the swap)
+_MARKER_MAKER = "qwen3vl-merge"
+_STAGING_SUFFIX = re.compile(r"(partial|old)-[0-9a-f]{16}")
 
 
 def make_parent(final: Path) -> None:
@@ -37,31 +46,81 @@ def cannot_write(final: Path, exc: OSError) -> WriteError:
                       "folder you can write")
 
 
+def make_staging(final: Path, kind: str) -> Path:
+    """A new, empty staging folder ``.{final.name}.{kind}-{hex}`` beside ``final``, holding only its marker."""
+    for _ in range(100):
+        stage = final.parent / f".{final.name}.{kind}-{secrets.token_hex(8)}"
+        try:
+            os.mkdir(stage)  # the mode any new folder gets under the umask
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise cannot_write(final, exc) from None
+        try:
+            (stage / STAGING_MARKER).write_text(json.dumps(
+                {"made_by": _MARKER_MAKER, "for": final.name, "kind": kind, "pid": os.getpid()}) + "\n")
+        except OSError as exc:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise cannot_write(final, exc) from None
+        return stage
+    raise WriteError(f"cannot write {final}: no free staging name beside it")
+
+
+def leftover_kind(path: Path, final_name: str) -> str | None:
+    """``"partial"`` or ``"old"`` when ``path`` is a staging folder a build made for ``final_name`` (its exact name
+    and its marker), else None. Symbolic links, files and folders without the marker are never leftovers."""
+    prefix = f".{final_name}."
+    if not path.name.startswith(prefix):
+        return None
+    match = _STAGING_SUFFIX.fullmatch(path.name[len(prefix):])
+    if match is None:
+        return None
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return None
+        marker = path / STAGING_MARKER
+        info = os.lstat(marker)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > 4096:
+            return None
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    kind = match.group(1)
+    if not isinstance(data, dict) or data.get("made_by") != _MARKER_MAKER or data.get("for") != final_name \
+            or data.get("kind") != kind:
+        return None
+    return kind
+
+
 @contextlib.contextmanager
 def atomic_folder(final: Path, *, kind: str = "partial") -> Iterator[Path]:
-    """Yield an empty staging folder beside ``final`` (``.{name}.{kind}-XXXX``).
+    """Yield a staging folder beside ``final`` (see :func:`make_staging`; it holds only its marker).
 
-    When the block ends normally the staging folder takes ``final``'s place (an existing ``final`` is moved
-    aside first and removed after the swap); when it raises, the staging folder is removed and ``final`` is
-    left exactly as it was.
+    When the block ends normally the marker goes and the staging folder takes ``final``'s place (an existing
+    ``final`` is moved aside into an ``old`` staging folder first and removed after the swap); when it raises, the
+    staging folder is removed and ``final`` is left exactly as it was. A swap the system refuses is one sentence
+    naming where the finished folder lies.
     """
     final = Path(final)
     make_parent(final)
-    try:
-        stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.{kind}-", dir=final.parent))
-    except OSError as exc:
-        raise cannot_write(final, exc) from None
-    stage.chmod(default_dir_mode())  # mkdtemp makes 0700 folders; the result should look like any folder
+    stage = make_staging(final, kind)
     try:
         yield stage
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        os.replace(final, old / final.name)
-    os.replace(stage, final)
+    try:
+        (stage / STAGING_MARKER).unlink()  # from here on no clean-up takes the finished folder for a leftover
+        if final.exists():
+            old = make_staging(final, "old")
+            os.replace(final, old / final.name)
+        os.replace(stage, final)
+    except OSError as exc:
+        if old is not None and (old / final.name).exists() and not final.exists():
+            os.replace(old / final.name, final)  # the previous folder back in its place
+        raise WriteError(f"cannot put {final} in place ({exc.strerror or exc}); the finished folder is {stage}: "
+                         f"move it there yourself") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -299,10 +299,15 @@ def test_build_never_replaces_protected_folders(where, tmp_path, monkeypatch, ca
 
 
 def test_build_waits_for_nobody_and_cleans_leftovers(tmp_path, capsys):
+    from merge.atomic import make_staging
+    from merge.stitch.outdir import LOCK_TEXT
+
     out = tmp_path / "out"
-    leftover = tmp_path / ".out.partial-killed"
-    (leftover / ".work").mkdir(parents=True)  # what a killed build leaves
+    leftover = make_staging(out, "partial")  # what a killed build leaves: its staging folder, marked
+    (leftover / ".work").mkdir()
     with open(tmp_path / ".out.lock", "w") as lock:  # another build holds the folder
+        lock.write(LOCK_TEXT)
+        lock.flush()
         fcntl.flock(lock, fcntl.LOCK_EX)
         assert cli_main(["build", "--out", str(out)]) == 2
         assert "another build is writing" in capsys.readouterr().err

@@ -162,7 +162,8 @@ def test_failed_build_leaves_existing_folder_untouched(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    (out / "merge.json").write_text(json.dumps({"tool": "qwen3vl-merge"}))  # a previous build's folder
+    # a previous build's folder (keep.txt one of its files)
+    (out / "merge.json").write_text(json.dumps({"tool": "qwen3vl-merge", "preprocessing_files": ["keep.txt"]}))
     bad = tmp_path / "bad_model"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "qwen3_vl", "vision_config": {}, "text_config": {}}))

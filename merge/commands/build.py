@@ -45,6 +45,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--vision-precision", default="fp32", choices=VISION_PRECISIONS,
                    help="vision products: fp32, or int8 (int8 weights, activations quantized at run time; uses the "
                         "CPU's AMX / VNNI int8 units; verify reports its error)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out folder when the build succeeds")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out folder a build wrote, when the build succeeds (refused, naming "
+                        "them, if it holds files no build wrote)")
     p.add_argument("--cache-dir", type=Path, default=None, help="where presets are built (default ~/.cache)")
     p.set_defaults(func=run)

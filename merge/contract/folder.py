@@ -13,8 +13,9 @@ hashing), before any file is used:
 
 Files are opened once, through a descriptor on the folder, and kept: the model's bytes, the data file (mapped)
 and the small preprocessing files are then read from what was checked, never again by path (so a file swapped
-for a symbolic link after the check is never read). ``check_checksums`` adds SHA-256 of the model files
-against the manifest and refuses files the manifest does not list. Every failure is one :class:`MergeError`
+for a symbolic link after the check is never read). ``check_checksums`` adds SHA-256 of the model files and
+of every preprocessing file read (tokenizer, chat template, configs: the bytes held) against the manifest, and
+refuses files the manifest does not list or has no checksum for. Every failure is one :class:`MergeError`
 naming the file, the tensor and the numbers that disagree.
 """
 
@@ -32,7 +33,7 @@ from merge.errors import MergeError
 
 from .config import ModelConfig
 from .manifest import MAX_MANIFEST_BYTES, Manifest
-from .names import CONFIG_FILE, DATA_FILE, MANIFEST_FILE, MODEL_FILE
+from .names import CONFIG_FILE, DATA_FILE, MANIFEST_FILE, MODEL_FILE, TOOL_NAME
 from .onnx_wire import WireError, model_tensors
 
 MAX_SMALL_FILE_BYTES = 64 << 20  # tokenizer.json and friends are a few MB
@@ -150,19 +151,29 @@ class CombinedFolder:
 
     # -- checksums ----------------------------------------------------------------------------------------------
     def _check_checksums(self, names: set[str], model_digest: str | None) -> None:
-        """SHA-256 of model.onnx and model.onnx.data against the manifest; files it does not list are refused."""
+        """SHA-256 of the model files and of every preprocessing file read (from the bytes held) against the
+        manifest; files it does not list, and files it has no checksum for, are refused."""
         listed = {MANIFEST_FILE, *self.manifest.parts.values(), *self.manifest.preprocessing_files}
         unlisted = sorted(n for n in names - listed if not n.startswith("."))
         if unlisted:
             raise MergeError(f"{self.path}: {', '.join(unlisted)} {'is' if len(unlisted) == 1 else 'are'} not listed "
                              f"in {MANIFEST_FILE} (--check-checksums refuses files it cannot vouch for)")
-        for name in (MODEL_FILE, DATA_FILE):
+        digests = {MODEL_FILE: lambda: model_digest, DATA_FILE: lambda: hashlib.sha256(self.data or b"").hexdigest()}
+        for name, content in sorted(self.files.items()):
+            digests[name] = lambda content=content: hashlib.sha256(content).hexdigest()
+        missing = []
+        for name, digest in digests.items():
             expected = self.manifest.checksums.get(name)
             if expected is None:
-                raise MergeError(f"{self.path / MANIFEST_FILE} has no checksum for {name}")
-            actual = model_digest if name == MODEL_FILE else hashlib.sha256(self.data or b"").hexdigest()
-            if actual != expected:
+                missing.append(name)
+            elif (actual := digest()) != expected:
                 raise MergeError(f"{self.path / name}: SHA-256 {actual} does not match {MANIFEST_FILE}'s {expected}")
+        if missing:
+            older = (f"a folder built before {TOOL_NAME} recorded the preprocessing files' checksums; "
+                     if not {MODEL_FILE, DATA_FILE} & set(missing) else "")
+            raise MergeError(f"{self.path / MANIFEST_FILE} has no checksum for {', '.join(missing)} ({older}"
+                             "--check-checksums refuses files it cannot vouch for): rebuild the folder to check "
+                             f"{'it' if len(missing) == 1 else 'them'}, or run without --check-checksums")
 
     # -- use ----------------------------------------------------------------------------------------------------
     def session(self, options=None, providers=None, model_bytes: bytes | None = None):

@@ -55,7 +55,9 @@ class Manifest:
     outputs: list[TensorInfo]
     special_token_ids: dict[str, int]
     preprocessing_files: list[str]
-    checksums: dict[str, str] = field(default_factory=dict)  # SHA-256 of model.onnx and model.onnx.data
+    # SHA-256 of every file the build wrote but merge.json: the model files and the preprocessing files (folders
+    # built before the preprocessing had them list model.onnx and model.onnx.data only)
+    checksums: dict[str, str] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)  # their sizes in bytes
     parts: dict[str, str] = field(default_factory=lambda: {"model": MODEL_FILE, "data": DATA_FILE})
     tool: str = TOOL_NAME

@@ -85,10 +85,12 @@ def build(source: ModelSource, out: Path, *, quant: QuantSpec | None = None, vis
         copied = copy_preprocessing(source.folder, stage)
         log.info("checking %s (ONNX checker and a session, child process)", MODEL_FILE)
         result.check_peak_rss_gib = check_onnx_in_child(stage / MODEL_FILE)
-        files = [stage / MODEL_FILE, stage / DATA_FILE]
+        model_files = [stage / MODEL_FILE, stage / DATA_FILE]
+        # every file written but the manifest itself: --check-checksums vouches for the preprocessing too
         manifest = Manifest(**{**manifest.__dict__, "preprocessing_files": copied,
-                               "checksums": {p.name: file_sha256(p) for p in files},
-                               "sizes": {p.name: p.stat().st_size for p in files}})
+                               "checksums": {p.name: file_sha256(p) for p in [*model_files,
+                                                                              *(stage / n for n in copied)]},
+                               "sizes": {p.name: p.stat().st_size for p in model_files}})
         manifest.write(stage)
     result.seconds = time.perf_counter() - start
     result.peak_rss_gib = peak_rss_gib()

@@ -78,7 +78,8 @@ def _checksums(combined: CombinedFolder, verify: bool) -> dict:
     """The manifest's SHA-256 list; with ``verify``, the model files hashed (from what the loader holds) and
     compared, and any file the manifest does not list reported."""
     listed = combined.manifest.checksums
-    held = {MODEL_FILE: combined.model_bytes, DATA_FILE: combined.data if combined.data is not None else b""}
+    held = {**combined.files, MODEL_FILE: combined.model_bytes,
+            DATA_FILE: combined.data if combined.data is not None else b""}
     files = []
     for name, expected in sorted(listed.items()):
         if not verify:
@@ -87,6 +88,8 @@ def _checksums(combined: CombinedFolder, verify: bool) -> dict:
             log.info("hashing %s", combined.path / name)
             status = "ok" if name in held and hashlib.sha256(held[name]).hexdigest() == expected else "MISMATCH"
         files.append({"file": name, "sha256": expected, "status": status})
+    if verify:  # files read that the manifest has no checksum for (a folder built before the preprocessing had them)
+        files += [{"file": name, "sha256": None, "status": "NO CHECKSUM"} for name in sorted(set(held) - set(listed))]
     known = {MANIFEST_FILE, *combined.manifest.parts.values(), *combined.manifest.preprocessing_files}
     unlisted = sorted(p.name for p in combined.path.iterdir() if p.name not in known and not p.name.startswith("."))
     return {
