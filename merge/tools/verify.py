@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 
 from merge.atomic import atomic_file
+from merge.contract.config import ModelConfig
 from merge.contract.folder import CombinedFolder
 from merge.contract.manifest import Manifest
 from merge.contract.names import MERGED_INPUTS_EMBEDS, MERGED_POSITION_IDS, VISION_DEEPSTACK_EMBEDS, VISION_IMAGE_EMBEDS
@@ -102,6 +103,41 @@ def prepare_inputs(folder: CombinedFolder, prompt: str, images, min_pixels: int 
     pre = Preprocessor(folder, folder.config, min_pixels=min_pixels, max_pixels=max_pixels, fps=fps,
                        max_frames=max_frames)
     return pre.build_inputs(prompt, images, videos)
+
+
+# -- the PyTorch model ---------------------------------------------------------------------------------------------
+
+def known_config(spec: str) -> ModelConfig | None:
+    """``--model``'s config when it is known without building or downloading anything: a preset's, or a local
+    folder's config.json (None for a hub id: its config comes with the download)."""
+    from merge.presets.shapes import PRESETS, preset_config
+
+    if spec in PRESETS:
+        return ModelConfig.from_dict(preset_config(spec), f"preset {spec}")
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        return ModelConfig.from_folder(folder)
+    return None
+
+
+def check_same_model(combined: CombinedFolder, config: ModelConfig, spec: str) -> None:
+    """Refuse, before any weight is loaded, a ``--model`` whose shapes or special tokens differ from the folder's
+    config.json: PyTorch would fail deep inside (or compare unrelated numbers)."""
+    ours = combined.config
+    differ = []
+    for part, theirs_spec, ours_spec in (("text", config.text, ours.text), ("vision", config.vision, ours.vision)):
+        for f in fields(ours_spec):
+            theirs_value, ours_value = getattr(theirs_spec, f.name), getattr(ours_spec, f.name)
+            if theirs_value != ours_value:
+                differ.append(f"{part} {f.name} {theirs_value} vs {ours_value}")
+    for key, value in ours.special_token_ids.items():
+        if config.special_token_ids.get(key) != value:
+            differ.append(f"{key} {config.special_token_ids.get(key)} vs {value}")
+    if differ:
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        built_from = combined.manifest.source_model
+        raise MergeError(f"--model {spec} is not the model {combined.path} was built from ({built_from}): "
+                         f"{', '.join(differ[:3])}{more} (--model vs the folder's config.json)")
 
 
 # -- reference (PyTorch, saved and loaded) ----------------------------------------------------------------------
@@ -279,6 +315,8 @@ def verify(folder: Path | CombinedFolder, *, model_folder: Path | None, prompt: 
     else:
         if model_folder is None:
             raise MergeError("verify needs --model (the PyTorch reference) or --reference (a saved one)")
+        if new_tokens < 1:
+            raise MergeError(f"--max-new-tokens must be at least 1, got {new_tokens}")
         from export.reference import load_model, torch_reference
 
         inputs = prepare_inputs(combined, prompt, images, min_pixels, max_pixels, videos, fps, max_frames)

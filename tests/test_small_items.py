@@ -1,0 +1,87 @@
+"""Smaller hostile and careless inputs (issue 18, item 9), each with its twin, the valid case, passing.
+
+In the catalogue's style (tests/test_hostile.py): a refusal is exit 2 and one line on stderr. The tiny folder is
+built once (the ``combined`` fixture) and copied per case that changes it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from merge.cli import main as cli_main
+
+pytestmark = pytest.mark.slow  # builds the tiny folder and runs PyTorch once for a reference
+
+
+def _one_line(rc: int, err: str, expected: str) -> str:
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert expected in lines[0], lines[0]
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture()
+def folder(combined, tmp_path) -> Path:
+    """A copy of the tiny folder, to change."""
+    out = tmp_path / "combined"
+    shutil.copytree(combined("tiny"), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(combined, tmp_path_factory) -> Path:
+    """A saved reference of the tiny folder: one verify against PyTorch with the right --model (the twin of the
+    wrong-model and --max-new-tokens refusals)."""
+    path = tmp_path_factory.mktemp("reference") / "ref.npz"
+    rc = cli_main(["verify", str(combined("tiny")), "--model", "tiny", "--max-new-tokens", "1", "--prompt", "Hi.",
+                   "--save-reference", str(path)])
+    assert rc == 0 and path.is_file()
+    return path
+
+
+# -- verify: the wrong --model, --max-new-tokens 0 ----------------------------------------------------------------
+
+def test_verify_right_model_and_one_token_pass(reference):
+    assert reference.stat().st_size > 0  # the fixture ran verify --model tiny --max-new-tokens 1: exit 0
+
+
+def test_verify_wrong_preset_is_refused_before_it_is_built(combined, preset_cache, capsys, monkeypatch):
+    import merge.presets.cache
+
+    def never(*args, **kwargs):
+        raise AssertionError("the preset was built before its shape was compared")
+
+    monkeypatch.setattr(merge.presets.cache, "ensure_preset", never)
+    rc = cli_main(["verify", str(combined("tiny")), "--model", "tiny-merge1", "--max-new-tokens", "1"])
+    line = _one_line(rc, capsys.readouterr().err, "--model tiny-merge1 is not the model")
+    assert "vs" in line and "config.json" in line
+
+
+def test_verify_wrong_model_folder_is_refused(combined, sources, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(sources("tiny").folder, model)
+    config = json.loads((model / "config.json").read_text())
+    config["text_config"]["num_hidden_layers"] += 1
+    (model / "config.json").write_text(json.dumps(config))
+    rc = cli_main(["verify", str(combined("tiny")), "--model", str(model), "--max-new-tokens", "1"])
+    _one_line(rc, capsys.readouterr().err, "text num_layers")
+
+
+def test_verify_same_model_folder_passes_the_check(combined, sources):
+    from merge.contract.folder import CombinedFolder
+    from merge.tools.verify import check_same_model, known_config
+
+    folder = CombinedFolder.open(combined("tiny"))
+    for spec in ("tiny", str(sources("tiny").folder)):
+        check_same_model(folder, known_config(spec), spec)  # no error
+
+
+@pytest.mark.parametrize("tokens", ["0", "-3"])
+def test_verify_max_new_tokens_below_one(tokens, combined, capsys):
+    rc = cli_main(["verify", str(combined("tiny")), "--model", "tiny", "--max-new-tokens", tokens])
+    _one_line(rc, capsys.readouterr().err, f"--max-new-tokens must be at least 1, got {tokens}")
