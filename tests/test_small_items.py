@@ -7,12 +7,14 @@ built once (the ``combined`` fixture) and copied per case that changes it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 from merge.cli import main as cli_main
+from merge.errors import MergeError
 
 pytestmark = pytest.mark.slow  # builds the tiny folder and runs PyTorch once for a reference
 
@@ -85,3 +87,23 @@ def test_verify_same_model_folder_passes_the_check(combined, sources):
 def test_verify_max_new_tokens_below_one(tokens, combined, capsys):
     rc = cli_main(["verify", str(combined("tiny")), "--model", "tiny", "--max-new-tokens", tokens])
     _one_line(rc, capsys.readouterr().err, f"--max-new-tokens must be at least 1, got {tokens}")
+
+
+# -- a lone surrogate in a prompt ---------------------------------------------------------------------------------
+
+def test_lone_surrogate_from_python(combined):
+    from merge.runtime import CombinedModel
+
+    model = CombinedModel(combined("tiny"))
+    for prompt in ("\ud800", ["fine", "caf\udce9"]):
+        with pytest.raises(MergeError, match="lone surrogate"):
+            model.chat(prompt, max_new_tokens=1)
+    texts = model.chat("café ☕ 𝄞", max_new_tokens=1)  # the twin: any valid Unicode
+    assert len(texts) == 1 and isinstance(texts[0], str)
+
+
+def test_surrogateescape_argument_to_verify(combined, capsys):
+    """What Python makes of the bytes ``caf\\xe9`` on a UTF-8 command line."""
+    rc = cli_main(["verify", str(combined("tiny")), "--model", "tiny", "--prompt", os.fsdecode(b"caf\xe9"),
+                   "--max-new-tokens", "1"])
+    _one_line(rc, capsys.readouterr().err, "lone surrogate")

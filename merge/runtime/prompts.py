@@ -96,6 +96,11 @@ def expand_video_tokens(text: str, video_grid_thw: np.ndarray, timestamps: Seque
 def encode_prompt(tokenizer: Any, image_processor: Any, prompt: str, images: Sequence, config: ModelConfig,
                   video_processor: Any = None, videos: Sequence = ()) -> tuple[list[int], dict[str, np.ndarray]]:
     """(ids, {pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw}) of one user turn."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate (from surrogateescape'd bytes, or written as "\\ud800")
+        raise MergeError(f"the prompt {prompt[:60]!r} holds {prompt[exc.start]!r} at character {exc.start}, a lone "
+                         "surrogate that no text encoding can write; prompts must be valid Unicode (UTF-8)") from None
     typed = [t for t in (IMAGE_TOKEN, VIDEO_TOKEN, VISION_START_TOKEN, VISION_END_TOKEN) if t in prompt]
     if typed:
         raise MergeError(f"the prompt text contains {', '.join(typed)}: vision placeholders come from the images "
