@@ -107,3 +107,28 @@ def test_surrogateescape_argument_to_verify(combined, capsys):
     rc = cli_main(["verify", str(combined("tiny")), "--model", "tiny", "--prompt", os.fsdecode(b"caf\xe9"),
                    "--max-new-tokens", "1"])
     _one_line(rc, capsys.readouterr().err, "lone surrogate")
+
+
+# -- a tokenizer without a pad token ------------------------------------------------------------------------------
+
+def _drop_pad_token(folder: Path) -> None:
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    assert config.pop("pad_token", None) is not None
+    path.write_text(json.dumps(config))
+
+
+def test_no_pad_token_one_prompt_runs(folder, capsys):
+    _drop_pad_token(folder)
+    assert cli_main(["run", str(folder), "--prompt", "Hi.", "--max-new-tokens", "2"]) == 0, capsys.readouterr().err
+
+
+def test_no_pad_token_batch_is_one_line(folder, capsys):
+    _drop_pad_token(folder)
+    rc = cli_main(["run", str(folder), "--prompt", "Hi.", "--prompt", "Hello there.", "--max-new-tokens", "2"])
+    _one_line(rc, capsys.readouterr().err, "the tokenizer has no pad token (set pad_token in tokenizer_config.json")
+
+
+def test_pad_token_batch_runs(combined, capsys):
+    argv = ["run", str(combined("tiny")), "--prompt", "Hi.", "--prompt", "Hello there.", "--max-new-tokens", "2"]
+    assert cli_main(argv) == 0, capsys.readouterr().err
