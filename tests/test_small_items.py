@@ -132,3 +132,86 @@ def test_no_pad_token_batch_is_one_line(folder, capsys):
 def test_pad_token_batch_runs(combined, capsys):
     argv = ["run", str(combined("tiny")), "--prompt", "Hi.", "--prompt", "Hello there.", "--max-new-tokens", "2"]
     assert cli_main(argv) == 0, capsys.readouterr().err
+
+
+# -- hub snapshots and hard links ---------------------------------------------------------------------------------
+
+def _snapshot(combined_folder: Path, root: Path) -> Path:
+    """``combined_folder`` laid out as huggingface_hub lays out its cache: every file a link to ../../blobs/."""
+    from merge.contract.folder import file_sha256
+
+    repo = root / "hub" / "models--someone--tiny"
+    snapshot = repo / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for path in sorted(combined_folder.iterdir()):
+        blob = file_sha256(path)
+        shutil.copyfile(path, repo / "blobs" / blob)
+        (snapshot / path.name).symlink_to(f"../../blobs/{blob}")
+    return snapshot
+
+
+@pytest.mark.parametrize("command", ["run", "inspect"])
+def test_hub_snapshot_is_accepted(command, combined, tmp_path, capsys):
+    snapshot = _snapshot(combined("tiny"), tmp_path)
+    argv = ["run", str(snapshot), "--prompt", "Hi.", "--max-new-tokens", "2"] if command == "run" else [
+        "inspect", str(snapshot), "--check-checksums"]
+    assert cli_main(argv) == 0, capsys.readouterr().err
+
+
+def _link(snapshot: Path, name: str, target: str) -> None:
+    (snapshot / name).unlink()
+    (snapshot / name).symlink_to(target)
+
+
+def _blob_of(snapshot: Path, name: str) -> Path:
+    return snapshot.parent.parent / "blobs" / os.readlink(snapshot / name).rsplit("/", 1)[1]
+
+
+ESCAPES = {
+    # a link out of the repository, to a file that would load
+    "out_of_the_cache": lambda s, r: _link(s, "model.onnx.data", "../../../../decoy.data"),
+    "absolute": lambda s, r: _link(s, "model.onnx.data", str(r / "decoy.data")),
+    # another repository's blobs
+    "other_repo": lambda s, r: _link(s, "model.onnx.data", "../../../models--other--x/blobs/decoy"),
+    "through_a_subfolder": lambda s, r: ((s / "sub").mkdir(), _link(s, "model.onnx.data", "sub/../../../blobs/x")),
+    # the blob itself a link out, or a pipe
+    "blob_is_a_link": lambda s, r: (_blob_of(s, "model.onnx.data").unlink(),
+                                    _blob_of(s, "model.onnx.data").symlink_to(r / "decoy.data")),
+    "blob_is_a_pipe": lambda s, r: (_blob_of(s, "tokenizer.json").unlink(), os.mkfifo(_blob_of(s, "tokenizer.json"))),
+    # the blobs folder a link elsewhere
+    "blobs_is_a_link": lambda s, r: (shutil.move(s.parent.parent / "blobs", r / "moved"),
+                                     (s.parent.parent / "blobs").symlink_to(r / "moved")),
+}
+
+
+@pytest.mark.parametrize("case", list(ESCAPES))
+def test_hub_snapshot_links_that_escape_are_refused(case, combined, tmp_path, capsys):
+    snapshot = _snapshot(combined("tiny"), tmp_path)
+    (tmp_path / "decoy.data").write_bytes((combined("tiny") / "model.onnx.data").read_bytes())
+    (tmp_path / "hub" / "models--other--x" / "blobs").mkdir(parents=True)
+    (tmp_path / "hub" / "models--other--x" / "blobs" / "decoy").write_bytes((tmp_path / "decoy.data").read_bytes())
+    ESCAPES[case](snapshot, tmp_path)
+    rc = cli_main(["inspect", str(snapshot)])
+    _one_line(rc, capsys.readouterr().err, "is a symbolic link" if case != "blob_is_a_pipe" else "not a regular file")
+
+
+def test_blobs_link_outside_a_snapshot_is_refused(combined, tmp_path, capsys):
+    """The ../../blobs/ form alone is not enough: the folder must be a snapshot (<repo>/snapshots/<rev>/)."""
+    snapshot = _snapshot(combined("tiny"), tmp_path)
+    os.rename(snapshot.parent, snapshot.parent.parent / "elsewhere")
+    rc = cli_main(["inspect", str(snapshot.parent.parent / "elsewhere" / snapshot.name)])
+    _one_line(rc, capsys.readouterr().err, "is a symbolic link")
+
+
+def test_hard_linked_backup_is_accepted(combined, tmp_path, capsys):
+    """``cp -al``: every file of the backup is a second name of the original's."""
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    for path in combined("tiny").iterdir():
+        os.link(path, backup / path.name)
+    try:
+        assert (backup / "model.onnx.data").stat().st_nlink == 2
+        assert cli_main(["run", str(backup), "--prompt", "Hi.", "--max-new-tokens", "2"]) == 0, capsys.readouterr().err
+    finally:
+        shutil.rmtree(backup)  # the built folder's files back to one link
