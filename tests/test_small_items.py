@@ -215,3 +215,30 @@ def test_hard_linked_backup_is_accepted(combined, tmp_path, capsys):
         assert cli_main(["run", str(backup), "--prompt", "Hi.", "--max-new-tokens", "2"]) == 0, capsys.readouterr().err
     finally:
         shutil.rmtree(backup)  # the built folder's files back to one link
+
+
+# -- inspect prints no escape sequence from the folder ------------------------------------------------------------
+
+def _set_manifest(folder: Path, **changes) -> None:
+    path = folder / "merge.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_inspect_escapes_control_characters(folder, capsys):
+    _set_manifest(folder, source_model="evil\x1b]0;owned\x07\x1b[2J", tool_version="1\x9b31m\u202e")
+    assert cli_main(["inspect", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert not any(c in out for c in "\x1b\x07\x9b\u202e"), out
+    assert "evil\\x1b]0;owned\\x07\\x1b[2J" in out and "1\\x9b31m\\u202e" in out
+
+
+def test_inspect_error_line_escapes_control_characters(folder, capsys):
+    _set_manifest(folder, preprocessing_files=["\x1b[31mred"])
+    line = _one_line(cli_main(["inspect", str(folder)]), capsys.readouterr().err, "which the folder does not hold")
+    assert "\x1b" not in line and "\\x1b[31mred" in line
+
+
+def test_inspect_keeps_printable_text(folder, capsys):
+    _set_manifest(folder, source_model="modèle/ünïcode 模型")
+    assert cli_main(["inspect", str(folder)]) == 0
+    assert "modèle/ünïcode 模型" in capsys.readouterr().out
