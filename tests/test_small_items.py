@@ -6,11 +6,14 @@ built once (the ``combined`` fixture) and copied per case that changes it.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from merge.cli import main as cli_main
@@ -242,3 +245,43 @@ def test_inspect_keeps_printable_text(folder, capsys):
     _set_manifest(folder, source_model="modèle/ünïcode 模型")
     assert cli_main(["inspect", str(folder)]) == 0
     assert "modèle/ünïcode 模型" in capsys.readouterr().out
+
+
+# -- a reference whose headers lie ---------------------------------------------------------------------------------
+
+def _npy(shape: tuple, dtype: str, payload: bytes) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buffer.getvalue() + payload
+
+
+def _reference_with(path: Path, reference: Path, name: str, member: bytes) -> None:
+    """The valid reference with its member ``name`` replaced by ``member``."""
+    with zipfile.ZipFile(reference) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, member if info.filename == name else src.read(info))
+
+
+@pytest.mark.parametrize(("shape", "dtype", "expected"), [
+    ((10**10,), "<i8", "header claims shape (10000000000,)"),
+    ((2, 10**9, 10**9), "<f4", "header claims shape"),
+    ((1,), "|O", "holds object"),
+])
+def test_reference_header_claims_more_than_it_holds(shape, dtype, expected, reference, folder, tmp_path, capsys):
+    path = tmp_path / "lying.npz"
+    _reference_with(path, reference, "input/input_ids.npy", _npy(shape, dtype, b"\0" * 8))
+    rc = cli_main(["verify", str(folder), "--reference", str(path)])
+    line = _one_line(rc, capsys.readouterr().err, expected)
+    assert line.startswith(f"error: --reference {path}: not a verify reference file")
+
+
+def test_reference_unpacking_past_the_bound(reference, folder, capsys, monkeypatch):
+    import merge.tools.verify
+
+    monkeypatch.setattr(merge.tools.verify, "MAX_REFERENCE_ARRAY_BYTES", 1000)
+    rc = cli_main(["verify", str(folder), "--reference", str(reference)])
+    _one_line(rc, capsys.readouterr().err, "more than the 1000 a reference may hold")
+
+
+def test_reference_valid_passes(reference, folder, capsys):
+    assert cli_main(["verify", str(folder), "--reference", str(reference)]) == 0, capsys.readouterr().err

@@ -143,6 +143,10 @@ def check_same_model(combined: CombinedFolder, config: ModelConfig, spec: str) -
 # -- reference (PyTorch, saved and loaded) ----------------------------------------------------------------------
 
 MAX_REFERENCE_BYTES = 4 << 30  # a reference holds logits for a few prompts; past this it is not one of ours
+# its arrays unpacked: logits barely compress, so a real reference unpacks to about its size on disk; a member
+# that unpacks to much more is a zip bomb
+MAX_REFERENCE_ARRAY_BYTES = 2 * MAX_REFERENCE_BYTES
+REFERENCE_DTYPE_KINDS = "biufU"  # numbers and the precision string; never objects (pickle) or raw records
 
 
 def save_reference(path: Path, inputs: dict[str, np.ndarray], ref: dict[str, np.ndarray], precision: str) -> None:
@@ -159,6 +163,7 @@ def load_reference(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndar
         raise MergeError(f"--reference {path}: no such file")
     if path.stat().st_size > MAX_REFERENCE_BYTES:
         raise MergeError(f"--reference {path}: {path.stat().st_size} bytes, larger than any verify reference")
+    _check_arrays(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
@@ -189,6 +194,47 @@ def load_reference(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndar
         raise MergeError(f"--reference {path}: {', '.join(bad)} {'has' if len(bad) == 1 else 'have'} the wrong "
                          f"shape or type for input_ids {ids.shape}")
     return inputs, ref, str(arrays["precision"])
+
+
+def _check_arrays(path: Path) -> None:
+    """Each array's .npy header inside the zip against the member's unpacked size, and their sum against a bound,
+    before anything is unpacked: numpy allocates what a header claims (10**10 elements) before reading a byte."""
+    import math
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    def refuse(why: str) -> MergeError:
+        return MergeError(f"--reference {path}: not a verify reference file ({why})")
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            total = sum(m.file_size for m in members)
+            if total > MAX_REFERENCE_ARRAY_BYTES:
+                raise refuse(f"its arrays unpack to {total} bytes, more than the {MAX_REFERENCE_ARRAY_BYTES} a "
+                             "reference may hold")
+            for member in members:
+                with archive.open(member) as f:
+                    if f.read(len(npy.MAGIC_PREFIX)) != npy.MAGIC_PREFIX:
+                        continue  # numpy gives such a member as its bytes: counted in the total above
+                    f.seek(0)
+                    version = npy.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = npy.read_array_header_1_0(f)
+                    elif version == (2, 0):
+                        shape, _, dtype = npy.read_array_header_2_0(f)
+                    else:
+                        raise refuse(f"{member.filename} is a .npy of version {version}")
+                    if dtype.kind not in REFERENCE_DTYPE_KINDS or dtype.hasobject:
+                        raise refuse(f"{member.filename} holds {dtype}")
+                    claimed = math.prod(shape) * dtype.itemsize
+                    held = member.file_size - f.tell()
+                    if claimed != held:
+                        raise refuse(f"{member.filename}'s header claims shape {shape} of {dtype}, {claimed} bytes, "
+                                     f"but it holds {held}")
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise refuse(str(exc) or type(exc).__name__) from None
 
 
 # -- ONNX side ----------------------------------------------------------------------------------------------
