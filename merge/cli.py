@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 
-from .errors import MergeError
+from .errors import MergeError, printable
 
 log = logging.getLogger("merge")
 
@@ -112,5 +112,6 @@ def _stopped(code: int) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    """The message on one line, control characters escaped (it may quote a hostile folder's names)."""
+    text = printable(" ".join(str(exc).split()))
     return text or type(exc).__name__

@@ -7,3 +7,11 @@ class MergeError(Exception):
 
 class WriteError(MergeError):
     """The place a write was to go cannot take it: a file in the way, a read-only or full disk."""
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal: every character that is not printable (escape sequences, other
+    control characters, bidirectional overrides) written as ``repr`` writes it (``\\x1b``, ``\\u202e``)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -23,8 +23,20 @@ def run(args: argparse.Namespace) -> int:
     require("verify", INSPECT_MODULES if args.reference else BUILD_MODULES)  # a saved reference needs no PyTorch
 
     from merge.contract.folder import CombinedFolder
-    from merge.tools.verify import check_writable, default_images, format_table, load_images, verify, write_report
+    from merge.errors import MergeError
+    from merge.tools.verify import (
+        check_same_model,
+        check_writable,
+        default_images,
+        format_table,
+        known_config,
+        load_images,
+        verify,
+        write_report,
+    )
 
+    if args.max_new_tokens < 1:
+        raise MergeError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     combined = CombinedFolder.open(args.combined)
     for path in (args.json, args.save_reference):
         if path is not None:
@@ -33,7 +45,13 @@ def run(args: argparse.Namespace) -> int:
     if args.reference is None:
         from merge.sources.resolve import resolve_model
 
-        model_folder = resolve_model(args.model or combined.manifest.source_model, args.cache_dir).folder
+        spec = args.model or combined.manifest.source_model
+        config = known_config(spec)
+        if config is not None:  # before a preset is built (minutes, gigabytes for the large ones)
+            check_same_model(combined, config, spec)
+        source = resolve_model(spec, args.cache_dir)
+        check_same_model(combined, source.config, spec)  # a hub id's, once downloaded; before PyTorch loads it
+        model_folder = source.folder
     images = load_images(args.image) if args.image else [] if args.video else default_images()
     stages = verify(combined, model_folder=model_folder, prompt=args.prompt, images=images,
                     new_tokens=args.max_new_tokens, reference=args.reference, save_to=args.save_reference,

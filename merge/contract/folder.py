@@ -6,7 +6,8 @@ hashing), before any file is used:
 
 - ``merge.json`` is there and well-formed (every field typed), and ``config.json`` is a Qwen3-VL config;
 - every file the manifest names is a plain name inside the folder (no path, no ``..``), a regular file, not a
-  symbolic link (opened with ``O_NOFOLLOW``) and not a hard link to something elsewhere (one link only);
+  symbolic link (opened with ``O_NOFOLLOW``), except in a Hugging Face hub snapshot a link to the same
+  repository's ``../../blobs/`` (hard links are accepted: a hard link is the file itself);
 - ``model.onnx`` and ``model.onnx.data`` have the sizes the manifest records;
 - every tensor of the model with external data names ``model.onnx.data`` (a plain name) and lies inside it:
   offset + length within the file, length equal to what its type and shape need.
@@ -200,25 +201,56 @@ class CombinedFolder:
         return self.files.get(name)
 
 
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0)
+
+
 def _open_regular(dir_fd: int, folder: Path, name: str) -> int:
-    """A descriptor on ``folder/name``: a regular file, no symbolic link, one link only."""
+    """A descriptor on ``folder/name``: a regular file, no symbolic link, except a Hugging Face hub snapshot's link
+    to its own repository's blob (see :func:`_open_hub_blob`). Hard links are the file itself, wherever its other
+    names are (a backup made with ``cp -al`` or ``rsync --link-dest``), and are read as such."""
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0), dir_fd=dir_fd)
+        fd = os.open(name, _OPEN_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError:
         raise MergeError(f"{folder / name}: no such file") from None
     except OSError as exc:
         if os.path.islink(folder / name):
-            raise MergeError(f"{folder / name} is a symbolic link; a combined folder holds its own files") from None
-        raise MergeError(f"{folder / name}: cannot be opened ({exc.strerror})") from None
+            fd = _open_hub_blob(dir_fd, folder, name)
+        else:
+            raise MergeError(f"{folder / name}: cannot be opened ({exc.strerror})") from None
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         raise MergeError(f"{folder / name} is not a regular file")
-    if info.st_nlink != 1:
-        os.close(fd)
-        raise MergeError(f"{folder / name} has {info.st_nlink} hard links; a combined folder's files must have one "
-                         "(a hard link can be another file's contents)")
     return fd
+
+
+HUB_BLOBS = "../../blobs"  # from <repo cache>/snapshots/<revision>/ to <repo cache>/blobs/
+
+
+def _open_hub_blob(dir_fd: int, folder: Path, name: str) -> int:
+    """The file behind a symbolic link, only where the folder is a hub snapshot (``<repo>/snapshots/<rev>/``) and
+    the link is ``../../blobs/<blob>``: the layout huggingface_hub writes, whose blobs belong to the same repository.
+    The blob is opened through the snapshot's own descriptor, with no further link followed; any other link (out of
+    the folder, into another repository, to a pipe or a device) is refused."""
+    refused = MergeError(f"{folder / name} is a symbolic link; a combined folder holds its own files (or is a "
+                         f"Hugging Face hub snapshot whose links point into {HUB_BLOBS}/)")
+    try:
+        target = os.readlink(name, dir_fd=dir_fd)
+    except OSError:
+        raise refused from None
+    blobs, _, blob = target.rpartition("/")
+    if blobs != HUB_BLOBS or blob in ("", ".", "..") or Path(os.path.realpath(folder)).parent.name != "snapshots":
+        raise refused
+    try:
+        blobs_fd = os.open(HUB_BLOBS, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        raise refused from None
+    try:
+        return os.open(blob, _OPEN_FLAGS | os.O_NONBLOCK, dir_fd=blobs_fd)  # a pipe there: refused, not waited on
+    except OSError:
+        raise refused from None
+    finally:
+        os.close(blobs_fd)
 
 
 def _read_fd(fd: int, size: int) -> bytes:

@@ -96,6 +96,11 @@ def expand_video_tokens(text: str, video_grid_thw: np.ndarray, timestamps: Seque
 def encode_prompt(tokenizer: Any, image_processor: Any, prompt: str, images: Sequence, config: ModelConfig,
                   video_processor: Any = None, videos: Sequence = ()) -> tuple[list[int], dict[str, np.ndarray]]:
     """(ids, {pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw}) of one user turn."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate (from surrogateescape'd bytes, or written as "\\ud800")
+        raise MergeError(f"the prompt {prompt[:60]!r} holds {prompt[exc.start]!r} at character {exc.start}, a lone "
+                         "surrogate that no text encoding can write; prompts must be valid Unicode (UTF-8)") from None
     typed = [t for t in (IMAGE_TOKEN, VIDEO_TOKEN, VISION_START_TOKEN, VISION_END_TOKEN) if t in prompt]
     if typed:
         raise MergeError(f"the prompt text contains {', '.join(typed)}: vision placeholders come from the images "
@@ -153,12 +158,13 @@ def build_batch_inputs(tokenizer: Any, image_processor: Any, prompts: Sequence[s
     if not prompts:
         raise MergeError("no prompt to encode")
     pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        raise MergeError("the tokenizer has no pad token")
+    if pad_id is None and len(prompts) > 1:  # as transformers' tokenizer refuses to pad (no eos stand-in)
+        raise MergeError(f"{len(prompts)} prompts make a padded batch, but the tokenizer has no pad token (set "
+                         "pad_token in tokenizer_config.json, or give one prompt at a time)")
     encoded = [encode_prompt(tokenizer, image_processor, p, imgs, config, video_processor, vids)
                for p, imgs, vids in zip(prompts, images, videos, strict=True)]
     length = max(len(ids) for ids, _ in encoded)
-    input_ids = np.full((len(encoded), length), int(pad_id), np.int64)
+    input_ids = np.full((len(encoded), length), int(pad_id or 0), np.int64)  # one prompt: nothing is padded
     attention_mask = np.zeros((len(encoded), length), np.int64)
     for row, (ids, _) in enumerate(encoded):
         if ids:

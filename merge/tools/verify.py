@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 
 from merge.atomic import atomic_file
+from merge.contract.config import ModelConfig
 from merge.contract.folder import CombinedFolder
 from merge.contract.manifest import Manifest
 from merge.contract.names import MERGED_INPUTS_EMBEDS, MERGED_POSITION_IDS, VISION_DEEPSTACK_EMBEDS, VISION_IMAGE_EMBEDS
@@ -104,9 +105,48 @@ def prepare_inputs(folder: CombinedFolder, prompt: str, images, min_pixels: int 
     return pre.build_inputs(prompt, images, videos)
 
 
+# -- the PyTorch model ---------------------------------------------------------------------------------------------
+
+def known_config(spec: str) -> ModelConfig | None:
+    """``--model``'s config when it is known without building or downloading anything: a preset's, or a local
+    folder's config.json (None for a hub id: its config comes with the download)."""
+    from merge.presets.shapes import PRESETS, preset_config
+
+    if spec in PRESETS:
+        return ModelConfig.from_dict(preset_config(spec), f"preset {spec}")
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        return ModelConfig.from_folder(folder)
+    return None
+
+
+def check_same_model(combined: CombinedFolder, config: ModelConfig, spec: str) -> None:
+    """Refuse, before any weight is loaded, a ``--model`` whose shapes or special tokens differ from the folder's
+    config.json: PyTorch would fail deep inside (or compare unrelated numbers)."""
+    ours = combined.config
+    differ = []
+    for part, theirs_spec, ours_spec in (("text", config.text, ours.text), ("vision", config.vision, ours.vision)):
+        for f in fields(ours_spec):
+            theirs_value, ours_value = getattr(theirs_spec, f.name), getattr(ours_spec, f.name)
+            if theirs_value != ours_value:
+                differ.append(f"{part} {f.name} {theirs_value} vs {ours_value}")
+    for key, value in ours.special_token_ids.items():
+        if config.special_token_ids.get(key) != value:
+            differ.append(f"{key} {config.special_token_ids.get(key)} vs {value}")
+    if differ:
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        built_from = combined.manifest.source_model
+        raise MergeError(f"--model {spec} is not the model {combined.path} was built from ({built_from}): "
+                         f"{', '.join(differ[:3])}{more} (--model vs the folder's config.json)")
+
+
 # -- reference (PyTorch, saved and loaded) ----------------------------------------------------------------------
 
 MAX_REFERENCE_BYTES = 4 << 30  # a reference holds logits for a few prompts; past this it is not one of ours
+# its arrays unpacked: logits barely compress, so a real reference unpacks to about its size on disk; a member
+# that unpacks to much more is a zip bomb
+MAX_REFERENCE_ARRAY_BYTES = 2 * MAX_REFERENCE_BYTES
+REFERENCE_DTYPE_KINDS = "biufU"  # numbers and the precision string; never objects (pickle) or raw records
 
 
 def save_reference(path: Path, inputs: dict[str, np.ndarray], ref: dict[str, np.ndarray], precision: str) -> None:
@@ -123,6 +163,7 @@ def load_reference(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndar
         raise MergeError(f"--reference {path}: no such file")
     if path.stat().st_size > MAX_REFERENCE_BYTES:
         raise MergeError(f"--reference {path}: {path.stat().st_size} bytes, larger than any verify reference")
+    _check_arrays(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
@@ -153,6 +194,47 @@ def load_reference(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndar
         raise MergeError(f"--reference {path}: {', '.join(bad)} {'has' if len(bad) == 1 else 'have'} the wrong "
                          f"shape or type for input_ids {ids.shape}")
     return inputs, ref, str(arrays["precision"])
+
+
+def _check_arrays(path: Path) -> None:
+    """Each array's .npy header inside the zip against the member's unpacked size, and their sum against a bound,
+    before anything is unpacked: numpy allocates what a header claims (10**10 elements) before reading a byte."""
+    import math
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    def refuse(why: str) -> MergeError:
+        return MergeError(f"--reference {path}: not a verify reference file ({why})")
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            total = sum(m.file_size for m in members)
+            if total > MAX_REFERENCE_ARRAY_BYTES:
+                raise refuse(f"its arrays unpack to {total} bytes, more than the {MAX_REFERENCE_ARRAY_BYTES} a "
+                             "reference may hold")
+            for member in members:
+                with archive.open(member) as f:
+                    if f.read(len(npy.MAGIC_PREFIX)) != npy.MAGIC_PREFIX:
+                        continue  # numpy gives such a member as its bytes: counted in the total above
+                    f.seek(0)
+                    version = npy.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = npy.read_array_header_1_0(f)
+                    elif version == (2, 0):
+                        shape, _, dtype = npy.read_array_header_2_0(f)
+                    else:
+                        raise refuse(f"{member.filename} is a .npy of version {version}")
+                    if dtype.kind not in REFERENCE_DTYPE_KINDS or dtype.hasobject:
+                        raise refuse(f"{member.filename} holds {dtype}")
+                    claimed = math.prod(shape) * dtype.itemsize
+                    held = member.file_size - f.tell()
+                    if claimed != held:
+                        raise refuse(f"{member.filename}'s header claims shape {shape} of {dtype}, {claimed} bytes, "
+                                     f"but it holds {held}")
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise refuse(str(exc) or type(exc).__name__) from None
 
 
 # -- ONNX side ----------------------------------------------------------------------------------------------
@@ -279,6 +361,8 @@ def verify(folder: Path | CombinedFolder, *, model_folder: Path | None, prompt: 
     else:
         if model_folder is None:
             raise MergeError("verify needs --model (the PyTorch reference) or --reference (a saved one)")
+        if new_tokens < 1:
+            raise MergeError(f"--max-new-tokens must be at least 1, got {new_tokens}")
         from export.reference import load_model, torch_reference
 
         inputs = prepare_inputs(combined, prompt, images, min_pixels, max_pixels, videos, fps, max_frames)

@@ -14,6 +14,7 @@ import onnx
 
 from merge.contract.folder import CombinedFolder
 from merge.contract.names import DATA_FILE, MANIFEST_FILE, MODEL_FILE, SCOPES
+from merge.errors import printable
 from merge.tools.tables import format_table, human_bytes
 
 from .walk import (
@@ -171,8 +172,21 @@ def _shape_text(shape: list | None) -> str:
     return "?" if shape is None else "[" + ", ".join(str(d) for d in shape) + "]"
 
 
+def _printable(value):
+    """Every string in ``value`` (keys too) with its control characters escaped: a folder's names and metadata are
+    untrusted, and a terminal would act on an escape sequence in them."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_printable(v) for v in value]
+    return value
+
+
 def format_report(data: dict) -> str:
-    """The plain-text tables of ``merge inspect``."""
+    """The plain-text tables of ``merge inspect`` (control characters in what the folder says escaped)."""
+    data = _printable(data)
     meta, sums = data["metadata"], data["checksums"]
     lines = [f"combined model: {data['folder']}"]
     tool = " ".join(str(x) for x in (meta["tool"], meta["tool_version"]) if x) or "-"
