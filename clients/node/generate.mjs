@@ -12,19 +12,90 @@
 //               "pixel_values_videos": [[...], ...], "video_grid_thw": [[t, h, w], ...]}
 //   (each pair may be empty lists; the video entries may be left out: the call then has no video)
 // Prints {"tokens": [[...]], "prefill_argmax": [[...]]} as JSON.
+//
+// Bad arguments (a missing folder, an unreadable or malformed inputs file, a bad token count) are refused in one
+// line on stderr, exit status 2; a call the model refuses (its own checks, merge/checks/*: an id outside the
+// vocabulary, a mask that is not 0...0 1...1) is reported in one line, exit status 1. No stack traces.
 import fs from "node:fs";
 import path from "node:path";
 
-const [folder, inputsPath, newTokensArg, runtime = "node"] = process.argv.slice(2);
-const newTokens = Number(newTokensArg ?? 8);
-if (!["node", "web"].includes(runtime)) throw new Error(`runtime ${runtime}: choose node or web`);
-const ortModule = await import(runtime === "web" ? "onnxruntime-web" : "onnxruntime-node");
-const ort = ortModule.default ?? ortModule;
-const config = JSON.parse(fs.readFileSync(path.join(folder, "config.json"), "utf8"));
+const USAGE = "usage: node generate.mjs COMBINED_DIR INPUTS.json [NEW_TOKENS] [node|web]";
+const MAX_NEW_TOKENS = 1 << 20;
+
+class UsageError extends Error {}
+
+function fail(message, status) {
+  process.stderr.write(`error: ${String(message).split("\n")[0]}\n`);
+  process.exit(status);
+}
+
+process.on("uncaughtException", (error) => fail(error?.message ?? error, error instanceof UsageError ? 2 : 1));
+process.on("unhandledRejection", (error) => fail(error?.message ?? error, error instanceof UsageError ? 2 : 1));
+
+function readJson(file, what) {
+  let raw;
+  try {
+    raw = fs.readFileSync(file, "utf8");
+  } catch (error) {
+    throw new UsageError(`${what} ${file} cannot be read (${error.code ?? error.message})`);
+  }
+  try {
+    return JSON.parse(raw);
+  } catch (error) {
+    throw new UsageError(`${what} ${file} is not valid JSON (${error.message})`);
+  }
+}
+
+// a rectangular list of rows of numbers; ints: safe integers only (ids, masks, grids)
+function matrix(value, name, { ints = false, width = null, rows = null, allowEmpty = false } = {}) {
+  if (!Array.isArray(value) || (!allowEmpty && value.length === 0)) {
+    throw new UsageError(`inputs: ${name} must be a${allowEmpty ? "" : " non-empty"} list of rows`);
+  }
+  if (rows !== null && value.length !== rows) {
+    throw new UsageError(`inputs: ${name} has ${value.length} rows, input_ids ${rows}`);
+  }
+  const cols = width ?? (value.length ? value[0]?.length : 0);
+  value.forEach((row, i) => {
+    if (!Array.isArray(row) || row.length !== cols || (!allowEmpty && cols === 0)) {
+      throw new UsageError(`inputs: ${name} row ${i} must be a list of ${cols || "one or more"} numbers`);
+    }
+    const bad = row.findIndex((x) => (ints ? !Number.isSafeInteger(x) : !Number.isFinite(x)));
+    if (bad >= 0) {
+      const shown = typeof row[bad] === "number" ? String(row[bad]) : JSON.stringify(row[bad]);
+      throw new UsageError(`inputs: ${name}[${i}][${bad}] = ${shown} is not ${ints ? "an integer" : "a finite number"}`);
+    }
+  });
+  return value;
+}
+
+const args = process.argv.slice(2);
+if (args.length < 2 || args.length > 4) throw new UsageError(USAGE);
+const [folder, inputsPath, newTokensArg = "8", runtime = "node"] = args;
+if (!/^[0-9]+$/.test(newTokensArg) || Number(newTokensArg) < 1 || Number(newTokensArg) > MAX_NEW_TOKENS) {
+  throw new UsageError(`NEW_TOKENS must be a whole number from 1 to ${MAX_NEW_TOKENS}, got ${JSON.stringify(newTokensArg)}`);
+}
+const newTokens = Number(newTokensArg);
+if (!["node", "web"].includes(runtime)) throw new UsageError(`runtime ${JSON.stringify(runtime)}: choose node or web`);
+if (!fs.existsSync(folder) || !fs.statSync(folder).isDirectory()) throw new UsageError(`${folder}: no such folder`);
+if (!fs.existsSync(path.join(folder, "model.onnx"))) throw new UsageError(`${folder} is not a combined folder: no model.onnx`);
+const config = readJson(path.join(folder, "config.json"), "config");
 const text = config.text_config;
 const kvHeads = text.num_key_value_heads;
 const headDim = text.head_dim ?? text.hidden_size / text.num_attention_heads;
-const inputs = JSON.parse(fs.readFileSync(inputsPath, "utf8"));
+const inputs = readJson(inputsPath, "inputs file");
+if (inputs === null || typeof inputs !== "object" || Array.isArray(inputs)) {
+  throw new UsageError(`inputs file ${inputsPath} must hold a JSON object`);
+}
+matrix(inputs.input_ids, "input_ids", { ints: true });
+matrix(inputs.attention_mask, "attention_mask", { ints: true, width: inputs.input_ids[0].length, rows: inputs.input_ids.length });
+for (const [pixels, grid] of [["pixel_values", "image_grid_thw"], ["pixel_values_videos", "video_grid_thw"]]) {
+  const optional = pixels === "pixel_values_videos";
+  if (optional && inputs[pixels] === undefined && inputs[grid] === undefined) continue;
+  matrix(inputs[pixels], pixels, { allowEmpty: true });
+  matrix(inputs[grid], grid, { ints: true, width: 3, allowEmpty: true });
+}
+const ortModule = await import(runtime === "web" ? "onnxruntime-web" : "onnxruntime-node");
+const ort = ortModule.default ?? ortModule;
 
 async function createSession() {
   const modelPath = path.join(folder, "model.onnx");
@@ -94,7 +165,9 @@ const keep = (n) => new ort.Tensor("int64", BigInt64Array.from([BigInt(n)]), [])
 if (keeps) feeds.logits_to_keep = keep(0);
 
 const tokens = Array.from({ length: batch }, () => []);
-let out = await session.run(feeds);
+// a call the model refuses throws, and this client reports it in one line: ONNX Runtime need not log it too
+const quiet = { logSeverityLevel: 4 };
+let out = await session.run(feeds, quiet);
 const prefillArgmax = argmaxAll(out.logits);
 for (let step = 0; step < newTokens; step++) {
   const next = argmaxLast(out.logits);
@@ -112,6 +185,6 @@ for (let step = 0; step < newTokens; step++) {
   };
   for (const name of pastNames) feeds[name] = out[name.replace("past_key_values.", "present.")];
   if (keeps) feeds.logits_to_keep = keep(1);
-  out = await session.run(feeds);
+  out = await session.run(feeds, quiet);
 }
 process.stdout.write(JSON.stringify({ tokens, prefill_argmax: prefillArgmax }) + "\n");

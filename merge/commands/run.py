@@ -41,13 +41,12 @@ def run(args: argparse.Namespace) -> int:
     together (the vision tower runs inside the first call), the prompt and image token counts, and decoding speed.
     """
     from merge.runtime.images import load_image
-    from merge.runtime.model import CombinedModel
+    from merge.runtime.model import CombinedModel, check_threads
 
     folder = Path(args.combined)
     if args.max_new_tokens < 1:
         raise MergeError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.threads is not None and args.threads < 1:
-        raise MergeError(f"--threads must be at least 1, got {args.threads}")
+    check_threads(args.threads, "--threads")
     prompts = list(args.prompt)
     images = [[load_image(path) for path in paths] for paths in _assign_images(args.image or [], len(prompts))]
     videos = _assign_images(args.video or [], len(prompts), "--video")
@@ -205,7 +204,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check-checksums", action="store_true",
                         help="also hash the model files against merge.json's SHA-256 and refuse unlisted files")
     parser.add_argument("--threads", type=int, default=None,
-                        help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)")
+                        help="ONNX Runtime intra-op threads, from 1 to 4 per CPU this process may use (default: "
+                             "ONNX Runtime's choice)")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ calls carry one new token per row, no patches, the growing attention mask, the K
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,36 @@ log = logging.getLogger(__name__)
 
 DEFAULT_NEW_TOKENS = 128
 CACHE_STEP = 256  # an in-place KV cache starts with room for this many new tokens, then doubles
+THREADS_PER_CPU = 4  # threads beyond this many per CPU only oversubscribe (--threads 1000 ran 74 s instead of 1 s)
+
+
+def thread_limit() -> int:
+    """The most intra-op threads a session may be given: :data:`THREADS_PER_CPU` per CPU this process may use."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return THREADS_PER_CPU * (cpus or 1)
+
+
+def check_threads(threads: Any, what: str = "threads") -> None:
+    """``threads`` is None (ONNX Runtime's choice) or an int from 1 to :func:`thread_limit`; refused in one line."""
+    if threads is None:
+        return
+    limit = thread_limit()
+    if isinstance(threads, bool) or not isinstance(threads, int | np.integer):
+        raise MergeError(f"{what} must be a whole number from 1 to {limit} (or None: ONNX Runtime's choice), got "
+                         f"{threads!r}")
+    if not 1 <= threads <= limit:
+        raise MergeError(f"{what} must be from 1 to {limit} ({THREADS_PER_CPU} per CPU this process may use), got "
+                         f"{threads}")
+
+
+def integer_array(value: Any, name: str, *, booleans: bool = False) -> np.ndarray:
+    """``value`` as an int64 array, refused in one line unless it holds integers (``booleans``: or bools): a float
+    id would be truncated to another token without a word."""
+    array = np.asarray(value)
+    kinds = "iub" if booleans else "iu"
+    if array.dtype.kind not in kinds:
+        raise MergeError(f"{name} must hold integers{' (or bools)' if booleans else ''}, got dtype {array.dtype}")
+    return array.astype(np.int64, copy=False)
 
 
 @dataclass
@@ -116,6 +147,7 @@ class CombinedModel:
         / ``max_pixels`` bound the images' sizes, ``fps`` / ``max_frames`` the frames taken from videos."""
         import onnxruntime as ort
 
+        check_threads(threads)
         self.combined = folder if isinstance(folder, CombinedFolder) else CombinedFolder.open(
             folder, check_checksums=check_checksums)
         self.folder = self.combined.path
@@ -123,8 +155,8 @@ class CombinedModel:
         self._pixel_limits = {"min_pixels": min_pixels, "max_pixels": max_pixels, "fps": fps,
                               "max_frames": max_frames}
         options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
         self.session = self.combined.session(options, providers, model_bytes=model_bytes)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith(PAST_PREFIX)]
@@ -183,7 +215,10 @@ class CombinedModel:
 
     def check_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos=None,
                      video_grid_thw=None) -> None:
-        """Refuse a first call the model cannot run right, before running anything (names the numbers)."""
+        """Refuse a first call the model cannot run right, before running anything (names the numbers). The model
+        checks the ids and the mask itself too (merge/checks/*); here they are refused in one line first."""
+        input_ids = integer_array(input_ids, INPUT_IDS)
+        attention_mask = integer_array(attention_mask, ATTENTION_MASK, booleans=True)
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise MergeError(f"input_ids must be [batch, sequence] with sequence > 0, got shape {input_ids.shape}")
         if attention_mask.shape != input_ids.shape:
@@ -191,12 +226,22 @@ class CombinedModel:
                 f"attention_mask has shape {attention_mask.shape} but input_ids {input_ids.shape}; on the first "
                 "call they must match"
             )
+        check_token_ids(input_ids, self.config.text.vocab_size)
+        check_mask(attention_mask)
         spec = self.config.vision
         kinds = [("image", pixel_values, image_grid_thw, self.config.image_token_id)]
         if pixel_values_videos is not None:
             kinds.append(("video", pixel_values_videos, video_grid_thw, self.config.video_token_id))
         for kind, pixels, grid, token in kinds:
             check_vision_inputs(pixels, grid, spec)
+            if pixels.dtype.kind not in "fiu":
+                raise MergeError(f"{PIXEL_VALUES if kind == 'image' else PIXEL_VALUES_VIDEOS} must hold numbers, got "
+                                 f"dtype {pixels.dtype}")
+            finite = np.isfinite(pixels).all(axis=1) if pixels.dtype.kind == "f" else None
+            if finite is not None and not finite.all():
+                row = int(np.argmin(finite))
+                raise MergeError(f"{PIXEL_VALUES if kind == 'image' else PIXEL_VALUES_VIDEOS} row {row} holds NaN or "
+                                 "inf; patches must be finite numbers")
             tokens = int(((input_ids == token) & (attention_mask != 0)).sum())
             features = int(grid.prod(axis=1).sum()) // spec.merge_unit if len(grid) else 0
             if tokens != features:
@@ -207,8 +252,8 @@ class CombinedModel:
 
     def first_feeds(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
                     video_grid_thw=None) -> dict:
-        input_ids = np.asarray(input_ids)
-        attention_mask = np.asarray(attention_mask)
+        input_ids = integer_array(input_ids, INPUT_IDS)
+        attention_mask = integer_array(attention_mask, ATTENTION_MASK, booleans=True)
         batch = input_ids.shape[0]
         if pixel_values is None:
             pixel_values, image_grid_thw = self.empty_images()
@@ -260,14 +305,21 @@ class CombinedModel:
         ``max_new_tokens`` that the model writes in place, instead of feeding each call's ``present`` back;
         ``prefill_outputs`` then holds no ``present.*``.
         """
-        input_ids = np.asarray(input_ids, np.int64)
+        input_ids = integer_array(input_ids, INPUT_IDS)
+        vocab = self.config.text.vocab_size
+        if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int | np.integer) \
+                or not 0 <= pad_token_id < vocab:
+            raise MergeError(f"pad_token_id must be a token id from 0 to {vocab - 1}, got {pad_token_id!r}")
+        if forced_tokens is not None:
+            forced_tokens = integer_array(forced_tokens, "forced_tokens")
+            check_token_ids(forced_tokens, vocab, "forced_tokens")
         limit = self.config.text.max_position_embeddings
         if input_ids.ndim == 2 and input_ids.shape[1] + max_new_tokens > limit:
             raise MergeError(f"a prompt of {input_ids.shape[1]} tokens and {max_new_tokens} new tokens go past the "
                              f"model's max_position_embeddings {limit}")
         if attention_mask is None:
             attention_mask = np.ones_like(input_ids)
-        attention_mask = np.asarray(attention_mask, np.int64)
+        attention_mask = integer_array(attention_mask, ATTENTION_MASK, booleans=True)
         feeds = self.first_feeds(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
                                  video_grid_thw)
         if not all_logits and self.keeps_logits:
@@ -399,6 +451,32 @@ class CombinedModel:
         return Completion(texts=texts, generation=generation, inputs=inputs, prompt_tokens=int(mask.sum()),
                           image_tokens=image_tokens, num_images=int(inputs["image_grid_thw"].shape[0]),
                           video_tokens=video_tokens, num_videos=int(inputs[VIDEO_GRID_THW].shape[0]))
+
+
+def check_token_ids(ids: np.ndarray, vocab_size: int, name: str = INPUT_IDS) -> None:
+    """Every id is a row of the token table (0 <= id < vocab_size); the model checks this too
+    (merge/checks/input_ids_in_vocabulary), here it is one line naming the first id that is not."""
+    outside = (ids < 0) | (ids >= vocab_size)
+    if outside.any():
+        where = tuple(int(i) for i in np.argwhere(outside)[0])
+        raise MergeError(f"{name}{list(where)} = {int(ids[where])} is not a token id: ids go from 0 to "
+                         f"{vocab_size - 1} (the vocabulary)")
+
+
+def check_mask(mask: np.ndarray) -> None:
+    """An attention mask holds 0 and 1 only, each row left-padded (0...0 1...1) with at least one 1 (the model
+    checks this too: merge/checks/attention_mask_*); refused in one line naming the row."""
+    if mask.ndim != 2:
+        raise MergeError(f"attention_mask must be [batch, length], got shape {mask.shape}")
+    for row, values in enumerate(mask):
+        if not np.isin(values, (0, 1)).all():
+            bad = int(values[~np.isin(values, (0, 1))][0])
+            raise MergeError(f"attention_mask row {row} holds {bad}; a mask holds only 0 (padding) and 1")
+        if (np.diff(values) < 0).any():
+            raise MergeError(f"attention_mask row {row} has a 0 after a 1; rows are padded on the left only "
+                             "(0...0 1...1)")
+        if not values.any():
+            raise MergeError(f"attention_mask row {row} is all 0: each row needs at least one token")
 
 
 def _is_video_list(item: Any) -> bool:

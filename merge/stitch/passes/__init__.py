@@ -61,7 +61,7 @@ def stitch_passes(config: ModelConfig, parts: Parts, quant: QuantSpec | None,
         MergeEmbeddings(parts.embedding_merge, parts.embed_tokens, levels),
         InjectDeepStack(text.num_layers, levels),
         WirePositions(parts.rope_index),
-        CheckContract(),
+        CheckContract(text.vocab_size),
     ]
     if quant is not None:
         passes.append(QuantizeInt4(quant))

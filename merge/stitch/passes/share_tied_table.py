@@ -17,9 +17,9 @@ import onnx_ir as ir
 
 from graphs.builder import GraphBuilder
 from graphs.embedding_merge import token_embeddings
-from merge.contract.names import EMBEDDING_PREFIX, INPUT_IDS, LOGITS, TOKEN_EMBEDS_NODE
+from merge.contract.names import EMBEDDING_PREFIX, LOGITS, TOKEN_EMBEDS_NODE
 
-from .base import StitchError, StitchPass, find_node, graph_input
+from .base import StitchError, StitchPass, find_node
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,8 @@ class ShareTiedTable(StitchPass):
         layout, table, scales, block_size = source
         old = find_node(graph, TOKEN_EMBEDS_NODE)
         b = GraphBuilder(EMBEDDING_PREFIX + "embeds/tied")
-        embeds = token_embeddings(b, table, graph_input(graph, INPUT_IDS, str(self)), layout, self.hidden_size,
-                                  scales, block_size)
+        # the ids the old lookup read: input_ids once CheckContract has checked them against the vocabulary
+        embeds = token_embeddings(b, table, old.inputs[1], layout, self.hidden_size, scales, block_size)
         b.add_to(graph)
         ir.convenience.replace_all_uses_with(old.outputs[0], embeds)
         graph.remove(old, safe=True)
