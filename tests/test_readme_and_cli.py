@@ -125,7 +125,9 @@ def test_readme_build_command(tmp_path):
     assert shape_of(proc.stdout) == shape_of(pasted)
     manifest = json.loads((out / "merge.json").read_text())
     assert manifest["parts"] == {"model": "model.onnx", "data": "model.onnx.data"}
-    assert set(manifest["checksums"]) == {"model.onnx", "model.onnx.data"}
+    # every file the build wrote but merge.json itself: the model files and the preprocessing files it copied
+    assert set(manifest["checksums"]) == {"model.onnx", "model.onnx.data", *manifest["preprocessing_files"]}
+    assert {"tokenizer.json", "chat_template.jinja", "config.json"} <= set(manifest["checksums"])
     assert manifest["inputs"][0]["name"] == "input_ids" and manifest["outputs"][-1]["name"] == "rope_deltas_out"
     for name in ("tokenizer.json", "preprocessor_config.json", "chat_template.jinja"):
         assert (out / name).is_file(), name
