@@ -5,8 +5,9 @@ A combined folder is untrusted input (people download them), so :meth:`CombinedF
 hashing), before any file is used:
 
 - ``merge.json`` is there and well-formed (every field typed), and ``config.json`` is a Qwen3-VL config;
-- every file the manifest names is a plain name inside the folder (no path, no ``..``), a regular file, not a
-  symbolic link (opened with ``O_NOFOLLOW``) and not a hard link to something elsewhere (one link only);
+- every file the manifest names is a plain name inside the folder (no path, no ``..``), a regular file (a FIFO,
+  socket or device is refused, and never waited on: :func:`merge.contract.reading.open_regular`), not a symbolic
+  link (opened with ``O_NOFOLLOW``) and not a hard link to something elsewhere (one link only);
 - ``model.onnx`` and ``model.onnx.data`` have the sizes the manifest records;
 - every tensor of the model with external data names ``model.onnx.data`` (a plain name) and lies inside it:
   offset + length within the file, length equal to what its type and shape need.
@@ -21,10 +22,8 @@ naming the file, the tensor and the numbers that disagree.
 from __future__ import annotations
 
 import hashlib
-import json
 import mmap
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from .config import ModelConfig
 from .manifest import MAX_MANIFEST_BYTES, Manifest
 from .names import CONFIG_FILE, DATA_FILE, MANIFEST_FILE, MODEL_FILE
 from .onnx_wire import WireError, model_tensors
+from .reading import load_json, open_file, open_regular, read_fd
 
 MAX_SMALL_FILE_BYTES = 64 << 20  # tokenizer.json and friends are a few MB
 MAX_MODEL_BYTES = 2 << 30  # a protobuf cannot be larger; the weights live in the data file
@@ -94,10 +94,7 @@ class CombinedFolder:
         if MANIFEST_FILE not in names:
             raise MergeError(f"{path} is not a complete combined folder: no {MANIFEST_FILE} ({hint})")
         manifest_bytes = _read(dir_fd, path, MANIFEST_FILE, MAX_MANIFEST_BYTES)
-        try:
-            manifest_data = json.loads(manifest_bytes.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MergeError(f"{path / MANIFEST_FILE}: not valid JSON ({exc})") from None
+        manifest_data = load_json(manifest_bytes, path / MANIFEST_FILE)
         manifest = Manifest.from_json(manifest_data, str(path / MANIFEST_FILE))
         where = str(path / MANIFEST_FILE)
         listed = {_plain_name(n, where) for n in (*manifest.parts.values(), *manifest.preprocessing_files,
@@ -109,10 +106,7 @@ class CombinedFolder:
             raise MergeError(f"{path} is not a combined folder: no {CONFIG_FILE} ({hint})")
         files = {name: _read(dir_fd, path, name, MAX_SMALL_FILE_BYTES)
                  for name in sorted({CONFIG_FILE, *manifest.preprocessing_files})}
-        try:
-            config_data = json.loads(files[CONFIG_FILE].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MergeError(f"{path / CONFIG_FILE}: not valid JSON ({exc})") from None
+        config_data = load_json(files[CONFIG_FILE], path / CONFIG_FILE)
         config = ModelConfig.from_dict(config_data, str(path / CONFIG_FILE))
 
         model_fd = _open_regular(dir_fd, path, MODEL_FILE)
@@ -121,7 +115,7 @@ class CombinedFolder:
             _check_size(path, MODEL_FILE, model_size, manifest)
             if model_size > MAX_MODEL_BYTES:
                 raise MergeError(f"{path / MODEL_FILE} is {model_size} bytes, more than a protobuf can hold")
-            model_bytes = _read_fd(model_fd, model_size)
+            model_bytes = read_fd(model_fd, model_size)
             digest = hashlib.sha256(model_bytes).hexdigest() if check_checksums else None
         finally:
             os.close(model_fd)
@@ -193,35 +187,16 @@ class CombinedFolder:
 
 
 def _open_regular(dir_fd: int, folder: Path, name: str) -> int:
-    """A descriptor on ``folder/name``: a regular file, no symbolic link, one link only."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0), dir_fd=dir_fd)
-    except FileNotFoundError:
-        raise MergeError(f"{folder / name}: no such file") from None
-    except OSError as exc:
-        if os.path.islink(folder / name):
-            raise MergeError(f"{folder / name} is a symbolic link; a combined folder holds its own files") from None
-        raise MergeError(f"{folder / name}: cannot be opened ({exc.strerror})") from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
+    """A descriptor on ``folder/name``: a regular file (never a FIFO, socket or device; opened without blocking), no
+    symbolic link, one link only."""
+    fd = open_regular(name, str(folder / name), dir_fd=dir_fd, follow_symlinks=False,
+                      link_note="a combined folder holds its own files")
+    links = os.fstat(fd).st_nlink
+    if links != 1:
         os.close(fd)
-        raise MergeError(f"{folder / name} is not a regular file")
-    if info.st_nlink != 1:
-        os.close(fd)
-        raise MergeError(f"{folder / name} has {info.st_nlink} hard links; a combined folder's files must have one "
+        raise MergeError(f"{folder / name} has {links} hard links; a combined folder's files must have one "
                          "(a hard link can be another file's contents)")
     return fd
-
-
-def _read_fd(fd: int, size: int) -> bytes:
-    chunks, left = [], size
-    while left > 0:
-        chunk = os.read(fd, min(left, 1 << 24))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
 
 
 def _read(dir_fd: int, folder: Path, name: str, limit: int) -> bytes:
@@ -230,7 +205,7 @@ def _read(dir_fd: int, folder: Path, name: str, limit: int) -> bytes:
         size = os.fstat(fd).st_size
         if size > limit:
             raise MergeError(f"{folder / name} is {size} bytes, more than the {limit} such a file may have")
-        return _read_fd(fd, size)
+        return read_fd(fd, size)
     finally:
         os.close(fd)
 
@@ -266,7 +241,7 @@ def _check_external(folder: Path, tensors, data_size: int) -> None:
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     """SHA-256 of a file, read in 4 MiB chunks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_file(path) as f:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()

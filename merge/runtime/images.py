@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from merge.contract.names import PREPROCESSOR_CONFIG_FILE
+from merge.contract.reading import open_file
 from merge.errors import MergeError
 
 from .files import Files
@@ -225,17 +226,15 @@ def load_image(path: Path | str):
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
-    if not path.exists():
-        raise MergeError(f"image file not found: {path}")
-    if not path.is_file():
-        raise MergeError(f"{path} is not a file (expected an image)")
     try:
-        with warnings.catch_warnings():  # our own check below says it in one line, Pillow's warning would add one
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
-        with image:
-            check_decodable(image, str(path))
-            image.load()  # the pixels are in memory once the file closes
+        # a regular file only: a FIFO, socket or device is refused in one line, never waited on
+        with open_file(path, missing=f"image file not found: {path}") as f:
+            with warnings.catch_warnings():  # our own check below says it in one line, Pillow's would add one
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(f)
+            with image:
+                check_decodable(image, str(path))
+                image.load()  # the pixels are in memory once the file closes
         return image
     except UnidentifiedImageError as exc:
         raise MergeError(f"{path} is not an image Pillow can read") from exc

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from merge.contract.names import PREPROCESSOR_CONFIG_FILE, VIDEO_PREPROCESSOR_CONFIG_FILE
+from merge.contract.reading import open_file
 from merge.errors import MergeError
 
 from .files import Files
@@ -331,12 +332,9 @@ class VideoProcessor:
             import av
         except ImportError:  # pragma: no cover - av is a dependency
             raise MergeError("reading a video file needs PyAV: pip install av") from None
-        if not path.exists():
-            raise MergeError(f"video file not found: {path}")
-        if not path.is_file():
-            raise MergeError(f"{path} is not a file (expected a video, or a folder of frames)")
         try:
-            with av.open(str(path)) as container:
+            # a regular file only: a FIFO, socket or device is refused in one line, never waited on
+            with open_file(path, missing=f"video file not found: {path}") as f, av.open(f) as container:
                 if not container.streams.video:
                     raise MergeError(f"{path} has no video stream")
                 stream = container.streams.video[0]

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from merge.atomic import atomic_folder, cannot_write, make_parent
+from merge.contract.manifest import MAX_MANIFEST_BYTES
 from merge.contract.names import MANIFEST_FILE, TOOL_NAME
+from merge.contract.reading import load_json, read_regular
 from merge.errors import MergeError
 
 
@@ -45,9 +46,10 @@ def check_replaceable(out: Path) -> None:
     if not entries:
         return
     manifest = out / MANIFEST_FILE
-    try:
-        tool = json.loads(manifest.read_text(encoding="utf-8")).get("tool") if manifest.is_file() else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+    try:  # read as a regular file only: a FIFO there is refused, never waited on
+        data = load_json(read_regular(manifest, str(manifest), MAX_MANIFEST_BYTES), manifest)
+        tool = data.get("tool") if isinstance(data, dict) else None
+    except MergeError:
         tool = None
     if tool != TOOL_NAME:
         raise MergeError(f"{out} holds {len(entries)} entries and no {MANIFEST_FILE} of a previous build; --force "
