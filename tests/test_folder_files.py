@@ -211,3 +211,89 @@ def test_json_numbers_outside_json_are_one_line(name, text, expected, folder, ca
 def test_rope_parameters_of_the_wrong_type_are_one_line(change, expected, folder, capsys):
     _config(folder, lambda c: change(c["text_config"]))
     _one_line(*_in_process(["run", folder, *PROMPT], capsys), expected)
+
+
+# -- the chat template ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('{"eos_token": 5}', "eos_token = 5 is not a string"),
+    ('{"additional_special_tokens": 7}', "additional_special_tokens = 7 is not a list"),
+    ('{"chat_template": 12}', "chat_template = 12 is not a string"),
+])
+def test_tokenizer_config_of_the_wrong_type_is_one_line(text, expected, folder, capsys):
+    (folder / "tokenizer_config.json").write_text(text)
+    (folder / "chat_template.jinja").unlink()  # so that tokenizer_config.json's chat_template is the one read
+    _write_manifest_without(folder, "chat_template.jinja")
+    _one_line(*_in_process(["run", folder, *PROMPT], capsys), str(folder / "tokenizer_config.json"), expected)
+
+
+def _write_manifest_without(folder: Path, name: str) -> None:
+    manifest = json.loads((folder / "merge.json").read_text())
+    manifest["preprocessing_files"] = [n for n in manifest["preprocessing_files"] if n != name]
+    (folder / "merge.json").write_text(json.dumps(manifest))
+
+
+TEMPLATE_SECONDS = 15  # the bound is 2 s of rendering; this leaves room for the child's start on a loaded machine
+
+TEMPLATE_CASES = {
+    "raise_exception": ("{{ raise_exception('only user and assistant roles') }}",
+                        "the chat template refused the conversation: only user and assistant roles"),
+    "include": ("{% include 'other.jinja' %}", "includes 'other.jinja'; a chat template is one file"),
+    "import": ("{% from 'macros.jinja' import m %}{{ m() }}", "includes 'macros.jinja'"),
+    "sandbox": ("{{ messages.__class__.__mro__ }}", "the sandbox refuses"),
+    "undefined": ("{{ tools_in_use.names }}", "'tools_in_use' is undefined"),
+    "syntax": ("{% for %}", "does not compile"),
+    "string_1e11": ("{{ 'a' * 100000000000 }}", "100,000,000,000 characters"),
+    "list_1e11": ("{{ ([1] * 100000000000) | length }}", "100,000,000,000 items"),
+    "center_1e11": ("{{ 'a' | center(100000000000) }}", "100,000,000,000 characters"),
+    "method_1e11": ("{{ 'a'.ljust(100000000000) }}", "100,000,000,000 characters"),
+    "format_1e11": ("{{ '%100000000000d' | format(1) }}", "a width or precision of 100,000,000,000"),
+    "power": ("{{ 2 ** 10000000000 }}", "a number of 10,000,000,000 bits"),
+    "nested_ranges": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                      "took more than 2 s"),
+    "nested_lists": ("{% set r = range(100000) | list %}{% for i in r %}{% for j in r %}{% for k in r %}"
+                     "{% endfor %}{% endfor %}{% endfor %}", "took more than 2 s"),
+    "endless_output": ("{% for i in range(100000) %}{% for j in range(100000) %}{{ 'x' * 1000 }}{% endfor %}"
+                       "{% endfor %}", "output passes 16,777,216 characters"),
+    "doubling": ("{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
+                 "{{ ns.s | length }}", "characters"),
+    "printed_list": ("{% set s = 'x' * 10000000 %}{{ [s, s, s, s] }}", "builds text of 40,000,0"),
+    "tojson_indent": ("{{ messages | tojson(indent=100000000000) }}", "an indent of 100,000,000,000"),
+    "huge_source": ("{# a comment #}" + "x" * (1 << 18), "a chat template of 262,159 characters"),
+    "recursion": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recurses too deeply"),
+}
+
+
+@pytest.mark.parametrize("case", list(TEMPLATE_CASES))
+def test_hostile_chat_template_is_one_line(case, folder):
+    source, expected = TEMPLATE_CASES[case]
+    (folder / "chat_template.jinja").write_text(source)
+    rc, err, seconds = _child(["run", folder, *PROMPT])
+    _one_line(rc, err, f"{folder / 'chat_template.jinja'}", expected)
+    assert seconds < TEMPLATE_SECONDS, f"{seconds:.1f} s"
+
+
+def test_template_from_tokenizer_config_is_named(folder, capsys):
+    (folder / "chat_template.jinja").unlink()
+    _write_manifest_without(folder, "chat_template.jinja")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ raise_exception('no') }}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    _one_line(*_in_process(["run", folder, *PROMPT], capsys), f"{folder / 'tokenizer_config.json'}",
+              "refused the conversation: no")
+
+
+def test_the_folders_own_template_renders_as_before(combined):
+    """The bounds cost the real template nothing it does: same text, and far below the time bound."""
+    from merge.runtime.files import Files
+    from merge.runtime.text import TextTokenizer
+
+    tokenizer = TextTokenizer(Files(combined("tiny")))
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it? " * 2000}]},
+                {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "And now?"}]
+    start = time.perf_counter()
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert time.perf_counter() - start < 0.5
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<|vision_start|>")
+    assert text.endswith("<|im_start|>user\nAnd now?<|im_end|>\n<|im_start|>assistant\n")
