@@ -297,3 +297,32 @@ def test_the_folders_own_template_renders_as_before(combined):
     assert time.perf_counter() - start < 0.5
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<|vision_start|>")
     assert text.endswith("<|im_start|>user\nAnd now?<|im_end|>\n<|im_start|>assistant\n")
+
+
+# -- the folder's files agree with its model --------------------------------------------------------------------
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (lambda c: c["text_config"].update(num_key_value_heads=1),
+     "num_key_value_heads 1, but the model's past_key_values.0.key has 2 heads"),
+    (lambda c: c["text_config"].update(num_key_value_heads=4),
+     "num_key_value_heads 4, but the model's past_key_values.0.key has 2 heads"),
+    (lambda c: c["text_config"].update(num_hidden_layers=3), "num_hidden_layers 3, but the model has 4 layers"),
+    (lambda c: c.update(image_token_id=1003), "image_token_id 1003, but the model was built with 1004"),
+    (lambda c: c.update(video_token_id=1003), "video_token_id 1003, but the model was built with 1005"),
+])
+@pytest.mark.parametrize("command", ["run", "inspect", "verify"])
+def test_config_that_disagrees_with_the_model_is_one_line(command, change, expected, folder, tmp_path, capsys):
+    """Refused when the folder is opened: before PyTorch (verify), before a session (run), and in inspect's report."""
+    _config(folder, change)
+    argv = {"run": ["run", folder, *PROMPT], "inspect": ["inspect", folder],
+            "verify": ["verify", folder, "--reference", tmp_path / "none.npz"]}[command]
+    _one_line(*_in_process(argv, capsys), f"{folder / 'config.json'}", expected)
+
+
+def test_combined_model_refuses_a_config_that_disagrees(folder):
+    from merge.errors import MergeError
+    from merge.runtime import CombinedModel
+
+    _config(folder, lambda c: c["text_config"].update(num_key_value_heads=1))
+    with pytest.raises(MergeError, match="num_key_value_heads 1, but the model's"):
+        CombinedModel(folder)

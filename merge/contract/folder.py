@@ -9,6 +9,8 @@ hashing), before any file is used:
   socket or device is refused, and never waited on: :func:`merge.contract.reading.open_regular`), not a symbolic
   link (opened with ``O_NOFOLLOW``) and not a hard link to something elsewhere (one link only);
 - ``model.onnx`` and ``model.onnx.data`` have the sizes the manifest records;
+- ``config.json`` agrees with the model: layers, KV heads, vocabulary, patch width, vision token ids
+  (:mod:`merge.contract.agreement`);
 - every tensor of the model with external data names ``model.onnx.data`` (a plain name) and lies inside it:
   offset + length within the file, length equal to what its type and shape need.
 
@@ -29,10 +31,11 @@ from pathlib import Path
 
 from merge.errors import MergeError
 
+from .agreement import check_config_agrees
 from .config import ModelConfig
 from .manifest import MAX_MANIFEST_BYTES, Manifest
 from .names import CONFIG_FILE, DATA_FILE, MANIFEST_FILE, MODEL_FILE
-from .onnx_wire import WireError, model_tensors
+from .onnx_wire import WireError, model_interface, model_tensors
 from .reading import load_json, open_file, open_regular, read_fd
 
 MAX_SMALL_FILE_BYTES = 64 << 20  # tokenizer.json and friends are a few MB
@@ -121,6 +124,7 @@ class CombinedFolder:
             os.close(model_fd)
         try:
             tensors = model_tensors(model_bytes)
+            check_config_agrees(config, model_interface(model_bytes), manifest)  # KV heads, layers, token ids
         except WireError as exc:
             raise MergeError(f"{path / MODEL_FILE} is not a readable ONNX model ({exc})") from None
         external = [t for t in tensors if t.is_external]
