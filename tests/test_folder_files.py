@@ -307,6 +307,12 @@ def test_the_folders_own_template_renders_as_before(combined):
     (lambda c: c["text_config"].update(num_key_value_heads=4),
      "num_key_value_heads 4, but the model's past_key_values.0.key has 2 heads"),
     (lambda c: c["text_config"].update(num_hidden_layers=3), "num_hidden_layers 3, but the model has 4 layers"),
+    (lambda c: c["text_config"].update(head_dim=18, rope_parameters={**c["text_config"]["rope_parameters"],
+                                                                      "mrope_section": [3, 3, 3]}),
+     "head_dim 18, but the model's past_key_values.0.key has heads of 16"),
+    (lambda c: c["text_config"].update(vocab_size=2048), "vocab_size 2048, but the model's logits have 1024"),
+    (lambda c: c["vision_config"].update(patch_size=14),
+     "patches of 1176 values, but the model's pixel_values takes 1536"),
     (lambda c: c.update(image_token_id=1003), "image_token_id 1003, but the model was built with 1004"),
     (lambda c: c.update(video_token_id=1003), "video_token_id 1003, but the model was built with 1005"),
 ])
