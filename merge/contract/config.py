@@ -7,7 +7,6 @@ special token outside the vocabulary, vision features that cannot replace token 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 from merge.errors import MergeError
 
 from .names import CONFIG_FILE
+from .reading import load_json, read_regular
 from .vision import VisionSpec
 
 SUPPORTED_MODEL_TYPES = ("qwen3_vl",)
@@ -24,6 +24,7 @@ SUPPORTED_MODEL_TYPES = ("qwen3_vl",)
 MAX_VOCAB = 1 << 24
 MAX_HIDDEN = 1 << 16
 MAX_LAYERS = 1024
+MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KiB
 
 
 def _int(section: dict, key: str, where: str, *, low: int = 1, high: int | None = None, default: Any = None) -> int:
@@ -159,13 +160,9 @@ class ModelConfig:
     def from_folder(cls, folder: Path) -> ModelConfig:
         """``folder/config.json``, read and checked."""
         path = Path(folder) / CONFIG_FILE
-        if not path.is_file():
-            raise MergeError(f"{folder}: no {CONFIG_FILE}; a Hugging Face Qwen3-VL folder is expected")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise MergeError(f"{path}: not valid JSON ({exc})") from None
-        return cls.from_dict(raw, str(path))
+        data = read_regular(path, str(path), MAX_CONFIG_BYTES,
+                            missing=f"{folder}: no {CONFIG_FILE}; a Hugging Face Qwen3-VL folder is expected")
+        return cls.from_dict(load_json(data, path), str(path))
 
     @property
     def special_token_ids(self) -> dict[str, int]:

@@ -5,10 +5,13 @@ A combined folder is untrusted input (people download them), so :meth:`CombinedF
 hashing), before any file is used:
 
 - ``merge.json`` is there and well-formed (every field typed), and ``config.json`` is a Qwen3-VL config;
-- every file the manifest names is a plain name inside the folder (no path, no ``..``), a regular file, not a
-  symbolic link (opened with ``O_NOFOLLOW``), except in a Hugging Face hub snapshot a link to the same
-  repository's ``../../blobs/`` (hard links are accepted: a hard link is the file itself);
+- every file the manifest names is a plain name inside the folder (no path, no ``..``), a regular file (a FIFO,
+  socket or device is refused, and never waited on: :func:`merge.contract.reading.open_regular`), not a symbolic
+  link (opened with ``O_NOFOLLOW``), except in a Hugging Face hub snapshot a link to the same repository's
+  ``../../blobs/`` (hard links are accepted: a hard link is the file itself);
 - ``model.onnx`` and ``model.onnx.data`` have the sizes the manifest records;
+- ``config.json`` agrees with the model: layers, KV heads, vocabulary, patch width, vision token ids
+  (:mod:`merge.contract.agreement`);
 - every tensor of the model with external data names ``model.onnx.data`` (a plain name) and lies inside it:
   offset + length within the file, length equal to what its type and shape need.
 
@@ -23,7 +26,6 @@ naming the file, the tensor and the numbers that disagree.
 from __future__ import annotations
 
 import hashlib
-import json
 import mmap
 import os
 import stat
@@ -32,10 +34,12 @@ from pathlib import Path
 
 from merge.errors import MergeError
 
+from .agreement import check_config_agrees
 from .config import ModelConfig
 from .manifest import MAX_MANIFEST_BYTES, Manifest
 from .names import CONFIG_FILE, DATA_FILE, MANIFEST_FILE, MODEL_FILE, TOOL_NAME
-from .onnx_wire import WireError, model_tensors
+from .onnx_wire import WireError, model_interface, model_tensors
+from .reading import load_json, open_file, open_regular, read_fd
 
 MAX_SMALL_FILE_BYTES = 64 << 20  # tokenizer.json and friends are a few MB
 MAX_MODEL_BYTES = 2 << 30  # a protobuf cannot be larger; the weights live in the data file
@@ -96,10 +100,7 @@ class CombinedFolder:
         if MANIFEST_FILE not in names:
             raise MergeError(f"{path} is not a complete combined folder: no {MANIFEST_FILE} ({hint})")
         manifest_bytes = _read(dir_fd, path, MANIFEST_FILE, MAX_MANIFEST_BYTES)
-        try:
-            manifest_data = json.loads(manifest_bytes.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MergeError(f"{path / MANIFEST_FILE}: not valid JSON ({exc})") from None
+        manifest_data = load_json(manifest_bytes, path / MANIFEST_FILE)
         manifest = Manifest.from_json(manifest_data, str(path / MANIFEST_FILE))
         where = str(path / MANIFEST_FILE)
         listed = {_plain_name(n, where) for n in (*manifest.parts.values(), *manifest.preprocessing_files,
@@ -111,10 +112,7 @@ class CombinedFolder:
             raise MergeError(f"{path} is not a combined folder: no {CONFIG_FILE} ({hint})")
         files = {name: _read(dir_fd, path, name, MAX_SMALL_FILE_BYTES)
                  for name in sorted({CONFIG_FILE, *manifest.preprocessing_files})}
-        try:
-            config_data = json.loads(files[CONFIG_FILE].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MergeError(f"{path / CONFIG_FILE}: not valid JSON ({exc})") from None
+        config_data = load_json(files[CONFIG_FILE], path / CONFIG_FILE)
         config = ModelConfig.from_dict(config_data, str(path / CONFIG_FILE))
 
         model_fd = _open_regular(dir_fd, path, MODEL_FILE)
@@ -123,12 +121,13 @@ class CombinedFolder:
             _check_size(path, MODEL_FILE, model_size, manifest)
             if model_size > MAX_MODEL_BYTES:
                 raise MergeError(f"{path / MODEL_FILE} is {model_size} bytes, more than a protobuf can hold")
-            model_bytes = _read_fd(model_fd, model_size)
+            model_bytes = read_fd(model_fd, model_size)
             digest = hashlib.sha256(model_bytes).hexdigest() if check_checksums else None
         finally:
             os.close(model_fd)
         try:
             tensors = model_tensors(model_bytes)
+            check_config_agrees(config, model_interface(model_bytes), manifest)  # KV heads, layers, token ids
         except WireError as exc:
             raise MergeError(f"{path / MODEL_FILE} is not a readable ONNX model ({exc})") from None
         external = [t for t in tensors if t.is_external]
@@ -205,20 +204,22 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOCTTY
 
 
 def _open_regular(dir_fd: int, folder: Path, name: str) -> int:
-    """A descriptor on ``folder/name``: a regular file, no symbolic link, except a Hugging Face hub snapshot's link
-    to its own repository's blob (see :func:`_open_hub_blob`). Hard links are the file itself, wherever its other
-    names are (a backup made with ``cp -al`` or ``rsync --link-dest``), and are read as such."""
+    """A descriptor on ``folder/name``: a regular file (never a FIFO, socket or device; opened without blocking), no
+    symbolic link, except a Hugging Face hub snapshot's link to its own repository's blob (see
+    :func:`_open_hub_blob`). Hard links are the file itself, wherever its other names are (a backup made with
+    ``cp -al`` or ``rsync --link-dest``), and are read as such."""
     try:
-        fd = os.open(name, _OPEN_FLAGS, dir_fd=dir_fd)
+        is_link = stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
     except FileNotFoundError:
         raise MergeError(f"{folder / name}: no such file") from None
     except OSError as exc:
-        if os.path.islink(folder / name):
-            fd = _open_hub_blob(dir_fd, folder, name)
-        else:
-            raise MergeError(f"{folder / name}: cannot be opened ({exc.strerror})") from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
+        raise MergeError(f"{folder / name}: cannot be opened ({exc.strerror or exc})") from None
+    if not is_link:  # a link swapped in after this look is refused by O_NOFOLLOW, never followed
+        return open_regular(name, str(folder / name), dir_fd=dir_fd, follow_symlinks=False,
+                            link_note="a combined folder holds its own files (or is a Hugging Face hub snapshot "
+                                      f"whose links point into {HUB_BLOBS}/)")
+    fd = _open_hub_blob(dir_fd, folder, name)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise MergeError(f"{folder / name} is not a regular file")
     return fd
@@ -253,24 +254,13 @@ def _open_hub_blob(dir_fd: int, folder: Path, name: str) -> int:
         os.close(blobs_fd)
 
 
-def _read_fd(fd: int, size: int) -> bytes:
-    chunks, left = [], size
-    while left > 0:
-        chunk = os.read(fd, min(left, 1 << 24))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
 def _read(dir_fd: int, folder: Path, name: str, limit: int) -> bytes:
     fd = _open_regular(dir_fd, folder, name)
     try:
         size = os.fstat(fd).st_size
         if size > limit:
             raise MergeError(f"{folder / name} is {size} bytes, more than the {limit} such a file may have")
-        return _read_fd(fd, size)
+        return read_fd(fd, size)
     finally:
         os.close(fd)
 
@@ -306,7 +296,7 @@ def _check_external(folder: Path, tensors, data_size: int) -> None:
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     """SHA-256 of a file, read in 4 MiB chunks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_file(path) as f:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()

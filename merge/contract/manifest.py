@@ -21,6 +21,7 @@ from merge.errors import MergeError
 
 from .names import DATA_FILE, MANIFEST_FILE, MODEL_FILE, TOOL_NAME
 from .quant import PRECISIONS, VISION_PRECISIONS, QuantSpec
+from .reading import load_json, read_regular
 
 EMBEDDING_LAYOUTS = ("vocab_major", "hidden_major", "int4_blocks")
 MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a few KiB; a bigger file is not ours
@@ -92,16 +93,10 @@ class Manifest:
     def read(cls, folder: Path) -> Manifest:
         """``folder/merge.json``, parsed and checked (a missing or malformed file is a MergeError)."""
         path = Path(folder) / MANIFEST_FILE
-        if not path.is_file():
-            raise MergeError(f"{folder}: no {MANIFEST_FILE}; not a folder written by `python -m merge build` "
-                             "(or its build did not finish)")
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise MergeError(f"{path}: {path.stat().st_size} bytes, larger than any manifest ({MAX_MANIFEST_BYTES})")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise MergeError(f"{path}: not valid JSON ({exc})") from None
-        return cls.from_json(data, str(path))
+        data = read_regular(path, str(path), MAX_MANIFEST_BYTES,
+                            missing=f"{folder}: no {MANIFEST_FILE}; not a folder written by `python -m merge build` "
+                                    "(or its build did not finish)")
+        return cls.from_json(load_json(data, path), str(path))
 
     @classmethod
     def from_json(cls, data: Any, where: str = MANIFEST_FILE) -> Manifest:

@@ -237,3 +237,67 @@ def model_tensors(model: bytes | memoryview) -> list[TensorInfo]:
     if not found_graph:
         raise WireError("no graph in the model")
     return tensors
+
+
+# -- the model's interface and metadata (for checks against config.json) ---------------------------------------
+MODEL_METADATA = 14
+GRAPH_INPUT, GRAPH_OUTPUT = 11, 12
+VALUE_NAME, VALUE_TYPE = 1, 2
+TYPE_TENSOR, TENSOR_TYPE_SHAPE = 1, 2
+SHAPE_DIM, DIM_VALUE, DIM_PARAM = 1, 1, 2
+
+
+def _text(value: memoryview) -> str:
+    return bytes(value).decode("utf-8", "replace")
+
+
+def _shape(value_info: memoryview) -> tuple[str, list[int | str]]:
+    """(name, dims) of a ValueInfoProto: an int per fixed dimension, the name of a symbolic one ("" if neither)."""
+    name, dims = "", []
+    for number, wire, value in fields(value_info):
+        if number == VALUE_NAME and wire == 2:
+            name = _text(value)
+        elif number == VALUE_TYPE and wire == 2:
+            for t_number, t_wire, t_value in fields(value):
+                if t_number != TYPE_TENSOR or t_wire != 2:
+                    continue
+                for s_number, s_wire, s_value in fields(t_value):
+                    if s_number != TENSOR_TYPE_SHAPE or s_wire != 2:
+                        continue
+                    for d_number, d_wire, d_value in fields(s_value):
+                        if d_number != SHAPE_DIM or d_wire != 2:
+                            continue
+                        dim: int | str = ""
+                        for x_number, x_wire, x_value in fields(d_value):
+                            if x_number == DIM_VALUE and x_wire == 0:
+                                dim = _signed(x_value)
+                            elif x_number == DIM_PARAM and x_wire == 2:
+                                dim = _text(x_value)
+                        dims.append(dim)
+    return name, dims
+
+
+@dataclass
+class Interface:
+    """The main graph's inputs and outputs (name -> dims) and the model's metadata."""
+
+    inputs: dict[str, list[int | str]] = field(default_factory=dict)
+    outputs: dict[str, list[int | str]] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def model_interface(model: bytes | memoryview) -> Interface:
+    """The inputs, outputs and metadata of a serialized ModelProto; raises :class:`WireError`."""
+    found = Interface()
+    for number, wire, value in fields(memoryview(model)):
+        if wire != 2:
+            continue
+        if number == MODEL_METADATA:
+            entry = {k: _text(v) for k, w, v in fields(value) if w == 2}
+            found.metadata[entry.get(ENTRY_KEY, "")] = entry.get(ENTRY_VALUE, "")
+        elif number == MODEL_GRAPH:
+            for g_number, g_wire, g_value in fields(value):
+                if g_wire == 2 and g_number in (GRAPH_INPUT, GRAPH_OUTPUT):
+                    name, dims = _shape(g_value)
+                    (found.inputs if g_number == GRAPH_INPUT else found.outputs)[name] = dims
+    return found

@@ -4,10 +4,11 @@ folder's, read by path."""
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from merge.contract.reading import load_json, read_regular
 from merge.errors import MergeError
 
 if TYPE_CHECKING:
@@ -35,15 +36,9 @@ class Files:
         if self._held is not None:
             return self._held.get(name)
         path = self.folder / name
-        if not path.is_file():
+        if not os.path.lexists(path):
             return None
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise MergeError(f"{path} is {size} bytes, too large for a configuration file")
-        try:
-            return path.read_bytes()
-        except OSError as exc:
-            raise MergeError(f"{path} cannot be read ({exc.strerror or exc})") from None
+        return read_regular(path, str(path), MAX_FILE_BYTES)  # a FIFO, socket or device: refused, never waited on
 
     def text(self, name: str) -> str | None:
         data = self.read(name)
@@ -55,16 +50,11 @@ class Files:
             raise MergeError(f"{self.where(name)} is not UTF-8 text ({exc})") from None
 
     def json(self, name: str, required: bool = True) -> dict | None:
-        """A JSON object; a missing (when ``required``), malformed or non-object file is a MergeError."""
+        """A JSON object; a missing (when ``required``), malformed or non-object file is a MergeError (see
+        :func:`merge.contract.reading.load_json` for the bounds)."""
         text = self.text(name)
         if text is None:
             if required:
                 raise MergeError(f"{self.folder} has no {name}; it is not a combined (or checkpoint) folder")
             return None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise MergeError(f"{self.where(name)} is not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise MergeError(f"{self.where(name)}: expected a JSON object, found {type(data).__name__}")
-        return data
+        return load_json(text, self.where(name), want_object=True)  # nesting, NaN and huge numbers refused

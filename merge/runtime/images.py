@@ -12,6 +12,7 @@ orientation to its ``load_image``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from merge.contract.names import PREPROCESSOR_CONFIG_FILE
+from merge.contract.reading import open_file
 from merge.errors import MergeError
 
 from .files import Files
@@ -326,25 +328,23 @@ def load_image(source: Path | str | bytes | bytearray | memoryview):
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if isinstance(source, bytes | bytearray | memoryview):
-        name, stream = f"an image of {len(source):,} bytes", io.BytesIO(source)
+        name, opened = f"an image of {len(source):,} bytes", contextlib.nullcontext(io.BytesIO(source))
     else:
         path = Path(source)
-        if not path.exists():
-            raise MergeError(f"image file not found: {path}")
-        if not path.is_file():
-            raise MergeError(f"{path} is not a file (expected an image)")
-        name, stream = str(path), path
+        # a regular file only: a FIFO, socket or device is refused in one line, never waited on
+        name, opened = str(path), open_file(path, missing=f"image file not found: {path}")
     try:
-        with warnings.catch_warnings():  # our own check below says it in one line, Pillow's warning would add one
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(stream)
-        with image:
-            check_decodable(image, name)
-            image.load()  # the pixels are in memory once the file closes
-            with warnings.catch_warnings():  # corrupt EXIF: Pillow reads what it can (as for transformers) and
-                warnings.simplefilter("ignore", UserWarning)  # warns on many lines; the photo is used all the same
-                if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
-                    image = ImageOps.exif_transpose(image)
+        with opened as stream:
+            with warnings.catch_warnings():  # our own check below says it in one line, Pillow's would add one
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(stream)
+            with image:
+                check_decodable(image, name)
+                image.load()  # the pixels are in memory once the file closes
+                with warnings.catch_warnings():  # corrupt EXIF: Pillow reads what it can (as for transformers)
+                    warnings.simplefilter("ignore", UserWarning)  # and warns on many lines; the photo is used
+                    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                        image = ImageOps.exif_transpose(image)
         return image
     except UnidentifiedImageError as exc:
         raise MergeError(f"{name} is not an image Pillow can read") from exc

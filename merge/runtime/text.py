@@ -2,64 +2,55 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from merge.contract.names import CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_JSON_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from merge.errors import MergeError
 
+from .chat_template import ChatTemplate
 from .files import Files
 
 
-def _token_content(value: Any) -> str | None:
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _token_content(value: Any, key: str, where: Path) -> str | None:
     """A special token as tokenizer_config.json spells it: a string or an AddedToken dictionary."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise MergeError(f"{where}: {key} = {_shown(value)} is not a string or an AddedToken object")
 
 
-def _chat_template(files: Files, tokenizer_config: dict) -> str:
-    """``chat_template.jinja``, else tokenizer_config.json's ``chat_template``, else ``chat_template.json``."""
+def _chat_template(files: Files, tokenizer_config: dict) -> tuple[str, Path]:
+    """(source, the file it came from): ``chat_template.jinja``, else tokenizer_config.json's ``chat_template``,
+    else ``chat_template.json``'s."""
     jinja = files.text(CHAT_TEMPLATE_FILE)
     if jinja is not None:
-        return jinja
+        return jinja, files.where(CHAT_TEMPLATE_FILE)
+    where = files.where(TOKENIZER_CONFIG_FILE)
     template = tokenizer_config.get("chat_template")
     if template is None:
+        where = files.where(CHAT_TEMPLATE_JSON_FILE)
         template = (files.json(CHAT_TEMPLATE_JSON_FILE, required=False) or {}).get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    if not isinstance(template, str):
+        if not all(isinstance(t, dict) for t in template):
+            raise MergeError(f"{where}: chat_template is a list, but not of {{name, template}} objects")
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        if template is None:
+            raise MergeError(f"{where}: chat_template names no template \"default\"")
+    if template is None:
         raise MergeError(
             f"{files.folder} has no chat template ({CHAT_TEMPLATE_FILE}, or chat_template in {TOKENIZER_CONFIG_FILE})"
         )
-    return template
-
-
-def compile_chat_template(source: str):
-    """The template compiled the way transformers compiles chat templates: a sandboxed jinja2 environment with
-    ``trim_blocks``, ``lstrip_blocks``, loop controls, a ``tojson`` that does not escape HTML, ``raise_exception``
-    and ``strftime_now``."""
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as exc:
-        raise MergeError(f"the chat template does not compile: {exc}") from exc
+    if not isinstance(template, str):
+        raise MergeError(f"{where}: chat_template = {_shown(template)} is not a string")
+    return template, where
 
 
 class TextTokenizer:
@@ -83,13 +74,15 @@ class TextTokenizer:
             raise MergeError(f"{files.where(TOKENIZER_FILE)} is not a tokenizer the tokenizers library can load "
                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
         config = files.json(TOKENIZER_CONFIG_FILE, required=False) or {}
-        self.special_tokens = {
-            name: _token_content(config.get(name))
-            for name in ("bos_token", "eos_token", "pad_token", "unk_token")
-            if _token_content(config.get(name)) is not None
-        }
-        self.additional_special_tokens = [_token_content(t) for t in config.get("additional_special_tokens") or []]
-        self.template = compile_chat_template(_chat_template(files, config))
+        where = files.where(TOKENIZER_CONFIG_FILE)
+        tokens = {name: _token_content(config.get(name), name, where)
+                  for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        self.special_tokens = {name: token for name, token in tokens.items() if token is not None}
+        additional = config.get("additional_special_tokens") or []
+        if not isinstance(additional, list):
+            raise MergeError(f"{where}: additional_special_tokens = {_shown(additional)} is not a list")
+        self.additional_special_tokens = [_token_content(t, "additional_special_tokens", where) for t in additional]
+        self.template = ChatTemplate(*_chat_template(files, config))  # compiled, rendered within bounds
 
     def convert_tokens_to_ids(self, token: str) -> int | None:
         return self.backend.token_to_id(token)

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from merge.contract.names import PREPROCESSOR_CONFIG_FILE, VIDEO_PREPROCESSOR_CONFIG_FILE
+from merge.contract.reading import open_file
 from merge.errors import MergeError
 
 from .files import Files
@@ -345,10 +346,6 @@ class VideoProcessor:
             import av
         except ImportError:  # pragma: no cover - av is a dependency
             raise MergeError("reading a video file needs PyAV: pip install av") from None
-        if not path.exists():
-            raise MergeError(f"video file not found: {path}")
-        if not path.is_file():
-            raise MergeError(f"{path} is not a file (expected a video, or a folder of frames)")
         try:
             total, rate = _frames_and_rate(path)
             indices = self.indices(total, rate)
@@ -381,7 +378,7 @@ class VideoProcessor:
         kept: dict[int, np.ndarray] = {}
         resize = None
         count = 0
-        with av.open(str(path)) as container:
+        with open_file(path, missing=f"video file not found: {path}") as f, av.open(f) as container:
             for frame in container.decode(container.streams.video[0]):
                 if count > indices[-1]:
                     break
@@ -448,7 +445,7 @@ def _frames_and_rate(path: Path) -> tuple[int, float]:
     """
     import av
 
-    with av.open(str(path)) as container:
+    with open_file(path, missing=f"video file not found: {path}") as f, av.open(f) as container:
         if not container.streams.video:
             raise MergeError(f"{path} has no video stream")
         stream = container.streams.video[0]

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from merge.contract.reading import load_json, open_file, read_regular
 from merge.errors import MergeError
 
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 << 20  # the format's own limit
+MAX_INDEX_BYTES = 64 << 20  # an index names each tensor once: a few MB for the largest models
 DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
     "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
@@ -41,8 +44,8 @@ class _Entry:
 def read_header(path: Path) -> dict[str, _Entry]:
     """The tensors of one safetensors file, checked against the file's size."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_file(path) as f:  # a regular file only: a FIFO, socket or device is refused, never waited on
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise MergeError(f"{path}: {size} bytes, too short for a safetensors file")
@@ -51,7 +54,7 @@ def read_header(path: Path) -> dict[str, _Entry]:
                 raise MergeError(f"{path}: header length {length} does not fit the file ({size} bytes): "
                                  "corrupt or truncated safetensors")
             header = json.loads(f.read(length).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, 4300+ digits
         raise MergeError(f"{path}: the safetensors header is not valid JSON ({exc})") from None
     except OSError as exc:
         raise MergeError(f"{path}: cannot be read ({exc.strerror or exc})") from None
@@ -94,10 +97,11 @@ class Checkpoint:
         self.folder = Path(folder)
         index = self.folder / INDEX_FILE
         if index.is_file():
+            data = load_json(read_regular(index, str(index), MAX_INDEX_BYTES), index)
             try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                weight_map = data["weight_map"]
                 files = sorted(set(weight_map.values()))
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            except (KeyError, TypeError, AttributeError):
                 raise MergeError(f"{index}: not a safetensors index (no weight_map)") from None
             for name in files:
                 if not isinstance(name, str) or Path(name).name != name or not (self.folder / name).is_file():
@@ -140,7 +144,7 @@ class Checkpoint:
         entry = self._require(name)
         dtype = DTYPES[entry.dtype]
         raw = np.empty(entry.shape, dtype)
-        with open(entry.file, "rb") as f:
+        with open_file(entry.file) as f:
             f.seek(entry.begin)
             got = f.readinto(memoryview(raw.reshape(-1)).cast("B"))
         if got != entry.end - entry.begin:

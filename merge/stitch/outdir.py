@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -27,6 +26,7 @@ from pathlib import Path
 from merge.atomic import atomic_folder, cannot_write, leftover_kind, make_parent
 from merge.contract.manifest import MAX_MANIFEST_BYTES
 from merge.contract.names import MANIFEST_FILE, TOOL_NAME
+from merge.contract.reading import load_json, read_regular
 from merge.errors import MergeError
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,9 @@ def _refuse_mount_point(out: Path) -> None:
 def _written_by_a_build(out: Path) -> set[str] | None:
     """The names ``out``'s ``merge.json`` says a build wrote (itself included), or None when it has none of ours."""
     manifest = out / MANIFEST_FILE
-    try:
-        info = os.lstat(manifest)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_MANIFEST_BYTES:
-            return None
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    try:  # read as a regular file only: a FIFO there is refused, never waited on
+        data = load_json(read_regular(manifest, str(manifest), MAX_MANIFEST_BYTES), manifest)
+    except MergeError:
         return None
     if not isinstance(data, dict) or data.get("tool") != TOOL_NAME:
         return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from merge.contract.config import ModelConfig
 from merge.contract.folder import CombinedFolder
 from merge.contract.manifest import Manifest
 from merge.contract.names import MERGED_INPUTS_EMBEDS, MERGED_POSITION_IDS, VISION_DEEPSTACK_EMBEDS, VISION_IMAGE_EMBEDS
+from merge.contract.reading import open_file
 from merge.errors import MergeError
 from merge.space import nearest_existing
 
@@ -159,16 +161,18 @@ def save_reference(path: Path, inputs: dict[str, np.ndarray], ref: dict[str, np.
 def load_reference(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
     """(inputs, reference, precision) from a file written by ``--save-reference``; read without pickle."""
     path = Path(path)
-    if not path.is_file():
-        raise MergeError(f"--reference {path}: no such file")
-    if path.stat().st_size > MAX_REFERENCE_BYTES:
-        raise MergeError(f"--reference {path}: {path.stat().st_size} bytes, larger than any verify reference")
-    _check_arrays(path)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (ValueError, OSError, EOFError) as exc:  # not a zip, a pickled array, a truncated file
-        raise MergeError(f"--reference {path}: not a verify reference file ({exc})") from None
+    # a regular file only: a FIFO, socket or device is refused in one line, never waited on
+    with open_file(path, f"--reference {path}") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_REFERENCE_BYTES:
+            raise MergeError(f"--reference {path}: {size} bytes, larger than any verify reference")
+        _check_arrays(path, f)
+        f.seek(0)
+        try:
+            with np.load(f, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except (ValueError, OSError, EOFError) as exc:  # not a zip, a pickled array, a truncated file
+            raise MergeError(f"--reference {path}: not a verify reference file ({exc})") from None
     inputs = {k[6:]: v for k, v in arrays.items() if k.startswith("input/")}
     ref = {k[4:]: v for k, v in arrays.items() if k.startswith("ref/")}
     if "pixel_values" in inputs and not all(k in inputs for k in VIDEO_KEYS):
@@ -196,7 +200,7 @@ def load_reference(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndar
     return inputs, ref, str(arrays["precision"])
 
 
-def _check_arrays(path: Path) -> None:
+def _check_arrays(path: Path, source) -> None:
     """Each array's .npy header inside the zip against the member's unpacked size, and their sum against a bound,
     before anything is unpacked: numpy allocates what a header claims (10**10 elements) before reading a byte."""
     import math
@@ -208,7 +212,7 @@ def _check_arrays(path: Path) -> None:
         return MergeError(f"--reference {path}: not a verify reference file ({why})")
 
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(source) as archive:
             members = archive.infolist()
             total = sum(m.file_size for m in members)
             if total > MAX_REFERENCE_ARRAY_BYTES:
