@@ -386,7 +386,9 @@ def test_video_config_values_are_typed(config, key):
 
 @pytest.mark.parametrize("video", [False, True])
 def test_config_error_names_the_folder_file(video, sources, tmp_path):
-    """Read from a folder, the refusal names the file in it (a NaN written as JSON's nonstandard NaN literal)."""
+    """Read from a folder, the refusal names the file in it (a NaN written as JSON's nonstandard NaN literal, which
+    the folder's JSON reader refuses before the typed parse sees image_std; the typed parse's own NaN check is
+    tested on values given directly)."""
     folder = tmp_path / "folder"
     shutil.copytree(sources("tiny").folder, folder)
     name = "video_preprocessor_config.json" if video else "preprocessor_config.json"
@@ -395,7 +397,7 @@ def test_config_error_names_the_folder_file(video, sources, tmp_path):
     (folder / name).write_text(json.dumps(config))
     with pytest.raises(MergeError) as error:
         (VideoProcessor if video else ImageProcessor).from_folder(folder)
-    _one_line_naming(error, str(folder / name), "image_std")
+    _one_line_naming(error, str(folder / name), "NaN")
 
 
 def test_video_config_falling_back_on_the_image_config_names_that_file(sources, tmp_path):
