@@ -39,7 +39,7 @@ from .config import ModelConfig
 from .manifest import MAX_MANIFEST_BYTES, Manifest
 from .names import CONFIG_FILE, DATA_FILE, MANIFEST_FILE, MODEL_FILE, TOOL_NAME
 from .onnx_wire import WireError, model_interface, model_tensors
-from .reading import load_json, open_file, open_regular, read_fd
+from .reading import load_json, open_file, open_regular, read_and_close, read_fd
 
 MAX_SMALL_FILE_BYTES = 64 << 20  # tokenizer.json and friends are a few MB
 MAX_MODEL_BYTES = 2 << 30  # a protobuf cannot be larger; the weights live in the data file
@@ -255,14 +255,7 @@ def _open_hub_blob(dir_fd: int, folder: Path, name: str) -> int:
 
 
 def _read(dir_fd: int, folder: Path, name: str, limit: int) -> bytes:
-    fd = _open_regular(dir_fd, folder, name)
-    try:
-        size = os.fstat(fd).st_size
-        if size > limit:
-            raise MergeError(f"{folder / name} is {size} bytes, more than the {limit} such a file may have")
-        return read_fd(fd, size)
-    finally:
-        os.close(fd)
+    return read_and_close(_open_regular(dir_fd, folder, name), str(folder / name), limit)
 
 
 def _check_size(folder: Path, name: str, size: int, manifest: Manifest) -> None:

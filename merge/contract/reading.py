@@ -119,6 +119,11 @@ def read_regular(path: str | os.PathLike, label: str, limit: int, *, dir_fd: int
     """The bytes of a regular file (see :func:`open_regular`) of at most ``limit`` bytes."""
     fd = open_regular(path, label, dir_fd=dir_fd, follow_symlinks=follow_symlinks, missing=missing,
                       link_note=link_note)
+    return read_and_close(fd, label, limit)
+
+
+def read_and_close(fd: int, label: str, limit: int) -> bytes:
+    """All of an open regular file's bytes, refused past ``limit`` (before any is read); ``fd`` is closed."""
     try:
         size = os.fstat(fd).st_size
         if size > limit:
