@@ -93,13 +93,17 @@ def leftover_kind(path: Path, final_name: str) -> str | None:
 
 
 @contextlib.contextmanager
-def atomic_folder(final: Path, *, kind: str = "partial") -> Iterator[Path]:
+def atomic_folder(final: Path, *, kind: str = "partial", carry: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield a staging folder beside ``final`` (see :func:`make_staging`; it holds only its marker).
 
     When the block ends normally the marker goes and the staging folder takes ``final``'s place (an existing
     ``final`` is moved aside into an ``old`` staging folder first and removed after the swap); when it raises, the
     staging folder is removed and ``final`` is left exactly as it was. A swap the system refuses is one sentence
     naming where the finished folder lies.
+
+    ``carry`` names entries of the existing ``final`` that move into the new folder: after the staging marker is
+    gone (so no clean-up can take the folder holding them for a build's leftover) and before the swap; they go
+    back into ``final`` if the swap fails. A carried name the new folder holds too stops before anything moves.
     """
     final = Path(final)
     make_parent(final)
@@ -109,9 +113,18 @@ def atomic_folder(final: Path, *, kind: str = "partial") -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    clash = sorted(name for name in carry if os.path.lexists(stage / name))
+    if clash:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise WriteError(f"cannot keep {', '.join(clash)} of {final}: the new build writes a file of that name; move "
+                         f"{'it' if len(clash) == 1 else 'them'} out of the folder and build again")
     old = None
+    carried: list[str] = []
     try:
         (stage / STAGING_MARKER).unlink()  # from here on no clean-up takes the finished folder for a leftover
+        for name in carry:
+            os.replace(final / name, stage / name)
+            carried.append(name)
         if final.exists():
             old = make_staging(final, "old")
             os.replace(final, old / final.name)
@@ -119,6 +132,9 @@ def atomic_folder(final: Path, *, kind: str = "partial") -> Iterator[Path]:
     except OSError as exc:
         if old is not None and (old / final.name).exists() and not final.exists():
             os.replace(old / final.name, final)  # the previous folder back in its place
+        for name in carried:
+            with contextlib.suppress(OSError):
+                os.replace(stage / name, final / name)
         raise WriteError(f"cannot put {final} in place ({exc.strerror or exc}); the finished folder is {stage}: "
                          f"move it there yourself") from None
     if old is not None:

@@ -2,7 +2,9 @@
 ``--check-checksums`` covers every file the folder's preprocessing reads.
 
 - a user's ``NOTES.md`` and ``results/`` in a built folder stop ``--force`` with one line naming them (nothing is
-  deleted); moved out, the same ``--force`` goes ahead;
+  deleted); moved out, the same ``--force`` goes ahead; ``--others keep`` carries them into the new folder as they
+  were, ``--others discard`` lets them go with the old one; a kept name the new build writes stops it, the old
+  folder untouched;
 - staging folders and lock files a build did not make (no build's marker inside) are never removed, whatever
   ``--out`` is called (``o?``, ``o[1]``: no glob on a user's name); those a killed build left are;
 - a mount point as ``--out`` is refused before any work (a subfolder of it builds);
@@ -84,6 +86,55 @@ def test_force_refuses_a_folder_where_a_build_wrote_a_file(combined, tmp_path, c
     assert cli_main(["build", "--out", str(out), "--force"]) == 2
     assert "merges.txt/" in _one_error_line(capsys)
     assert (out / "merges.txt" / "mine").read_text() == "x"
+
+
+def test_force_keeps_others_when_asked(combined, tmp_path, capsys):
+    out = _built(combined, tmp_path / "out")
+    (out / "model.onnx.data").write_bytes(b"stale")  # a build's own file: replaced
+    (out / "NOTES.md").write_text("my notes\n")
+    (out / "results").mkdir()
+    (out / "results" / "run1.txt").write_text("42\n")
+    (out / "link").symlink_to("NOTES.md")
+    assert cli_main(["build", "--out", str(out), "--force", "--others", "keep"]) == 0
+    assert (out / "NOTES.md").read_text() == "my notes\n" and (out / "results" / "run1.txt").read_text() == "42\n"
+    assert os.readlink(out / "link") == "NOTES.md"
+    assert (out / "model.onnx.data").stat().st_size > 100  # the new build's file, not the stale one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder, no lock left beside it
+    manifest = json.loads((out / "merge.json").read_text())
+    assert "NOTES.md" not in manifest["checksums"]  # still the user's: the next --force asks again
+    capsys.readouterr()
+    assert cli_main(["build", "--out", str(out), "--force"]) == 2
+    assert "NOTES.md" in _one_error_line(capsys)
+    assert cli_main(["run", str(out), *PROMPT]) == 0
+
+
+def test_force_discards_others_when_asked(combined, tmp_path):
+    out = _built(combined, tmp_path / "out")
+    (out / "NOTES.md").write_text("my notes\n")
+    (out / "results").mkdir()
+    assert cli_main(["build", "--out", str(out), "--force", "--others", "discard"]) == 0
+    assert not (out / "NOTES.md").exists() and not (out / "results").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_keeping_a_name_the_build_writes_stops_it_and_loses_nothing(combined, tmp_path, capsys):
+    out = _built(combined, tmp_path / "out")
+    (out / "tokenizer.json").unlink()
+    (out / "tokenizer.json").mkdir()  # the user's folder under a name the build writes
+    (out / "tokenizer.json" / "mine").write_text("x")
+    before = _tree(tmp_path)
+    assert cli_main(["build", "--out", str(out), "--force", "--others", "keep"]) == 2
+    line = _one_error_line(capsys)
+    assert "tokenizer.json" in line and "writes a file of that name" in line
+    assert _tree(tmp_path) == before
+
+
+def test_others_needs_force(combined, tmp_path, capsys):
+    out = _built(combined, tmp_path / "out")
+    before = _tree(tmp_path)
+    assert cli_main(["build", "--out", str(out), "--others", "keep"]) == 2
+    assert "--force" in _one_error_line(capsys)
+    assert _tree(tmp_path) == before
 
 
 # -- leftovers: only what a build made ---------------------------------------------------------------------------

@@ -25,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
     quant = quant_spec_for(args.precision, args.block_size)
     source = resolve_model(args.model, args.cache_dir)
     print(f"model: {source.spec} ({source.folder})")
-    result = build(source, Path(args.out), quant=quant, vision_precision=args.vision_precision, force=args.force)
+    result = build(source, Path(args.out), quant=quant, vision_precision=args.vision_precision, force=args.force,
+                   others=args.others)
     print(f"wrote {result.out}/ in {result.seconds:.1f} s (peak memory: build {result.peak_rss_gib:.2f} GiB, "
           f"session check {result.check_peak_rss_gib:.2f} GiB)")
     for part, path in result.parts.items():
@@ -47,6 +48,9 @@ def add_parser(subparsers) -> None:
                         "CPU's AMX / VNNI int8 units; verify reports its error)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing --out folder a build wrote, when the build succeeds (refused, naming "
-                        "them, if it holds files no build wrote)")
+                        "them, if it holds files no build wrote, unless --others says what to do with them)")
+    p.add_argument("--others", default=None, choices=("keep", "discard"),
+                   help="with --force: keep the entries no build wrote (moved into the new folder) or discard them "
+                        "(deleted with the old folder); default: refuse, naming them")
     p.add_argument("--cache-dir", type=Path, default=None, help="where presets are built (default ~/.cache)")
     p.set_defaults(func=run)

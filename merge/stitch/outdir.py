@@ -3,7 +3,8 @@ takes the place of anything the build did not write.
 
 - ``--force`` replaces only an empty folder or one a previous build wrote: every entry in it is a file its
   ``merge.json`` lists (anything else, a user's ``NOTES.md`` or ``results/``, stops the build with one line naming
-  it, before any work); never ``/``, the home folder, the current folder or a folder that holds one of them, and
+  it, before any work, unless ``--others keep`` moves it into the new folder or ``--others discard`` lets it go
+  with the old one); never ``/``, the home folder, the current folder or a folder that holds one of them, and
   never a mount point (a new folder cannot be renamed over one: build into a folder on it);
 - a build holds a lock beside ``--out`` (``.NAME.lock``, which it made and marked, removed when it ends): a second
   build into the same folder stops at once; a ``.NAME.lock`` without the mark is not taken (nor removed);
@@ -76,8 +77,12 @@ def _written_by_a_build(out: Path) -> set[str] | None:
     return names
 
 
-def check_replaceable(out: Path) -> None:
-    """Refuse to replace what a build did not write (see the module docstring)."""
+OTHERS = ("keep", "discard")  # what --force may do with entries no build wrote (default: refuse)
+
+
+def check_replaceable(out: Path, others: str | None = None) -> tuple[str, ...]:
+    """Refuse to replace what a build did not write (see the module docstring); with ``others`` the entries no
+    build wrote are returned instead (names in ``out``)."""
     protected = {Path("/"), Path.home().resolve(), Path.cwd().resolve()}
     for place in protected:
         if _is_same_or_inside(out, place):
@@ -87,7 +92,7 @@ def check_replaceable(out: Path) -> None:
     _refuse_mount_point(out)
     entries = sorted(out.iterdir())
     if not entries:
-        return
+        return ()
     written = _written_by_a_build(out)
     if written is None:
         raise MergeError(f"{out} holds {len(entries)} entries and no {MANIFEST_FILE} of a previous build; --force "
@@ -96,13 +101,16 @@ def check_replaceable(out: Path) -> None:
     for entry in entries:
         mode = entry.lstat().st_mode
         if entry.name not in written or not stat.S_ISREG(mode):  # a build writes files, never folders or links
-            strays.append(entry.name + ("/" if stat.S_ISDIR(mode) else ""))
-    if strays:
-        named = ", ".join(strays[:MAX_NAMED]) + (f" and {len(strays) - MAX_NAMED} more" if len(strays) > MAX_NAMED
-                                                   else "")
+            strays.append(entry)
+    if strays and others is None:
+        shown = [e.name + ("/" if e.is_dir() and not e.is_symlink() else "") for e in strays]
+        named = ", ".join(shown[:MAX_NAMED]) + (f" and {len(shown) - MAX_NAMED} more" if len(shown) > MAX_NAMED
+                                                else "")
         it = "it" if len(strays) == 1 else "them"
-        raise MergeError(f"{out} holds {named}, which no build wrote; --force replaces only a build's own files, "
-                         f"so move {it} out of the folder (or delete {it}) and build again")
+        raise MergeError(f"{out} holds {named}, which no build wrote; --force replaces only a build's own files: "
+                         f"move {it} out of the folder, or pass --others keep (into the new folder) or --others "
+                         f"discard (deleted with the old one)")
+    return tuple(e.name for e in strays)
 
 
 def _open_lock(lock_path: Path, out: Path) -> int:
@@ -188,13 +196,19 @@ def remove_leftovers(out: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def staged_output(out: Path, force: bool) -> Iterator[Path]:
+def staged_output(out: Path, force: bool, others: str | None = None) -> Iterator[Path]:
     """Yield a staging folder beside ``out``; on success it replaces ``out``, on failure it is removed.
 
     ``out`` is checked before any work starts: an existing folder is refused unless ``force`` and replaceable.
-    With ``force`` the old folder stays in place until the new one is complete.
+    With ``force`` the old folder stays in place until the new one is complete; ``others`` (``keep`` or
+    ``discard``) says what becomes of entries in it that no build wrote.
     """
     out = Path(out).absolute()
+    if others is not None and others not in OTHERS:
+        raise MergeError(f"--others {others!r}: expected one of {', '.join(OTHERS)}")
+    if others is not None and not force:
+        raise MergeError(f"--others {others} applies to a folder --force replaces; pass --force too")
+    strays: tuple[str, ...] = ()
     if out.exists() or out.is_symlink():
         if not force:
             if out.is_dir() and not out.is_symlink():
@@ -202,6 +216,9 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
             raise MergeError(f"{out} already exists; pass --force to replace it")
         if out.is_symlink():
             raise MergeError(f"{out} is a symbolic link; a build never replaces it")
-        check_replaceable(out.resolve())
-    with build_lock(out), atomic_folder(out) as stage:
+        strays = check_replaceable(out.resolve(), others)
+        if strays:
+            log.warning("%s %d entr%s no build wrote in %s: %s", "keeping" if others == "keep" else "discarding",
+                        len(strays), "y" if len(strays) == 1 else "ies", out, ", ".join(strays))
+    with build_lock(out), atomic_folder(out, carry=strays if others == "keep" else ()) as stage:
         yield stage

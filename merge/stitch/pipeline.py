@@ -56,12 +56,12 @@ def peak_rss_gib() -> float:
 
 
 def build(source: ModelSource, out: Path, *, quant: QuantSpec | None = None, vision_precision: str = "fp32",
-          force: bool = False) -> BuildResult:
+          force: bool = False, others: str | None = None) -> BuildResult:
     """Build ``out``: one ``model.onnx`` (+ ``model.onnx.data``), preprocessing files and ``merge.json``."""
     start = time.perf_counter()
     result = BuildResult(out=Path(out))
     checkpoint = Checkpoint(source.folder)  # every shard's header checked against its file before any work
-    with staged_output(out, force) as stage:
+    with staged_output(out, force, others) as stage:
         log.info("decoder and parts: decoder and vision graphs from %s, embedding merge, rope index", source.folder)
         decoder = write_decoder(checkpoint, source.config)
         parts = make_parts(source, checkpoint)
