@@ -103,6 +103,21 @@ def test_fifo_in_the_folder_is_one_line(name, command, folder, tmp_path):
     _one_line(rc, err, f"{path} is a named pipe (FIFO), not a regular file")
 
 
+@pytest.mark.parametrize(("name", "command"), [("generation_config.json", "verify"), ("special.json", "build")])
+def test_fifo_in_the_model_folder_is_one_line(name, command, sources, combined, tmp_path):
+    """``--model FOLDER``: libraries that open the folder themselves (transformers reads a generation config
+    when it finds one) never meet a FIFO: the folder is refused first, naming the entry."""
+    model = tmp_path / "model"
+    shutil.copytree(sources("tiny").folder, model)
+    (model / name).unlink(missing_ok=True)
+    os.mkfifo(model / name)
+    argv = {"verify": ["verify", combined("tiny"), "--model", model, "--max-new-tokens", "1"],
+            "build": ["build", "--model", model, "--out", tmp_path / "out"]}[command]
+    rc, err, _ = _child(argv)
+    _one_line(rc, err, f"--model {model}: {name} is a named pipe (FIFO), not a regular file")
+    assert not (tmp_path / "out").exists()
+
+
 def test_socket_in_the_folder_is_one_line(folder):
     path = folder / "tokenizer_config.json"
     path.unlink()

@@ -102,6 +102,25 @@ def open_regular(path: str | os.PathLike, label: str, *, dir_fd: int | None = No
     return fd
 
 
+def refuse_special_files(folder: Path, label: str) -> None:
+    """Refuse a folder whose entries (symbolic links followed) include a named pipe, socket or device: libraries
+    that open a model folder themselves (transformers' ``from_pretrained`` reads any ``generation_config.json`` or
+    tokenizer file it finds) would block on a FIFO forever. Folders and regular files pass; so does a dangling
+    link (the loader then says which file is missing)."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        raise MergeError(f"{label}: cannot be listed ({exc.strerror or exc})") from None
+    for entry in entries:
+        try:
+            mode = os.stat(entry.path).st_mode
+        except OSError:
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise MergeError(f"{label}: {entry.name} is {file_kind(mode)}, not a regular file; a model folder holds "
+                             "files only")
+
+
 def read_fd(fd: int, size: int) -> bytes:
     """Up to ``size`` bytes from ``fd`` (fewer if the file ends first)."""
     chunks, left = [], size

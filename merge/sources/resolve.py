@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from merge.contract.config import ModelConfig
+from merge.contract.reading import refuse_special_files
 from merge.errors import MergeError
 from merge.presets.shapes import PRESETS
 
@@ -37,6 +38,7 @@ def resolve_model(spec: str | None = None, cache_dir: Path | None = None) -> Mod
         raise MergeError(
             f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}), an existing folder, nor a hub id"
         )
+    refuse_special_files(folder, f"--model {spec}")  # before any library opens the folder's files itself
     return ModelSource(spec=spec, folder=folder, config=ModelConfig.from_folder(folder))
 
 
