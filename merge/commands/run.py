@@ -42,11 +42,17 @@ def run(args: argparse.Namespace) -> int:
     """
     from merge.runtime.images import load_image
     from merge.runtime.model import CombinedModel, check_threads
+    from merge.runtime.sampling import Sampling, check_stop
 
     folder = Path(args.combined)
     if args.max_new_tokens < 1:
         raise MergeError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     check_threads(args.threads, "--threads")
+    try:
+        sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+        stop = check_stop(args.stop)
+    except MergeError as exc:
+        raise MergeError(f"--{str(exc).replace('_', '-')}") from None
     prompts = list(args.prompt)
     images = [[load_image(path) for path in paths] for paths in _assign_images(args.image or [], len(prompts))]
     videos = _assign_images(args.video or [], len(prompts), "--video")
@@ -72,11 +78,12 @@ def run(args: argparse.Namespace) -> int:
             out.flush()
 
         completion = model.complete(prompts[0], images[0], videos=videos[0], max_new_tokens=args.max_new_tokens,
-                                    stream=stream)
+                                    stream=stream, sampling=sampling, stop=stop)
         if not "".join(shown).endswith("\n"):
             out.write("\n")
     else:
-        completion = model.complete(prompts, images, videos=videos, max_new_tokens=args.max_new_tokens)
+        completion = model.complete(prompts, images, videos=videos, max_new_tokens=args.max_new_tokens,
+                                    sampling=sampling, stop=stop)
         for row, (prompt, text) in enumerate(zip(prompts, completion.texts, strict=True)):
             out.write(f"--- [{row}] {prompt}\n{text}\n")
     out.write(timing_line(completion) + "\n")
@@ -171,6 +178,20 @@ def timing_line(completion) -> str:
             f"{gen.decode_tokens_per_second:.1f} tokens/s")
 
 
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """How tokens are chosen: greedy by default (see :mod:`merge.runtime.sampling`)."""
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                        help="sample with this temperature (default 0: greedy, the most probable token)")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                        help="sample from the most probable tokens whose probabilities sum to P (default 1: all)")
+    parser.add_argument("--top-k", type=int, default=0, metavar="K",
+                        help="sample from the K most probable tokens (default 0: all)")
+    parser.add_argument("--seed", type=int, default=None, metavar="N",
+                        help="seed of the sampling: the same seed gives the same text (default: a fresh one)")
+    parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                        help="end the answer where TEXT first appears (not shown); repeat for several")
+
+
 def add_pixel_arguments(parser: argparse.ArgumentParser) -> None:
     """``--min-pixels`` / ``--max-pixels``: each image is resized so that its pixel count lies between them (sides
     multiples of patch x merge), overriding the folder's preprocessor_config.json as transformers' ``size`` does."""
@@ -199,6 +220,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video", action="append", metavar="[N:]PATH",
                         help="a video file or a folder of frames for prompt N (default 0); repeat for several")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many tokens (default 128)")
+    add_sampling_arguments(parser)
     add_pixel_arguments(parser)
     add_video_arguments(parser)
     parser.add_argument("--check-checksums", action="store_true",

@@ -4,5 +4,6 @@
 """
 
 from .model import CombinedModel, Completion, Generation
+from .sampling import Sampling
 
-__all__ = ["CombinedModel", "Completion", "Generation"]
+__all__ = ["CombinedModel", "Completion", "Generation", "Sampling"]

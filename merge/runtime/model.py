@@ -42,6 +42,7 @@ from merge.errors import MergeError
 from .cache import METADATA_KEY as CACHE_METADATA_KEY
 from .cache import InPlaceCache
 from .interrupt import FirstCall, Watch, run_interruptibly
+from .sampling import Sampling, StopScanner, TokenChooser, check_stop, cut_at_stop
 
 if TYPE_CHECKING:
     from .preprocess import Preprocessor
@@ -109,6 +110,8 @@ class Completion:
     num_images: int
     video_tokens: int = 0
     num_videos: int = 0
+    # per prompt, as OpenAI names them: "stop" (an end-of-sequence token or a stop string), "length" (max_new_tokens)
+    finish_reasons: list[str] = field(default_factory=list)
 
 
 def _as_batch(prompt: str | Sequence[str], items: Sequence, kind: str = "images",
@@ -294,11 +297,15 @@ class CombinedModel:
         pixel_values_videos: np.ndarray | None = None,
         video_grid_thw: np.ndarray | None = None,
         in_place: bool | None = None,
+        sampling: Sampling | Sequence[Sampling] | None = None,
     ) -> Generation:
-        """Greedy decoding. Rows that produced an EOS token continue with ``pad_token_id`` (as HF does).
+        """Greedy decoding, or sampled (``sampling``: one :class:`Sampling` for every row, or one per row; see
+        :mod:`merge.runtime.sampling`). Rows that produced an EOS token continue with ``pad_token_id`` (as HF does).
 
+        ``on_token(token)`` is called with each step's [batch] tokens; it may return the rows that are to stop
+        there (a stop string appeared in their text), which then continue with ``pad_token_id`` too.
         ``forced_tokens`` [batch, n] (teacher forcing) feeds those tokens instead of the model's own choices,
-        so each step's logits can be compared with a reference run; ``tokens`` still holds the greedy choices.
+        so each step's logits can be compared with a reference run; ``tokens`` still holds the model's choices.
         ``all_logits=False`` has the prefill compute the logits of the last position only (``logits_to_keep``:
         the head's work on every other prompt position is skipped); ``prefill_logits`` then holds that one.
         ``in_place`` (default: when the folder allows it) keeps the KV cache in buffers of the prompt's length plus
@@ -322,6 +329,7 @@ class CombinedModel:
         attention_mask = integer_array(attention_mask, ATTENTION_MASK, booleans=True)
         feeds = self.first_feeds(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
                                  video_grid_thw)
+        choose = TokenChooser(sampling, input_ids.shape[0])
         if not all_logits and self.keeps_logits:
             feeds[LOGITS_TO_KEEP] = np.array(1, np.int64)
         cache = None
@@ -347,10 +355,11 @@ class CombinedModel:
         for step in range(max_new_tokens):
             if step:
                 result.step_logits.append(logits)
-            token = np.where(finished, pad_token_id, logits.argmax(-1)).astype(np.int64)
+            token = np.where(finished, pad_token_id, choose(logits)).astype(np.int64)
             tokens.append(token)
             if on_token is not None:
-                on_token(token)
+                for row in on_token(token) or ():
+                    finished[row] = True
             if forced_tokens is not None:
                 token = np.asarray(forced_tokens[:, step], np.int64)
             finished |= np.isin(token, list(eos_token_ids))
@@ -384,17 +393,22 @@ class CombinedModel:
         videos: Sequence[Any] = (),
         max_new_tokens: int = DEFAULT_NEW_TOKENS,
         stream: Callable[[int, str], None] | None = None,
+        sampling: Sampling | Sequence[Sampling] | None = None,
+        stop: str | Sequence[str] | None = None,
     ) -> list[str]:
-        """Answer one user turn per prompt (greedy); returns one text per prompt, EOS and padding removed.
+        """Answer one user turn per prompt; returns one text per prompt, EOS and padding removed.
 
         ``prompt``: a string, or a list of strings for a left-padded batch. ``images``: for one prompt, a list of
         PIL images or image paths shown before the text; for a list of prompts, one such list per prompt (or
         nothing). ``videos`` likewise, after the images: each a video file, a folder of frames, a list of frames
         (PIL images) or a :class:`merge.runtime.video.Video`. ``stream(row, piece)`` is called with each new piece
-        of text as tokens arrive (pieces never split a UTF-8 character; row is the prompt's index). See
-        :meth:`complete` for timings and tokens.
+        of text as tokens arrive (pieces never split a UTF-8 character; row is the prompt's index). Greedy unless
+        ``sampling`` (one :class:`Sampling` for all prompts, or one per prompt) says otherwise; ``stop``: strings
+        that end a text where one first appears (neither returned nor streamed). See :meth:`complete` for timings
+        and tokens.
         """
-        return self.complete(prompt, images, videos=videos, max_new_tokens=max_new_tokens, stream=stream).texts
+        return self.complete(prompt, images, videos=videos, max_new_tokens=max_new_tokens, stream=stream,
+                             sampling=sampling, stop=stop).texts
 
     def complete(
         self,
@@ -404,12 +418,16 @@ class CombinedModel:
         videos: Sequence[Any] = (),
         max_new_tokens: int = DEFAULT_NEW_TOKENS,
         stream: Callable[[int, str], None] | None = None,
+        sampling: Sampling | Sequence[Sampling] | None = None,
+        stop: str | Sequence[str] | None = None,
     ) -> Completion:
-        """:meth:`chat`, returning the texts with the generation (tokens, timings) and the preprocessed inputs."""
+        """:meth:`chat`, returning the texts with the generation (tokens, timings), the preprocessed inputs and
+        why each text ended."""
         from .images import load_image
 
         if max_new_tokens < 1:
             raise MergeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        stop = check_stop(stop)
         prompts, image_lists = _as_batch(prompt, images)
         _, video_lists = _as_batch(prompt, videos, "videos", _is_video_list)
         image_lists = [[load_image(i) if isinstance(i, str | Path) else i for i in row] for row in image_lists]
@@ -417,40 +435,58 @@ class CombinedModel:
         inputs = pre.build_batch_inputs(prompts, image_lists, video_lists)
         eos = pre.eos_token_ids
         streams = [pre.stream() for _ in prompts]
+        scanners = [StopScanner(stop) for _ in prompts]
         done = [False] * len(prompts)
+        if sampling is not None and not isinstance(sampling, Sampling) and len(sampling) != len(prompts):
+            raise MergeError(f"sampling: {len(sampling)} settings for {len(prompts)} prompts")
 
         def emit(row: int, piece: str) -> None:
+            piece = scanners[row].feed(piece) if stop else piece
             if piece and stream is not None:
                 stream(row, piece)
 
-        def on_token(token: np.ndarray) -> None:
+        def finish(row: int) -> None:
+            done[row] = True
+            emit(row, streams[row].flush())
+            if stop and stream is not None and (rest := scanners[row].flush()):
+                stream(row, rest)
+
+        def on_token(token: np.ndarray) -> list[int]:
+            stopped = []
             for row, token_id in enumerate(token.tolist()):
                 if done[row]:
                     continue
                 if token_id in eos:
+                    finish(row)
+                    continue
+                emit(row, streams[row].step(token_id))
+                if scanners[row].stopped:
                     done[row] = True
-                    emit(row, streams[row].flush())
-                else:
-                    emit(row, streams[row].step(token_id))
+                    stopped.append(row)
+            return stopped
 
         generation = self.generate(
             inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], inputs["image_grid_thw"],
             max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=pre.pad_token_id, on_token=on_token,
             all_logits=False, pixel_values_videos=inputs[PIXEL_VALUES_VIDEOS], video_grid_thw=inputs[VIDEO_GRID_THW],
+            sampling=sampling,
         )
         for row, finished in enumerate(done):
             if not finished:
-                emit(row, streams[row].flush())
-        texts = []
-        for row in generation.tokens.tolist():
-            end = next((i for i, t in enumerate(row) if t in eos), len(row))
-            texts.append(pre.decode(row[:end]))
+                finish(row)
+        texts, reasons = [], []
+        for row, tokens in enumerate(generation.tokens.tolist()):
+            end = next((i for i, t in enumerate(tokens) if t in eos), len(tokens))
+            text, stopped = cut_at_stop(pre.decode(tokens[:end]), stop)
+            texts.append(text)
+            reasons.append("stop" if end < len(tokens) or stopped or scanners[row].stopped else "length")
         mask = inputs["attention_mask"].astype(bool)
         image_tokens = int(((inputs["input_ids"] == self.config.image_token_id) & mask).sum())
         video_tokens = int(((inputs["input_ids"] == self.config.video_token_id) & mask).sum())
         return Completion(texts=texts, generation=generation, inputs=inputs, prompt_tokens=int(mask.sum()),
                           image_tokens=image_tokens, num_images=int(inputs["image_grid_thw"].shape[0]),
-                          video_tokens=video_tokens, num_videos=int(inputs[VIDEO_GRID_THW].shape[0]))
+                          video_tokens=video_tokens, num_videos=int(inputs[VIDEO_GRID_THW].shape[0]),
+                          finish_reasons=reasons)
 
 
 def check_token_ids(ids: np.ndarray, vocab_size: int, name: str = INPUT_IDS) -> None:
