@@ -14,9 +14,10 @@ quantizer, limit 127) must fail both. Nothing here depends on the machine's kern
 **int4 decoder (``MatMulNBits``, accuracy level 4).** MLAS quantizes the activations per block to signed int8,
 symmetric (scale = max |a| / 127, so [-127, 127]); the weights are 4-bit codes in [0, 15], used raw or as
 ``code - zero_point`` in [-15, 15] (symmetric blocks: zero point 8, [-8, 7]). Its AVX2 kernels multiply with
-``vpmaddubsw`` too (one operand made unsigned, the sign moved to the other), and some add two such results again
-with the wrapping ``vphaddw`` before widening: at most four products share an int16, 4 * 128 * 15 = 7680 <= 32767
-(taking |-128| even though MLAS never produces it). No 16-bit lane can overflow: nothing to change there.
+``vpmaddubsw`` too (the raw codes, or the magnitudes of ``code - zero_point``, as the unsigned operand), and some
+add two such results again with the wrapping ``vphaddw`` before widening: at most four products share an int16,
+4 * 128 * 15 = 7680 <= 32767 (taking |-128| even though MLAS never produces it). No 16-bit lane can overflow: nothing
+to change there (the AVX2 machine above measured it within 0.6% of its own dequantized weights).
 """
 
 from __future__ import annotations
