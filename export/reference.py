@@ -95,7 +95,7 @@ def quantized_weights(quant: QuantSpec | None, shared_table: bool, vision_int8: 
 def load_model(model_folder: Path, quant: QuantSpec | None = None, shared_table: bool = False,
                vision_int8: bool = False, stream: bool | None = None, weights=None):
     """``Qwen3VLForConditionalGeneration`` in fp32, eval mode, carrying the weights a quantized folder holds:
-    the decoder's 4-bit ones when ``quant``, the vision part's 8-bit ones when ``vision_int8``.
+    the decoder's 4-bit ones when ``quant``, the vision part's int8 ones (7-bit codes) when ``vision_int8``.
 
     ``stream``: read each module's weights from ``weights`` (the folder's checkpoint, an
     :class:`export.streamed.Weights`) as it runs, for models whose fp32 weights do not fit in memory; ``None``

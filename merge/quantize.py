@@ -12,25 +12,30 @@ the tested shapes: same scales, zero points and codes up to K. That C++ routine 
 faster (see :func:`ort_quantizer`); like ORT's quantizer, it gets a weight padded to whole blocks when K is not a
 multiple of block_size.
 
-INT8 (the vision part's ``DynamicQuantizeMatMul``): per output channel, symmetric, no zero point:
-``scale = max |w| / 127`` (1 for an all-zero channel), ``code = clip(round(w / scale), -127, 127)``.
+INT8 (the vision part's ``DynamicQuantizeMatMul``): per output channel, symmetric, no zero point, 7-bit codes:
+``scale = max |w| / INT8_CODE_LIMIT`` (63; 1 for an all-zero channel), ``code = clip(round(w / scale), -63, 63)``.
+Not the full int8 range: without VNNI, x86 kernels sum pairs of uint8 x int8 products in saturating int16, which
+63 cannot overflow and 127 can (:mod:`merge.contract.quant` gives the arithmetic).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from merge.contract.quant import check_block_size
+from merge.contract.quant import INT8_CODE_LIMIT, check_block_size
 from merge.errors import MergeError
 
 
-def quantize_weight_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def quantize_weight_int8(weight: np.ndarray, limit: int = INT8_CODE_LIMIT) -> tuple[np.ndarray, np.ndarray]:
     """[out, in] float -> (int8 [in, out], float32 scales [out]): per output channel, symmetric (scale =
-    max |w| / 127, no zero point), as DynamicQuantizeMatMul reads its B."""
+    max |w| / limit, no zero point), codes in [-limit, limit], as DynamicQuantizeMatMul reads its B. The build
+    and verify's reference use the default; another ``limit`` (127: the full int8 range) is for tests."""
+    if not 0 < limit <= 127:
+        raise ValueError(f"int8 code limit {limit} is not in 1..127")
     weight = np.asarray(weight, np.float32)
-    scale = np.abs(weight).max(axis=1) / 127
+    scale = np.abs(weight).max(axis=1) / np.float32(limit)
     scale = np.where(scale == 0, np.float32(1), scale).astype(np.float32)
-    codes = np.clip(np.rint(weight / scale[:, None]), -127, 127).astype(np.int8)
+    codes = np.clip(np.rint(weight / scale[:, None]), -limit, limit).astype(np.int8)
     return np.ascontiguousarray(codes.T), scale
 
 

@@ -1,4 +1,4 @@
-"""The int8 vision part (--vision-precision int8): structure, verify against PyTorch with the same 8-bit weights
+"""The int8 vision part (--vision-precision int8): structure, verify against PyTorch with the same int8 (7-bit) weights
 (and its twins), and how close it stays to the fp32 tower."""
 
 from __future__ import annotations

@@ -44,8 +44,8 @@ def add_parser(subparsers) -> None:
                    help="int4 block along K (a power of two >= 16; default 32): larger blocks store fewer scales and "
                         "run faster, at some accuracy (verify reports it)")
     p.add_argument("--vision-precision", default="fp32", choices=VISION_PRECISIONS,
-                   help="vision products: fp32, or int8 (int8 weights, activations quantized at run time; uses the "
-                        "CPU's AMX / VNNI int8 units; verify reports its error)")
+                   help="vision products: fp32, or int8 (7-bit weight codes, exact on every CPU; activations "
+                        "quantized at run time; uses the CPU's AMX / VNNI int8 units; verify reports its error)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing --out folder a build wrote, when the build succeeds (refused, naming "
                         "them, if it holds files no build wrote, unless --others says what to do with them)")

@@ -16,7 +16,15 @@ format):
 * dequantization: ``W[k, n] = (code - zero_point) * scale`` of the block holding k.
 
 The vision part's int8 products (contrib op ``DynamicQuantizeMatMul``'s B) hold int8 codes [in, out] and float32
-scales [out], one per output channel, no zero point: ``W[out, in] = code * scale``.
+scales [out], one per output channel, no zero point: ``W[out, in] = code * scale``. The codes are 7-bit, within
+``[-INT8_CODE_LIMIT, INT8_CODE_LIMIT]`` = [-63, 63], so that every CPU's kernel computes the same exact integer
+product. The kernel quantizes the activations to uint8 [0, 255] at run time; x86 CPUs without VNNI (AVX2 only, or
+AVX-512 before VNNI) multiply u8 x s8 with ``vpmaddubsw``, which adds each pair of adjacent products along K into a
+*saturating* int16: full-range codes reach 255 * 127 * 2 = 64770 > 32767 and are clipped (measured cosine 0.992
+against the same weights in PyTorch on such a machine), while 63 keeps every pair within 255 * 63 * 2 = 32130.
+VNNI, AMX and ARM kernels accumulate in int32 and are exact either way. (This is the 7-bit weight range ONNX
+Runtime's quantization guide advises for x86 without VNNI; its own ``reduce_range`` uses [-64, 64], 32640 at
+worst. 63 keeps the range symmetric inside 7-bit two's complement, [-64, 63], as 127 does inside 8 bits.)
 
 The quantizers that write these formats from float weights are in :mod:`merge.quantize`, a room above this one:
 the runtime reads quantized folders and never quantizes.
@@ -35,6 +43,9 @@ PRECISIONS = ("fp32", "int4")
 # The vision part: fp32, or int8 products (per-channel int8 weights, activations quantized at run time to uint8,
 # ONNX Runtime's DynamicQuantizeMatMul; attention and the rest stay fp32).
 VISION_PRECISIONS = ("fp32", "int8")
+# The int8 vision weights' largest code magnitude (see the module docstring): 7-bit codes, so that a pair of uint8 x
+# int8 products can never leave int16 (2 * 255 * 63 = 32130 <= 32767) on CPUs without VNNI.
+INT8_CODE_LIMIT = 63
 BITS = 4
 
 

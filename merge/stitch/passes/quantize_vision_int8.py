@@ -1,10 +1,13 @@
 """The vision part's products in int8: ``Gemm`` -> ``com.microsoft::DynamicQuantizeMatMul``, weights quantized
 at save time.
 
-Weights: int8 per output channel, symmetric (scale = max |w| / 127, no zero point). Activations: quantized by the
-kernel at run time to uint8 with one scale and zero point per tensor. ONNX Runtime's u8s8 kernels use AMX tiles
-or AVX-512 VNNI where the CPU has them (measured on a [784 x 1024] x [1024 x 4096] product with AMX: 2249 GFLOP/s
-against 324 for fp32 MatMul). Attention, normalization and everything else stay fp32.
+Weights: int8 per output channel, symmetric, 7-bit codes (scale = max |w| / 63, codes in [-63, 63], no zero
+point; :data:`merge.contract.quant.INT8_CODE_LIMIT`). Activations: quantized by the kernel at run time to uint8 with
+one scale and zero point per tensor. ONNX Runtime's u8s8 kernels use AMX tiles or AVX-512 VNNI where the CPU has
+them (measured on a [784 x 1024] x [1024 x 4096] product with AMX: 2249 GFLOP/s against 324 for fp32 MatMul); on
+x86 without VNNI they add pairs of products in saturating int16, which 7-bit codes cannot overflow
+(2 * 255 * 63 = 32130 <= 32767), so the result is the same exact integer product on every CPU. Attention,
+normalization and everything else stay fp32.
 """
 
 from __future__ import annotations
