@@ -172,3 +172,35 @@ def test_twin_full_range_codes_saturate(products):
         if not np.array_equal(pair_saturating_matmul(a, full), exact):
             departed.append(node)
     assert len(departed) > len(products) // 2, f"only {departed} saturated"
+
+
+def test_a_folder_built_with_full_range_codes_is_named_at_load(combined, tmp_path, caplog):
+    """Folders built before the 7-bit codes carry no code-limit mark: loading one warns that it must be rebuilt
+    (its codes saturate on CPUs without VNNI); a folder built now loads without a word."""
+    import json
+    import logging
+    import shutil
+
+    from merge.contract.folder import file_sha256
+    from merge.contract.names import VISION_INT8_CODE_LIMIT
+    from merge.runtime import CombinedModel
+
+    built = combined("tiny", vision_precision="int8")
+    with caplog.at_level(logging.WARNING, logger="merge.runtime.model"):
+        CombinedModel(built)
+    assert not [r for r in caplog.records if "full-range" in r.getMessage()]
+    old = tmp_path / "old"
+    shutil.copytree(built, old)
+    model = ir.load(old / "model.onnx")
+    assert model.metadata_props.pop(VISION_INT8_CODE_LIMIT) == str(INT8_CODE_LIMIT)
+    ir.save(model, old / "model.onnx", external_data="model.onnx.data")
+    manifest = json.loads((old / "merge.json").read_text())
+    for name in ("model.onnx", "model.onnx.data"):
+        manifest["sizes"][name] = (old / name).stat().st_size
+        manifest["checksums"][name] = file_sha256(old / name)
+    (old / "merge.json").write_text(json.dumps(manifest))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="merge.runtime.model"):
+        CombinedModel(old)
+    warned = [r.getMessage() for r in caplog.records if "full-range" in r.getMessage()]
+    assert len(warned) == 1 and "build the folder again" in warned[0] and str(old) in warned[0]

@@ -161,3 +161,6 @@ VISION_END_TOKEN = "<|vision_end|>"
 # model metadata: "1" when past_key_values.* may be buffers of a fixed capacity written in place (see
 # merge.runtime.cache); folders built before lack it
 KV_CACHE_IN_PLACE = "kv_cache_in_place"
+# the model's metadata: the largest magnitude of the vision part's int8 weight codes (see merge.contract.quant's
+# INT8_CODE_LIMIT); absent from folders built with full-range codes, which saturate on x86 CPUs without VNNI
+VISION_INT8_CODE_LIMIT = "vision_int8_code_limit"

@@ -34,8 +34,10 @@ from merge.contract.names import (
     ROPE_DELTAS,
     ROPE_DELTAS_OUT,
     VIDEO_GRID_THW,
+    VISION_INT8_CODE_LIMIT,
     present_name,
 )
+from merge.contract.quant import INT8_CODE_LIMIT
 from merge.contract.vision import check_vision_inputs
 from merge.errors import MergeError
 
@@ -186,6 +188,12 @@ class CombinedModel:
             (FORMAT_KV_CACHE_IN_PLACE, f'the metadata {CACHE_METADATA_KEY} = "1"',
              metadata.get(CACHE_METADATA_KEY) == "1"),
         ]
+        if self.combined.manifest.vision_precision == "int8" \
+                and metadata.get(VISION_INT8_CODE_LIMIT) != str(INT8_CODE_LIMIT):
+            log.warning("%s: its int8 vision weights were written with full-range 8-bit codes (before the 7-bit "
+                        "codes, %s = %d); on x86 CPUs without VNNI (AVX2 only) ONNX Runtime's int8 products saturate "
+                        "on them and the vision results are wrong: build the folder again", self.folder,
+                        VISION_INT8_CODE_LIMIT, INT8_CODE_LIMIT)
         for needed, what, held in promises:
             if self.format_version >= needed and not held:
                 raise MergeError(f"{self.folder}: {MANIFEST_FILE} says format {self.format_version}, whose models have "

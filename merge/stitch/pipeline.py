@@ -24,8 +24,15 @@ import onnx_ir as ir
 from merge import __version__
 from merge.contract.folder import file_sha256
 from merge.contract.manifest import FORMAT_VERSION, Manifest, TensorInfo
-from merge.contract.names import DATA_FILE, KV_CACHE_IN_PLACE, MODEL_FILE, PREPROCESSING_FILES, TOOL_NAME
-from merge.contract.quant import QuantSpec, check_vision_precision, precision_of
+from merge.contract.names import (
+    DATA_FILE,
+    KV_CACHE_IN_PLACE,
+    MODEL_FILE,
+    PREPROCESSING_FILES,
+    TOOL_NAME,
+    VISION_INT8_CODE_LIMIT,
+)
+from merge.contract.quant import INT8_CODE_LIMIT, QuantSpec, check_vision_precision, precision_of
 from merge.sources.checkpoint import Checkpoint
 from merge.sources.source import ModelSource
 from merge.space import naming_a_full_disk, require_free_space
@@ -74,6 +81,8 @@ def build(source: ModelSource, out: Path, *, quant: QuantSpec | None = None, vis
                                      "image_token_id": str(source.config.image_token_id),
                                    KV_CACHE_IN_PLACE: "1",
                                      "embedding_table": layout})
+        if vision_precision == "int8":
+            model.metadata_props[VISION_INT8_CODE_LIMIT] = str(INT8_CODE_LIMIT)
         log.info("writing %s (weights streamed into %s%s)", MODEL_FILE, DATA_FILE,
                  ", quantized one tensor at a time" if quant else "")
         replacing = " (the existing folder stays until the new one is complete)" if result.out.exists() else ""
