@@ -44,12 +44,18 @@ def child(folder: Path, context: int, chunk: int, arena: bool, threads: int) -> 
     from merge.runtime import CombinedModel
     from merge.runtime.cache import InPlaceCache
 
+    if not arena:  # sessions without the CPU arena: every tensor freed when its last reader is done
+        from merge.contract.folder import CombinedFolder
+
+        plain = CombinedFolder.session
+
+        def session(self, options=None, providers=None, **kwargs):
+            options = options or ort.SessionOptions()
+            options.enable_cpu_mem_arena = False
+            return plain(self, options, providers, **kwargs)
+
+        CombinedFolder.session = session
     model = CombinedModel(folder, threads=threads)
-    if not arena:  # a session without the CPU arena: every tensor freed when its last reader is done
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.enable_cpu_mem_arena = False
-        model.session = model.combined.session(options, ["CPUExecutionProvider"])
     loaded = _rss_gib()
     rng = np.random.default_rng(0)
     high = min(TEXT_IDS[1], model.config.text.vocab_size, *model.config.special_token_ids.values())
