@@ -78,3 +78,48 @@ def test_shapes_must_match():
         fidelity(np.zeros((2, 5)), np.zeros((2, 6)))
     with pytest.raises(ValueError, match="same non-empty shape"):
         kl_divergence(np.zeros((0, 5)), np.zeros((0, 5)))
+
+
+def test_spread_copy_scales_only_the_final_norm(sources, tmp_path):
+    """benchmarks/spread.py: the copy's final text norm is the original's times the factor (bf16, rounded to
+    nearest), every other tensor and file is the original's (files linked, not copied), the original is untouched,
+    and an existing copy is reused only for the same source and factor."""
+    import torch
+    from safetensors import safe_open
+
+    from benchmarks.spread import find_final_norm, spread_copy
+
+    source = sources("tiny").folder
+    shard, name = find_final_norm(source)
+    assert name == "model.language_model.norm.weight"
+    before = shard.read_bytes()
+    out = spread_copy(source, tmp_path / "spread", 1 / 15)
+    assert shard.read_bytes() == before
+    assert all((out / f.name).is_symlink() for f in source.iterdir() if f.is_file() and f != shard
+               and not f.name.startswith("."))
+    assert not (out / shard.name).is_symlink()
+    with safe_open(shard, "pt") as a, safe_open(out / shard.name, "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for key in a.keys():
+            x, y = a.get_tensor(key), b.get_tensor(key)
+            if key == name:
+                assert torch.equal(y, (x.float() / 15).to(torch.bfloat16))
+                assert not torch.equal(x, y)
+            else:
+                assert torch.equal(x, y), key
+    assert spread_copy(source, tmp_path / "spread", 1 / 15) == out  # reused
+    with pytest.raises(SystemExit, match="another spread copy"):
+        spread_copy(source, tmp_path / "spread", 0.5)
+
+
+def test_factor_for_reaches_the_target_top1_probability():
+    from benchmarks.spread import factor_for, output_spread
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((40, 300)) * 45  # a random preset's near one-hot outputs
+    assert output_spread(logits)["top1_prob_mean"] > 0.95
+    factor = factor_for(logits, 0.5)
+    assert 0 < factor < 1
+    assert output_spread(logits * factor)["top1_prob_mean"] == pytest.approx(0.5, abs=1e-3)
+    flat = rng.standard_normal((40, 300)) * 0.01  # already flatter than asked: left as it is
+    assert factor_for(flat, 0.5) == 1.0
