@@ -151,7 +151,7 @@ def llama_rows(args, work: Path, spread_folder: Path, name: str, text: Path, ref
     (its own base; f32 against itself is the floor of the base file's 16-bit log-probabilities). Then the same
     pairs through our KL (float64, the whole vocabulary) from each kind's stored log-probabilities (llama.cpp's
     prints 6 decimals and leaves out base probabilities under e^-16), and the f32 GGUF against PyTorch fp32 on the
-    same tokens (a check that the GGUF is the same model)."""
+    same tokens, both in the stored format (a check that the GGUF is the same model)."""
     from benchmarks import llama_cpp
     from merge.tools.fidelity import kl_divergence
 
@@ -181,9 +181,11 @@ def llama_rows(args, work: Path, spread_folder: Path, name: str, text: Path, ref
         rows.append(row(f"llama-{kind}", "llama-f32, stored log-probs", "text",
                         ours(llama_cpp.read_kl_base(stored[kind])[1], base)))
     same_tokens = tokens.shape == our_ids.shape and bool(np.array_equal(tokens, our_ids))
-    if same_tokens:  # the same positions: the f32 GGUF's log-probabilities against PyTorch's logits
-        rows.append(row("llama-f32", "torch-fp32", "text",
-                        ours(base, reference["text"].reshape(-1, reference["text"].shape[-1]))))
+    if same_tokens:  # the same positions: the f32 GGUF's stored log-probabilities against PyTorch's in that format
+        torch_rows = reference["text"].reshape(-1, reference["text"].shape[-1])
+        stored_torch = np.concatenate([llama_cpp.stored_format(torch_rows[i:i + 64])
+                                       for i in range(0, len(torch_rows), 64)])
+        rows.append(row("llama-f32", "torch-fp32, stored log-probs", "text", ours(base, stored_torch)))
     sizes = {kind: files[kind].stat().st_size for kind in kinds}
     return rows, {"same_tokens": same_tokens, "gguf_bytes": sizes}
 
