@@ -1,5 +1,6 @@
-"""The performance tables, rendered from the benchmarks' JSON reports (vision.py, video.py, speed.py), each under
-the machine it ran on. Several vision reports (say small images and photos, run apart) merge into one table.
+"""The performance and fidelity tables, rendered from the benchmarks' JSON reports (vision.py, video.py, speed.py,
+fidelity.py), each under the machine it ran on. Several vision reports (say small images and photos, run apart)
+merge into one table.
 
     python benchmarks/tables.py vision.json photo.json video.json speed.json
 
@@ -121,6 +122,31 @@ def speed_groups(reports: list[dict]) -> list[list[dict]]:
     return list(groups.values())
 
 
+def fidelity_table(report: dict) -> list[str]:
+    """``fidelity.py``'s report: one row per system and prompt, each against its own fp32 base."""
+    text, image, llama = report["text"], report["image"], report.get("llama", {})
+    spread = report.get("torch_fp32_spread", {}).get("text")
+    spread_note = (f"; PyTorch fp32 there: mean top-1 probability {spread['top1_prob_mean']:.2f}, mean entropy "
+                   f"{spread['entropy_mean']:.2f} nats" if spread else "")
+    lines = [f"Fidelity, {report['model']}, spread copy (final text norm x {report['factor']:g}{spread_note}). "
+             f"Text: {text['chunks']} chunks of {text['ctx']} tokens of the corpus, the second half of each scored "
+             f"(as llama-perplexity does); image: a {image['size']}x{image['size']} picture ({image['image_tokens']} "
+             f"image tokens), every position of the {image['tokens']}-token prompt. KL(base || system) in nats. "
+             f"Machine: {machine_line(report['machine'])}.", "",
+             "| system | base | prompt | positions | mean KL | p99 KL | top-1 | rel. logits error |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        rel = f"{r['rel_error']:.2e}" if r.get("rel_error") is not None else "n/a"
+        lines.append(f"| {r['system']} | {r['base']} | {r['prompt']} | {r['positions']:,} | {r['kl_mean']:.2e} | "
+                     f"{r['kl_p99']:.2e} | {r['top1']:.1%} | {rel} |")
+    if llama:
+        lines.append("")
+        same = llama.get("same_tokens")
+        tokens = "" if same is None else f"; its tokens of the text are {'ours' if same else 'NOT ours'}"
+        lines.append(f"llama.cpp: text only ({llama.get('text_only', '')}){tokens}; no logits (rel. error n/a).")
+    return lines
+
+
 def render(paths: list[str]) -> str:
     reports = [json.loads(Path(p).read_text()) for p in paths]
     vision = [r for r in reports if "sizes" in r]
@@ -130,6 +156,9 @@ def render(paths: list[str]) -> str:
     for report in reports:
         if "rows" in report and "fps" in report:
             out += [*video_table(report), ""]
+    for report in reports:
+        if report.get("benchmark") == "fidelity":
+            out += [*fidelity_table(report), ""]
     for group in speed_groups([r for r in reports if "systems" in r and "peak_gib" in r]):
         out += [*speed_table(group), ""]
     return "\n".join(out).rstrip()

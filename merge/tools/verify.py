@@ -29,6 +29,7 @@ from merge.errors import MergeError
 from merge.space import nearest_existing
 
 from .compare import FP32_SCALE, compare
+from .fidelity import Fidelity, fidelity
 from .tables import format_table as table_lines
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class Stage:
     tolerance: str
     passed: bool
     counted: bool = True
+    fidelity: Fidelity | None = None  # the distributions against a reference's (KL, top-1): vs fp32 rows only
 
     @property
     def status(self) -> str:
@@ -152,15 +154,24 @@ MAX_REFERENCE_ARRAY_BYTES = 2 * MAX_REFERENCE_BYTES
 REFERENCE_DTYPE_KINDS = "biufU"  # numbers and the precision string; never objects (pickle) or raw records
 
 
-def save_reference(path: Path, inputs: dict[str, np.ndarray], ref: dict[str, np.ndarray], precision: str) -> None:
+FP32_KEYS = ("prefill_logits", "tokens")  # what the vs fp32 rows need of the fp32 weights' reference
+
+
+def save_reference(path: Path, inputs: dict[str, np.ndarray], ref: dict[str, np.ndarray], precision: str,
+                   fp32: dict[str, np.ndarray] | None = None) -> None:
+    """Inputs and reference; for a quantized folder also the fp32 weights' logits and tokens (``fp32``), so that
+    ``--reference`` reports what quantizing cost without PyTorch too."""
     arrays = {f"input/{k}": v for k, v in inputs.items()} | {f"ref/{k}": v for k, v in ref.items()}
+    arrays |= {f"fp32/{k}": fp32[k] for k in FP32_KEYS} if fp32 is not None else {}
     arrays["precision"] = np.array(precision)
     with atomic_file(path) as f:  # whole or not at all: Ctrl-C during the seconds of compressing leaves nothing
         np.savez_compressed(f, **arrays)
 
 
-def load_reference(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
-    """(inputs, reference, precision) from a file written by ``--save-reference``; read without pickle."""
+def load_reference(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str,
+                                        dict[str, np.ndarray] | None]:
+    """(inputs, reference, precision, the fp32 weights' reference or None) from a file written by
+    ``--save-reference``; read without pickle."""
     path = Path(path)
     # a regular file only: a FIFO, socket or device is refused in one line, never waited on
     with open_file(path, f"--reference {path}") as f:
@@ -176,6 +187,7 @@ def load_reference(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndar
             raise MergeError(f"--reference {path}: not a verify reference file ({exc})") from None
     inputs = {k[6:]: v for k, v in arrays.items() if k.startswith("input/")}
     ref = {k[4:]: v for k, v in arrays.items() if k.startswith("ref/")}
+    fp32 = {k[5:]: v for k, v in arrays.items() if k.startswith("fp32/")} or None
     if "pixel_values" in inputs and not all(k in inputs for k in VIDEO_KEYS):
         inputs["pixel_values_videos"] = np.zeros((0, inputs["pixel_values"].shape[-1]), np.float32)
         inputs["video_grid_thw"] = np.zeros((0, 3), np.int64)
@@ -194,11 +206,15 @@ def load_reference(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndar
         "prefill_logits": ref["prefill_logits"].shape[:2] == ids.shape,
         "tokens": ref["tokens"].ndim == 2 and ref["tokens"].shape[0] == ids.shape[0],
     }
+    if fp32 is not None:  # saved beside a quantized folder's reference: both entries, shaped like the reference's
+        logits, tokens = fp32.get("prefill_logits", np.zeros(0)), fp32.get("tokens", np.zeros(0))
+        checks["fp32 prefill_logits"] = logits.shape == ref["prefill_logits"].shape
+        checks["fp32 tokens"] = tokens.ndim == 2 and tokens.shape[0] == ids.shape[0]
     bad = [k for k, ok in checks.items() if not ok]
     if bad:
         raise MergeError(f"--reference {path}: {', '.join(bad)} {'has' if len(bad) == 1 else 'have'} the wrong "
                          f"shape or type for input_ids {ids.shape}")
-    return inputs, ref, str(arrays["precision"])
+    return inputs, ref, str(arrays["precision"]), fp32
 
 
 def _check_arrays(path: Path, source) -> None:
@@ -341,6 +357,7 @@ def format_table(stages: list[Stage]) -> str:
     rows = [[s.name, str(s.shape), f"{s.max_abs:.2e}", f"{s.max_rel:.2e}", f"{s.cosine:.7f}",
              f"{s.top1:.1%}" if s.top1 is not None else "", s.tolerance, s.status] for s in stages]
     lines = table_lines(STAGE_COLUMNS, rows, right=range(1, 7), indent="")
+    lines += [f"{s.name}: {s.fidelity.line()}" for s in stages if s.fidelity is not None]
     failed = [s for s in stages if s.counted and not s.passed]
     lines.append(f"FAILED: first failing stage: {failed[0].name}" if failed
                  else f"PASSED: all {sum(s.counted for s in stages)} stages agree")
@@ -359,7 +376,7 @@ def verify(folder: Path | CombinedFolder, *, model_folder: Path | None, prompt: 
         check_writable(save_to, combined)
     fp32 = None
     if reference is not None:
-        inputs, ref, saved = load_reference(reference)
+        inputs, ref, saved, fp32 = load_reference(reference)
         if saved != precision_key(manifest):
             raise MergeError(f"--reference {reference} was made for a {saved} folder, but {folder} is "
                              f"{precision_key(manifest)}; save a reference against this folder")
@@ -378,13 +395,13 @@ def verify(folder: Path | CombinedFolder, *, model_folder: Path | None, prompt: 
                            vision_int8=manifest.vision_precision == "int8", stream=stream, weights=weights)
         ref = torch_reference(model, inputs, new_tokens)
         del model
-        if save_to is not None:
-            save_reference(save_to, inputs, ref, precision_key(manifest))
         if quantized_folder(manifest):  # what quantizing cost: the same call against the fp32 weights
             fp32 = torch_reference(load_model(model_folder, stream=stream, weights=weights), inputs, new_tokens)
+        if save_to is not None:
+            save_reference(save_to, inputs, ref, precision_key(manifest), fp32)
     gen = onnx_run(combined, inputs, ref["tokens"])
     stages = compare_stages(gen, ref, inputs, manifest)
-    if fp32 is not None:
+    if fp32 is not None and quantized_folder(manifest):
         stages += against_fp32(gen, fp32, inputs)
     return stages
 
@@ -395,10 +412,13 @@ def quantized_folder(manifest: Manifest) -> bool:
 
 def against_fp32(gen, fp32: dict[str, np.ndarray], inputs: dict[str, np.ndarray]) -> list[Stage]:
     """Reported, not judged: a quantized folder against PyTorch with the fp32 weights (the error quantizing the
-    weights adds, which the stages above leave out by giving the reference the same quantized weights)."""
+    weights adds, which the stages above leave out by giving the reference the same quantized weights), with the
+    next-token distributions' KL divergence KL(fp32 || folder) and top-1 agreement over the prompt's positions."""
     real = inputs["attention_mask"].astype(bool)
     prefill = _stage("vs fp32: prefill logits", gen.prefill_logits, fp32["prefill_logits"], mask=real, logits=True,
                      scale=INT4_SCALE)
+    if gen.prefill_logits.shape == fp32["prefill_logits"].shape:
+        prefill.fidelity = fidelity(gen.prefill_logits[real], fp32["prefill_logits"][real])
     steps = min(len(gen.tokens[0]), len(fp32["tokens"][0]))
     agree = float((gen.tokens[:, :steps] == fp32["tokens"][:, :steps]).mean()) if steps else float("nan")
     greedy = Stage("vs fp32: greedy tokens", tuple(gen.tokens.shape), float(agree < 1), 0.0, float("nan"), agree,
