@@ -187,8 +187,9 @@ class CombinedFolder:
     # -- use ----------------------------------------------------------------------------------------------------
     def session(self, options=None, providers=None, model_bytes: bytes | None = None):
         """An ONNX Runtime session over what was checked: the model's bytes and each weight as a view of the mapped
-        data file (:meth:`_mapped_initializers`), so that ONNX Runtime opens nothing by path; except when a tensor is larger than ONNX Runtime takes from memory
-        (2 GiB: an 8B model's fp32 token table is 2.3 GiB), where it reads the data file from the folder."""
+        data file (:meth:`_mapped_initializers`), so that ONNX Runtime opens nothing by path; except when a tensor
+        is larger than ONNX Runtime was measured to take from memory (2 GiB, as bytes: an 8B model's fp32 token
+        table is 2.3 GiB), where it reads the data file from the folder."""
         import onnxruntime as ort
 
         options = options or ort.SessionOptions()
