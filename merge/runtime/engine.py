@@ -339,6 +339,10 @@ class Engine:
                 request._emit(Finished("", "cancelled", request.prompt_tokens, 0))
             self._lock.notify_all()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def stats(self) -> dict[str, int]:
         """Running rows, waiting requests, and the counts since the start."""
         with self._lock:
@@ -369,11 +373,15 @@ class Engine:
                     room = self.max_batch - len(self._rows)
                     admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
                 start = time.perf_counter()
-                self._turn(admitted)
+                try:
+                    self._turn(admitted)
+                except Exception as exc:  # a bug of ours: the requests involved fail, the engine goes on
+                    log.error("the engine's turn failed", exc_info=exc)
+                    for request in admitted + [row.request for row in self._rows]:
+                        if not request.done:
+                            self._failed(request, exc)
+                    self._relayout([], [])
                 self.busy_seconds += time.perf_counter() - start
-        except BaseException:  # pragma: no cover - _turn catches what a request causes; this is a bug
-            log.exception("the engine's loop failed")
-            raise
         finally:
             self._fail_all("the server is shutting down")
 
