@@ -131,6 +131,7 @@ def test_app_builder_reads_serve_runs_keys(combined, tmp_path):
     assert config.max_ongoing_requests == 4 + 64
     options = deployment.init_args[1]
     assert options.model_name == "tiny" and options.media.remote and options.media.local_root == tmp_path.resolve()
+    assert options.threads == 1  # as many as the CPUs the replica asks of Ray
     fixed = app_builder({"combined": folder, "num_replicas": "2"})._bound_deployment
     assert fixed._deployment_config.num_replicas == 2
     for args, message in (({}, "needs combined=DIR"), ({"combined": folder, "colour": "red"}, "unknown key"),

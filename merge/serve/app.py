@@ -30,6 +30,7 @@ from fastapi.requests import Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from merge.contract.reading import load_json
 from merge.errors import MergeError
 from merge.runtime.engine import Failed, Finished, Piece
 from merge.runtime.engine import Request as EngineRequest
@@ -171,8 +172,6 @@ async def _read_json(request: Request, limit: int) -> Any:
             break
     if size > limit:
         raise too_large
-    from merge.contract.reading import load_json
-
     try:
         return load_json(bytes(body), "the request body")
     except MergeError as exc:

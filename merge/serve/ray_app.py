@@ -20,6 +20,7 @@ See docs/serve.md for a multi-node cluster.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,12 @@ def build(folder: str | Path, options: ServeOptions | None = None, *, num_replic
           name: str = DEPLOYMENT_NAME) -> serve.Application:
     """A Ray Serve application serving ``folder``: ``num_replicas`` fixed replicas (default 1), or ``autoscaling``
     (Ray's ``autoscaling_config``: ``min_replicas``, ``max_replicas``, ``target_ongoing_requests``, ...; the target
-    defaults to the options' ``max_batch``). Each replica asks Ray for ``cpus_per_replica`` CPUs."""
+    defaults to the options' ``max_batch``). Each replica asks Ray for ``cpus_per_replica`` CPUs, and its ONNX Runtime
+    uses as many threads unless the options say otherwise (its default, one per core of the node, would have the
+    replicas of a node compete for the same cores)."""
     options = options or ServeOptions()
+    if options.threads is None:
+        options = dataclasses.replace(options, threads=max(1, round(cpus_per_replica)))
     if num_replicas is not None and autoscaling is not None:
         raise MergeError("give num_replicas or autoscaling, not both")
     if num_replicas is not None and (isinstance(num_replicas, bool) or not isinstance(num_replicas, int)
