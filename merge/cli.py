@@ -6,6 +6,7 @@ Commands:
   run      generate text with a combined folder (ONNX Runtime only, no PyTorch)
   inspect  I/O, parameters per scope, operators, data files; --netron, --stitch
   presets  list the built-in presets (seeded random weights, published shapes)
+  serve    the folder behind an OpenAI-compatible HTTP API, with continuous batching and a chat page
 
 Run ``python -m merge COMMAND --help`` for a command's options. Heavy libraries (torch, transformers)
 are imported only by the commands that need them.
@@ -33,9 +34,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from .commands import build, inspect, presets, run, verify
+    from .commands import build, inspect, presets, run, serve, verify
 
-    for command in (build, verify, run, inspect, presets):
+    for command in (build, verify, run, inspect, presets, serve):
         command.add_parser(sub)
     for command in sub.choices.values():  # --debug also after the command (SUPPRESS keeps the global default)
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

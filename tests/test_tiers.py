@@ -39,7 +39,7 @@ def imported(path: Path) -> set[str]:
 
 def test_the_rooms_are_the_ones_the_fast_tier_is_checked_for():
     assert rooms() == ["export", "graphs", "merge.commands", "merge.contract", "merge.presets", "merge.runtime",
-                       "merge.sources", "merge.stitch", "merge.tools", "merge.cli"]
+                       "merge.serve", "merge.sources", "merge.stitch", "merge.tools", "merge.cli"]
 
 
 def test_fast_tier_reaches_every_room():

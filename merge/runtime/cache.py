@@ -62,6 +62,21 @@ class InPlaceCache:
         self.buffers = {name: self._ortvalue(array) for name, array in grown.items()}
         self.capacity = capacity
 
+    def replace(self, arrays: dict[str, np.ndarray]) -> None:
+        """Take ``arrays`` (one per past tensor, each [batch, kv_heads, capacity + 1, head_dim] float32, C-ordered)
+        as the buffers: a batch whose rows changed (:mod:`merge.runtime.engine` lays its rows out anew)."""
+        if set(arrays) != set(self.arrays):
+            raise MergeError("a KV cache's buffers are replaced by one array per past tensor")
+        shapes = {a.shape for a in arrays.values()}
+        if len(shapes) != 1 or any(a.dtype != np.float32 or not a.flags.c_contiguous for a in arrays.values()):
+            raise MergeError(f"a KV cache's buffers are C-ordered float32 arrays of one shape, got {sorted(shapes)}")
+        (shape,) = shapes
+        if len(shape) != 4 or shape[2] < 2:
+            raise MergeError(f"a KV cache's buffers are [batch, kv_heads, capacity + 1, head_dim], got {shape}")
+        self.arrays = dict(arrays)
+        self.buffers = {name: self._ortvalue(array) for name, array in self.arrays.items()}
+        self.capacity = shape[2] - 1
+
     def run(self, feeds: dict[str, np.ndarray], run_options=None) -> dict[str, np.ndarray]:
         """One call (``run_options``: ``onnxruntime.RunOptions``, or none); the outputs other than ``present.*``
         (those are in the buffers)."""

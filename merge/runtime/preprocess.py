@@ -18,7 +18,7 @@ from merge.errors import MergeError
 
 from .files import Files
 from .images import ImageProcessor
-from .prompts import build_batch_inputs, build_inputs
+from .prompts import build_batch_inputs, build_inputs, build_message_inputs
 from .text import TextStream, TextTokenizer
 from .video import Video, VideoProcessor
 
@@ -91,6 +91,12 @@ class Preprocessor:
         return build_batch_inputs(self.tokenizer, self.image_processor, list(prompts), [list(i) for i in images],
                                   self.config, self.video_processor,
                                   [[self.load_video(v) for v in row] for row in videos])
+
+    def build_message_inputs(self, messages: Sequence[dict], images: Sequence = (),
+                             videos: Sequence = ()) -> dict[str, np.ndarray]:
+        """A conversation's model inputs (see :func:`merge.runtime.prompts.build_message_inputs`): one row."""
+        return build_message_inputs(self.tokenizer, self.image_processor, messages, list(images), self.config,
+                                    self.video_processor, [self.load_video(v) for v in videos])
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

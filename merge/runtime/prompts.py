@@ -34,13 +34,18 @@ from merge.contract.names import (
 from merge.errors import MergeError
 
 
-def chat_text(tokenizer: Any, prompt: str, n_images: int, n_videos: int = 0) -> str:
-    """One user turn: ``n_images`` images, ``n_videos`` videos, then ``prompt``; then the assistant's turn begins."""
+def chat_messages(prompt: str, n_images: int, n_videos: int = 0) -> list[dict]:
+    """One user turn as chat messages: ``n_images`` images, ``n_videos`` videos, then ``prompt``."""
     content: list[dict] = [{"type": "image"} for _ in range(n_images)]
     content += [{"type": "video"} for _ in range(n_videos)]
     content.append({"type": "text", "text": prompt})
-    messages = [{"role": "user", "content": content}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return [{"role": "user", "content": content}]
+
+
+def chat_text(tokenizer: Any, prompt: str, n_images: int, n_videos: int = 0) -> str:
+    """One user turn: ``n_images`` images, ``n_videos`` videos, then ``prompt``; then the assistant's turn begins."""
+    return tokenizer.apply_chat_template(chat_messages(prompt, n_images, n_videos), tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def process_images(image_processor: Any, images: Sequence, config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -93,18 +98,66 @@ def expand_video_tokens(text: str, video_grid_thw: np.ndarray, timestamps: Seque
     return "".join(out)
 
 
+def check_text(text: str, what: str = "the prompt") -> None:
+    """Text a user typed: valid Unicode, and no vision placeholder (those come from the images and videos given)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate (from surrogateescape'd bytes, or written as "\\ud800")
+        raise MergeError(f"{what} {text[:60]!r} holds {text[exc.start]!r} at character {exc.start}, a lone "
+                         "surrogate that no text encoding can write; prompts must be valid Unicode (UTF-8)") from None
+    typed = [t for t in (IMAGE_TOKEN, VIDEO_TOKEN, VISION_START_TOKEN, VISION_END_TOKEN) if t in text]
+    if typed:
+        raise MergeError(f"{what} contains {', '.join(typed)}: vision placeholders come from the images "
+                         "given, not from the text")
+
+
+def _message_texts(messages: Sequence[dict]) -> list[tuple[str, str]]:
+    """(where, text) of every text in ``messages``, and refuses a message the chat template cannot take."""
+    texts = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise MergeError(f"messages[{i}] must be an object with a role")
+        content = message.get("content")
+        if isinstance(content, str):
+            texts.append((f"messages[{i}].content", content))
+            continue
+        if not isinstance(content, list | tuple):
+            raise MergeError(f"messages[{i}].content must be a string or a list of parts")
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append((f"messages[{i}].content[{j}].text", part["text"]))
+            elif kind not in ("image", "video"):
+                raise MergeError(f"messages[{i}].content[{j}] must be a text, image or video part")
+    return texts
+
+
+def _count_parts(messages: Sequence[dict], kind: str) -> int:
+    return sum(1 for m in messages if isinstance(m.get("content"), list | tuple)
+               for part in m["content"] if part.get("type") == kind)
+
+
 def encode_prompt(tokenizer: Any, image_processor: Any, prompt: str, images: Sequence, config: ModelConfig,
                   video_processor: Any = None, videos: Sequence = ()) -> tuple[list[int], dict[str, np.ndarray]]:
     """(ids, {pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw}) of one user turn."""
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as exc:  # a lone surrogate (from surrogateescape'd bytes, or written as "\\ud800")
-        raise MergeError(f"the prompt {prompt[:60]!r} holds {prompt[exc.start]!r} at character {exc.start}, a lone "
-                         "surrogate that no text encoding can write; prompts must be valid Unicode (UTF-8)") from None
-    typed = [t for t in (IMAGE_TOKEN, VIDEO_TOKEN, VISION_START_TOKEN, VISION_END_TOKEN) if t in prompt]
-    if typed:
-        raise MergeError(f"the prompt text contains {', '.join(typed)}: vision placeholders come from the images "
-                         "given, not from the text")
+    check_text(prompt)
+    return encode_messages(tokenizer, image_processor, chat_messages(prompt, len(images), len(videos)), images,
+                           config, video_processor, videos)
+
+
+def encode_messages(tokenizer: Any, image_processor: Any, messages: Sequence[dict], images: Sequence,
+                    config: ModelConfig, video_processor: Any = None,
+                    videos: Sequence = ()) -> tuple[list[int], dict[str, np.ndarray]]:
+    """:func:`encode_prompt` for a whole conversation, then the assistant's turn: ``messages`` as the chat template
+    takes them (``{"role", "content"}``, the content a string or a list of ``{"type": "text", "text": ...}``,
+    ``{"type": "image"}`` and ``{"type": "video"}`` parts); ``images`` and ``videos`` go with the image and video
+    parts, in order."""
+    for where, text in _message_texts(messages):
+        check_text(text, where)
+    for kind, given in (("image", images), ("video", videos)):
+        parts = _count_parts(messages, kind)
+        if parts != len(given):
+            raise MergeError(f"the messages hold {parts} {kind} parts but {len(given)} {kind}s were given")
     found = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if found != config.image_token_id:
         raise MergeError(f"the tokenizer maps {IMAGE_TOKEN} to {found}, but config.json says image_token_id "
@@ -114,7 +167,7 @@ def encode_prompt(tokenizer: Any, image_processor: Any, prompt: str, images: Seq
                          f"config.json says video_token_id {config.video_token_id}")
     pixel_values, image_grid_thw = process_images(image_processor, images, config)
     video = process_videos(video_processor, videos, config)
-    text = chat_text(tokenizer, prompt, len(images), len(videos))
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
     text = expand_image_tokens(text, image_grid_thw, int(image_processor.merge_size))
     if videos:
         text = expand_video_tokens(text, video[VIDEO_GRID_THW], video["timestamps"], int(video_processor.merge_size))
@@ -163,6 +216,21 @@ def build_batch_inputs(tokenizer: Any, image_processor: Any, prompts: Sequence[s
                          "pad_token in tokenizer_config.json, or give one prompt at a time)")
     encoded = [encode_prompt(tokenizer, image_processor, p, imgs, config, video_processor, vids)
                for p, imgs, vids in zip(prompts, images, videos, strict=True)]
+    return _padded(encoded, pad_id, config)
+
+
+def build_message_inputs(tokenizer: Any, image_processor: Any, messages: Sequence[dict], images: Sequence,
+                         config: ModelConfig, video_processor: Any = None,
+                         videos: Sequence = ()) -> dict[str, np.ndarray]:
+    """:func:`build_inputs` for a conversation (see :func:`encode_messages`): one row, whose input ids equal
+    :func:`build_inputs`' when ``messages`` is one user turn of images, videos and text."""
+    encoded = encode_messages(tokenizer, image_processor, messages, images, config, video_processor, videos)
+    return _padded([encoded], tokenizer.pad_token_id, config)
+
+
+def _padded(encoded: list[tuple[list[int], dict[str, np.ndarray]]], pad_id: int | None,
+            config: ModelConfig) -> dict[str, np.ndarray]:
+    """Encoded rows as one left-padded batch."""
     length = max(len(ids) for ids, _ in encoded)
     input_ids = np.full((len(encoded), length), int(pad_id or 0), np.int64)  # one prompt: nothing is padded
     attention_mask = np.zeros((len(encoded), length), np.int64)
