@@ -192,6 +192,15 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="end the answer where TEXT first appears (not shown); repeat for several")
 
 
+def add_session_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--check-checksums`` / ``--threads``: how the folder is opened and its session run."""
+    parser.add_argument("--check-checksums", action="store_true",
+                        help="also hash the model files against merge.json's SHA-256 and refuse unlisted files")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="ONNX Runtime intra-op threads, from 1 to 4 per CPU this process may use (default: "
+                             "ONNX Runtime's choice)")
+
+
 def add_pixel_arguments(parser: argparse.ArgumentParser) -> None:
     """``--min-pixels`` / ``--max-pixels``: each image is resized so that its pixel count lies between them (sides
     multiples of patch x merge), overriding the folder's preprocessor_config.json as transformers' ``size`` does."""
@@ -223,11 +232,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser)
     add_pixel_arguments(parser)
     add_video_arguments(parser)
-    parser.add_argument("--check-checksums", action="store_true",
-                        help="also hash the model files against merge.json's SHA-256 and refuse unlisted files")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="ONNX Runtime intra-op threads, from 1 to 4 per CPU this process may use (default: "
-                             "ONNX Runtime's choice)")
+    add_session_arguments(parser)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

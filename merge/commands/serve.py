@@ -9,7 +9,7 @@ from pathlib import Path
 from merge.errors import MergeError
 
 from .extras import require
-from .run import add_pixel_arguments, add_video_arguments
+from .run import add_pixel_arguments, add_session_arguments, add_video_arguments
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +114,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="the model id the API lists and requests name (default: the folder's name)")
     add_pixel_arguments(parser)
     add_video_arguments(parser)
-    parser.add_argument("--check-checksums", action="store_true",
-                        help="also hash the model files against merge.json's SHA-256 and refuse unlisted files")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="ONNX Runtime intra-op threads, from 1 to 4 per CPU this process may use (default: "
-                             "ONNX Runtime's choice)")
+    add_session_arguments(parser)
     parser.set_defaults(func=serve)
     return parser
