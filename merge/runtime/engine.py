@@ -137,6 +137,7 @@ class Request:
             return
         if isinstance(event, Finished | Failed):
             self.outcome = event
+            self.engine._count(self)  # counted before any reader sees the end: stats() never lags an outcome
         try:
             self._sink(event)
         except Exception:  # a sink that fails (its reader's loop closed) must not stop the engine
@@ -399,9 +400,7 @@ class Engine:
             if not row.done and row.request.cancelled.is_set():
                 row.done = True
                 self._cancelled(row.request, len(row.tokens))
-            if row.done:
-                self._count(row.request)
-            else:
+            if not row.done:
                 keep.append(i)
         if joining or len(keep) != len(self._rows):
             self._relayout(keep, joining)
@@ -443,7 +442,6 @@ class Engine:
             self._failed(request, exc)
             return None
         if row.done:
-            self._count(request)
             return None
         kv = {name: cache.arrays[name][:, :, :length] for name in model.past_names}
         return row, kv, out[ROPE_DELTAS_OUT].astype(np.int64).reshape(1, 1)
@@ -458,7 +456,6 @@ class Engine:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             request._emit(Failed(f"the model failed on this request ({type(exc).__name__}: {first[:300]})",
                                  "internal"))
-        self._count(request)
 
     def _relayout(self, keep: list[int], joining: list[tuple[_Row, dict[str, np.ndarray], np.ndarray]]) -> None:
         arrays, mask = relayout(self._cache.arrays, self._mask, keep, [kv for _, kv, _ in joining], CACHE_STEP)
