@@ -1,8 +1,9 @@
 """``verify``'s PyTorch side: every stage's reference values from ``Qwen3VLForConditionalGeneration``.
 
-For int4 folders the reference carries the *same* 4-bit weights (quantized by the build's own quantizers,
-:mod:`merge.quantize`, and dequantized by the format's functions, :mod:`merge.contract.quant`), so quantization
-error is not mistaken for a graph error.
+For int4 folders the reference carries the *same* 4-bit (and 8-bit) weights (quantized by the build's own
+quantizers, :mod:`merge.quantize`, with the folder's method, block size, symmetry and per-matrix bits, and
+dequantized by the format's functions, :mod:`merge.contract.quant`), so quantization error is not mistaken for a
+graph error.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from merge.contract.names import VISION_DEEPSTACK_EMBEDS, VISION_IMAGE_EMBEDS
-from merge.contract.quant import QuantSpec, dequantize_int4_rows, dequantize_weight_int8
-from merge.quantize import quantize_weight_int4, quantize_weight_int8
+from merge.contract.quant import QuantSpec, dequantize_nbits_rows, dequantize_weight_int8
+from merge.quantize import quantize_weight_int8, quantize_weight_nbits
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +23,14 @@ INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "
               "pixel_values_videos", "video_grid_thw")
 
 
-def int4_weight(weight: np.ndarray, quant: QuantSpec) -> np.ndarray:
-    """A Linear weight [out, in] as the int4 folder holds it (quantized as the build does, dequantized)."""
+def int4_weight(weight: np.ndarray, quant: QuantSpec, name: str = "") -> np.ndarray:
+    """A Linear weight [out, in] as the int4 folder holds it (quantized as the build does, dequantized). ``name``
+    (the PyTorch parameter's or module's) says which matrix it is: the kinds ``quant.eight_bit`` names are 8-bit."""
     w = np.ascontiguousarray(np.asarray(weight, np.float32).T)  # [in, out] as MatMulNBits sees it
-    packed, scales, zero_points = quantize_weight_int4(w, quant.block_size, quant.symmetric)
-    return dequantize_int4_rows(packed, scales, zero_points, w.shape[0])
+    bits = quant.bits_for(name)
+    packed, scales, zero_points = quantize_weight_nbits(w, bits, quant.block_size, quant.symmetric,
+                                                        method=quant.method)
+    return dequantize_nbits_rows(packed, scales, zero_points, w.shape[0], bits)
 
 
 def int8_weight(weight: np.ndarray) -> np.ndarray:
@@ -41,17 +45,17 @@ def use_int4_weights_(model, quant: QuantSpec, shared_table: bool = False) -> in
     ``shared_table`` the token embeddings too (a tied int4 model reads them from the head's 4-bit blocks)."""
     import torch
 
-    def requantized(weight: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(int4_weight(weight.detach().float().numpy(), quant))
+    def requantized(weight: torch.Tensor, name: str) -> torch.Tensor:
+        return torch.from_numpy(int4_weight(weight.detach().float().numpy(), quant, name))
 
     count = 0
     with torch.no_grad():
-        for module in model.model.language_model.modules():
+        for name, module in model.model.language_model.named_modules():
             if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(requantized(module.weight))
+                module.weight.copy_(requantized(module.weight, name))
                 count += 1
         # The head is quantized on its own; an untied (or unshared) embedding table stays fp32.
-        model.lm_head.weight = torch.nn.Parameter(requantized(model.lm_head.weight))
+        model.lm_head.weight = torch.nn.Parameter(requantized(model.lm_head.weight, "lm_head"))
         if shared_table:
             model.model.language_model.embed_tokens.weight = model.lm_head.weight
     return count + 1
@@ -77,13 +81,13 @@ def quantized_weights(quant: QuantSpec | None, shared_table: bool, vision_int8: 
     import torch
 
     def transform(name: str, module, weight: np.ndarray) -> np.ndarray:
-        if quant is not None and (
-            name == "lm_head.weight"
-            or (shared_table and name.endswith("embed_tokens.weight") and "language_model" in name)
-            or (name.startswith("model.language_model.") and isinstance(module, torch.nn.Linear)
-                and name.endswith(".weight"))
-        ):
-            return int4_weight(weight, quant)
+        if quant is not None:
+            if name == "lm_head.weight" or (shared_table and name.endswith("embed_tokens.weight")
+                                            and "language_model" in name):
+                return int4_weight(weight, quant, "lm_head")  # a shared table is the head's own blocks
+            if (name.startswith("model.language_model.") and isinstance(module, torch.nn.Linear)
+                    and name.endswith(".weight")):
+                return int4_weight(weight, quant, name)
         if vision_int8 and name.startswith("model.visual.") and name.endswith(".weight") and isinstance(
                 module, torch.nn.Linear | torch.nn.Conv3d):
             return int8_weight(weight)

@@ -35,6 +35,7 @@ combined graph.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from graphs.builder import BOOL, FLOAT, INT64, GraphBuilder, make_model, tensor_input
@@ -48,17 +49,21 @@ from merge.contract.names import (
 
 INPUT_NAMES = EMBEDDING_MERGE_INPUTS
 output_names = embedding_merge_outputs
-TABLE_LAYOUTS = ("vocab_major", "hidden_major", "int4_blocks")
+TABLE_LAYOUTS = ("vocab_major", "hidden_major", "int4_blocks", "int8_blocks")
+# a tied quantized head's blocks (MatMulNBits' B), by the bits of their codes
+BLOCK_LAYOUT_BITS = {"int4_blocks": 4, "int8_blocks": 8}
 SCALES_INPUT = EMBEDDING_TABLE_SCALES  # only with table_layout="int4_blocks"
 
 
 def token_embeddings(b: GraphBuilder, table: ir.Value, input_ids: ir.Value, layout: str, hidden_size: int,
-                     scales: ir.Value | None = None, block_size: int = 32) -> ir.Value:
+                     scales: ir.Value | None = None, block_size: int = 32,
+                     zero_points: ir.Value | None = None) -> ir.Value:
     """``table[input_ids]`` -> [batch, sequence, hidden] for each table layout; the node is ``token_embeds``.
 
     ``vocab_major`` [vocab, hidden]: a Gather. ``hidden_major`` [hidden, vocab] (a tied fp32 head's weight):
-    Gather of columns, then a transpose (bit-equal). ``int4_blocks``: a tied int4 head's own MatMulNBits blocks,
-    uint8 [vocab, blocks, block_size / 2] with scales [vocab, blocks] (symmetric), read by
+    Gather of columns, then a transpose (bit-equal). ``int4_blocks`` / ``int8_blocks``: a tied quantized head's own
+    MatMulNBits blocks, uint8 [vocab, blocks, block_size * bits / 8] with scales [vocab, blocks] and, unless
+    symmetric, ``zero_points`` as MatMulNBits holds them ([vocab, ceil(blocks * bits / 8)]), read by
     ``GatherBlockQuantized`` along the last axis, so the head's bytes are stored once.
     """
     if layout == "vocab_major":
@@ -66,16 +71,42 @@ def token_embeddings(b: GraphBuilder, table: ir.Value, input_ids: ir.Value, layo
     if layout == "hidden_major":  # [hidden, batch, sequence] -> [batch, sequence, hidden]
         columns = b.op("Gather", [table, input_ids], {"axis": 1}, name="token_columns")
         return b.op("Transpose", [columns], {"perm": [1, 2, 0]}, name="token_embeds")
-    if layout != "int4_blocks" or scales is None:
-        raise ValueError(f"table layout {layout!r} needs {'scales' if layout == 'int4_blocks' else 'a known layout'}")
-    # GatherBlockQuantized wants scales of the data's rank: [vocab, blocks] -> [vocab, blocks, 1]
-    scales3 = b.op("Unsqueeze", [scales, b.const([2], "scales_axis")], name="scales_3d")
-    rows = b.op("GatherBlockQuantized", [table, input_ids, scales3],
-                {"gather_axis": 0, "quantize_axis": 2, "block_size": block_size, "bits": 4},
+    if layout not in BLOCK_LAYOUT_BITS or scales is None:
+        need = "scales" if layout in BLOCK_LAYOUT_BITS else "a known layout"
+        raise ValueError(f"table layout {layout!r} needs {need}")
+    bits = BLOCK_LAYOUT_BITS[layout]
+    # GatherBlockQuantized wants scales (and zero points) of the data's rank: [vocab, blocks] -> [vocab, blocks, 1]
+    axis = b.const([2], "scales_axis")
+    inputs = [table, input_ids, b.op("Unsqueeze", [scales, axis], name="scales_3d")]
+    if zero_points is not None:
+        inputs.append(b.op("Unsqueeze", [_zero_points_per_block(b, zero_points, hidden_size // block_size, bits),
+                                         axis], name="zero_points_3d"))
+    rows = b.op("GatherBlockQuantized", inputs,
+                {"gather_axis": 0, "quantize_axis": 2, "block_size": block_size, "bits": bits},
                 domain=MS_DOMAIN, name="token_blocks")  # [batch, sequence, blocks, block_size]
     shape = b.op("Concat", [b.op("Shape", [input_ids], name="ids_shape"), b.const([hidden_size], "hidden")],
                  {"axis": 0}, name="embeds_shape")
     return b.op("Reshape", [rows, shape], name="token_embeds")
+
+
+def _zero_points_per_block(b: GraphBuilder, zero_points: ir.Value, blocks: int, bits: int) -> ir.Value:
+    """MatMulNBits' zero points [vocab, ceil(blocks * bits / 8)] -> one per byte [vocab, blocks], as
+    GatherBlockQuantized reads them (measured on ONNX Runtime 1.32: it reads 4-bit zero points one per byte, not
+    packed as MatMulNBits stores them). Constant inputs only: ONNX Runtime folds this once, at session creation."""
+    if bits == 8:
+        return zero_points
+    low = b.op("BitwiseAnd", [zero_points, b.const(np.uint8(0x0F), "low_nibble")], name="zero_points_low")
+    high = b.op("BitShift", [zero_points, b.const(np.uint8(4), "nibble_bits")], {"direction": "RIGHT"},
+                name="zero_points_high")
+    axis = b.const([2], "pair_axis")
+    pairs = b.op("Concat", [b.op("Unsqueeze", [low, axis], name="low_3d"), b.op("Unsqueeze", [high, axis],
+                                                                             name="high_3d")],
+                 {"axis": 2}, name="zero_point_pairs")  # [vocab, ceil(blocks / 2), 2], low nibble first
+    flat = b.op("Reshape", [pairs, b.const([0, -1], "pairs_flat")], name="zero_points_unpacked")
+    if blocks % 2:  # the last byte's unused high nibble
+        flat = b.op("Slice", [flat, b.const([0], "zero_points_start"), b.const([blocks], "zero_points_stop"),
+                              b.const([1], "zero_points_axis")], name="zero_points_used")
+    return flat
 
 
 def build_embedding_merge(
@@ -102,7 +133,8 @@ def build_embedding_merge(
     decoder stores it, so the combined model does not store it twice. ``table_layout="int4_blocks"`` takes a
     tied int4 head's own 4-bit blocks as MatMulNBits stores them: ``embed_tokens`` uint8 [vocab,
     hidden/block_size, block_size/2] and ``embed_scales`` [vocab, hidden/block_size] (symmetric), read by
-    ``GatherBlockQuantized`` (see :func:`token_embeddings`).
+    ``GatherBlockQuantized`` (see :func:`token_embeddings`); ``int8_blocks`` likewise with 8-bit blocks
+    [vocab, hidden/block_size, block_size].
     """
     if hidden_size < 1:
         raise ValueError(f"hidden_size must be a positive integer, got {hidden_size}")
@@ -116,11 +148,12 @@ def build_embedding_merge(
     ids_name, table_name, embeds_name, deepstack_name, rows_name = INPUT_NAMES
     input_ids = tensor_input(ids_name, INT64, ["batch", "sequence"])
     embed_scales = None
-    if table_layout == "int4_blocks":
+    if table_layout in BLOCK_LAYOUT_BITS:
         if hidden_size % block_size:
-            raise ValueError(f"int4 blocks need hidden_size {hidden_size} divisible by block_size {block_size}")
+            raise ValueError(f"quantized blocks need hidden_size {hidden_size} divisible by block_size {block_size}")
         blocks = hidden_size // block_size
-        embed_tokens = tensor_input(table_name, ir.DataType.UINT8, ["vocab", blocks, block_size // 2])
+        blob = block_size * BLOCK_LAYOUT_BITS[table_layout] // 8
+        embed_tokens = tensor_input(table_name, ir.DataType.UINT8, ["vocab", blocks, blob])
         embed_scales = tensor_input(SCALES_INPUT, FLOAT, ["vocab", blocks])
     else:
         table_shape = ["vocab", hidden_size] if table_layout == "vocab_major" else [hidden_size, "vocab"]

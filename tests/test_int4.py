@@ -103,3 +103,86 @@ def test_block_size_option_builds_and_verifies(tmp_path, capsys):
     assert "--block-size applies to --precision int4 only" in capsys.readouterr().err
     assert main(["build", "--precision", "int4", "--block-size", "48", "--out", str(tmp_path / "y")]) == 2
     assert "power of two" in capsys.readouterr().err
+
+
+def _verify_last_line(folder, capsys, *extra) -> tuple[int, str]:
+    from merge.cli import main
+
+    code = main(["verify", str(folder), "--model", "tiny", "--max-new-tokens", "4", *extra])
+    return code, capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def _with_quantization(folder, to, **changes):
+    """A copy of ``folder`` whose merge.json says other quantization settings (and holds the same weights)."""
+    import shutil
+
+    shutil.copytree(folder, to)
+    path = to / "merge.json"
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            del data["quantization"][key]
+        else:
+            data["quantization"][key] = value
+    path.write_text(json.dumps(data, indent=2))
+    return to
+
+
+def test_searched_zero_point_blocks_build_and_verify(tmp_path, capsys):
+    """--int4-method search --zero-points: the manifest says so, the tied table reads the head's blocks with their
+    zero points, and verify (its reference requantized the same way) passes. Twin: the same folder with merge.json
+    saying rtn makes verify requantize the reference by rtn, and it fails."""
+    from merge.cli import main
+
+    out = tmp_path / "search"
+    assert main(["build", "--precision", "int4", "--int4-method", "search", "--zero-points", "--out", str(out)]) == 0
+    manifest = json.loads((out / "merge.json").read_text())
+    assert manifest["quantization"]["method"] == "search" and manifest["quantization"]["symmetric"] is False
+    assert manifest["embedding_table"] == "int4_blocks"
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    (gather,) = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(gather.input) == 4  # the zero points too
+    assert all(len(n.input) == 4 for n in model.graph.node if n.op_type == "MatMulNBits")
+    capsys.readouterr()
+    code, last = _verify_last_line(out, capsys)
+    assert code == 0 and last.startswith("PASSED"), last
+    twin = _with_quantization(out, tmp_path / "told-rtn", method="rtn")
+    code, last = _verify_last_line(twin, capsys)
+    assert code == 1 and last.startswith("FAILED"), last
+
+
+def test_eight_bit_matrices_build_and_verify(tmp_path, capsys):
+    """--eight-bit head,v_proj: those MatMulNBits are 8-bit (the tied table reads the head's 8-bit blocks), the
+    rest 4-bit; verify passes. Twin: merge.json without eight_bit makes the reference all 4-bit, and it fails."""
+    from merge.cli import main
+
+    out = tmp_path / "eight"
+    assert main(["build", "--precision", "int4", "--eight-bit", "head,v_proj", "--out", str(out)]) == 0
+    manifest = json.loads((out / "merge.json").read_text())
+    assert manifest["quantization"]["eight_bit"] == ["v_proj", "head"]
+    assert manifest["embedding_table"] == "int8_blocks"
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node
+            if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
+    eight = sorted(name for name, b in bits.items() if b == 8)
+    assert eight == sorted(["decoder/lm_head", "merge/embedding/embeds/tied/token_blocks"]
+                           + [f"decoder/layers.{i}/attn/v_proj/MatMul" for i in range(4)]), eight
+    assert sum(b == 4 for b in bits.values()) == 6 * 4
+    capsys.readouterr()
+    code, last = _verify_last_line(out, capsys)
+    assert code == 0 and last.startswith("PASSED"), last
+    twin = _with_quantization(out, tmp_path / "told-4-bit", eight_bit=[])
+    code, last = _verify_last_line(twin, capsys)
+    assert code == 1 and last.startswith("FAILED"), last
+    assert main(["build", "--precision", "int4", "--eight-bit", "lm_head", "--out", str(tmp_path / "x")]) == 2
+    assert "eight_bit names 'lm_head', not one of the matrix kinds" in capsys.readouterr().err
+
+
+def test_an_older_int4_manifest_verifies_as_rtn(int4_folder, tmp_path, capsys):
+    """A merge.json written before method and eight_bit existed reads as what it was (rtn, all 4-bit): verify
+    requantizes its reference that way and passes."""
+    old = _with_quantization(int4_folder, tmp_path / "old", method=None, eight_bit=None)
+    assert set(json.loads((old / "merge.json").read_text())["quantization"]) == {
+        "bits", "block_size", "symmetric", "accuracy_level", "scope"}
+    code, last = _verify_last_line(old, capsys)
+    assert code == 0 and last.startswith("PASSED"), last

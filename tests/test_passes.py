@@ -295,11 +295,48 @@ def test_untied_model_keeps_its_table(fresh):
     assert _token_lookup(model).inputs[0].name == "merge/embedding/embed_tokens"
 
 
-def test_twin_asymmetric_head_is_not_shared(fresh, caplog):
-    """A head quantized with zero points is not a layout the lookup reads the same way: the table stays."""
+@pytest.mark.parametrize(("quant", "layout"), [
+    (QuantSpec(symmetric=False), "int4_blocks"),
+    (QuantSpec(symmetric=False, method="search", eight_bit=("head",)), "int8_blocks"),
+    (QuantSpec(eight_bit=("head", "v_proj")), "int8_blocks"),
+])
+def test_share_tied_table_reads_quantized_heads(fresh, quant, layout):
+    """A head with zero points or in 8 bits is read from its own blocks too: its bytes and scales, and its zero
+    points through the unpacking ops (the lookup's numbers: test_embedding_merge and test_int4's verify)."""
     model, parts, config = fresh("tiny")
-    model, layout = stitch(model, config, parts, QuantSpec(symmetric=False))
-    assert layout == "vocab_major" and "stored twice" in caplog.text
+    model, got = stitch(model, config, parts, quant)
+    head = next(v for v in model.graph.outputs if v.name == "logits").producer()
+    lookup = _token_lookup(model)
+    assert got == layout and lookup.inputs[0] is head.inputs[1]
+    assert lookup.inputs[2].producer().inputs[0] is head.inputs[2]  # the head's scales, unsqueezed
+    if quant.symmetric:
+        assert len(lookup.inputs) == 3 and len(head.inputs) == 3
+    else:  # the head's zero points, unpacked (4 bits) and unsqueezed: no second copy stored
+        zero_points = lookup.inputs[3]
+        reads = set()
+        stack = [zero_points.producer()]
+        while stack:
+            node = stack.pop()
+            reads.update(v.name for v in node.inputs if v is not None and v.is_initializer())
+            stack.extend(v.producer() for v in node.inputs if v is not None and v.producer() is not None)
+        assert head.inputs[3].name in reads
+    assert "merge/embedding/embed_tokens" not in model.graph.initializers
+
+
+def test_twin_head_with_a_bias_is_not_shared(fresh, caplog):
+    """A head that is not a plain block table (here: a bias) is not a layout the lookup reads: the table stays."""
+    model, parts, config = fresh("tiny")
+    model = _run_until(model, config, parts, QuantizeInt4, quant=QuantSpec(symmetric=False))
+    head = next(v for v in model.graph.outputs if v.name == "logits").producer()
+    bias = ir.Value(name="head_bias", shape=ir.Shape([config.text.vocab_size]),
+                    type=ir.TensorType(ir.DataType.FLOAT))
+    bias.const_value = ir.tensor(np.zeros(config.text.vocab_size, np.float32), name="head_bias")
+    model.graph.register_initializer(bias)
+    head.resize_inputs(6)
+    head.replace_input_with(5, bias)
+    share = ShareTiedTable(True, config.text.hidden_size)
+    run_passes(model, [share])
+    assert share.layout == "vocab_major" and "stored twice" in caplog.text
     assert _token_lookup(model).inputs[0].name == "merge/embedding/embed_tokens"
 
 

@@ -1,10 +1,13 @@
-"""INT4 MatMulNBits quantization (the pass, the quantizers in merge.quantize, the format in merge.contract.quant):
+"""MatMulNBits quantization (the pass, the quantizers in merge.quantize, the format in merge.contract.quant):
 layout checked by ONNX Runtime against an independent numpy dequantization, closeness to fp32, lazy streaming at
-save time, and a broken twin (scales x2) that must fail."""
+save time, and a broken twin (scales x2) that must fail; the searched quantizer (never worse than rtn on any
+block), 8-bit blocks, the tied table's lookup of a quantized head, and the spec that chooses them."""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 
 import numpy as np
 import onnx_ir as ir
@@ -338,3 +341,202 @@ def test_dequantize_rows_equals_the_spec(symmetric, k, n, block):
     assert np.array_equal(dequantize_int4_rows(packed, scales, zero_points, k), spec)
     if not symmetric:
         assert not np.array_equal(dequantize_int4_rows(packed, scales, None, k), spec)
+
+
+# -- the searched quantizer, 8-bit blocks, and the spec that chooses them ------------------------------------------
+
+def _study_weight(shape, seed, block: int = BLOCK) -> np.ndarray:
+    """Heavy-tailed (Student t, 4 degrees of freedom) with input rows of different magnitudes, an all-zero block,
+    an all-positive column and a constant block: the cases a range-based scale handles worst or trips over."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_t(4, shape) * np.exp(rng.normal(0, 0.5, (shape[0], 1)))
+    w[:block, 0] = 0.0
+    w[:, 1] = np.abs(w[:, 1])
+    w[:block, 2] = 0.37
+    return w.astype(np.float32)
+
+
+def _block_errors(weight: np.ndarray, parts, bits: int, block: int) -> np.ndarray:
+    """Each block's squared error [N, k_blocks] against the spec's dequantization, over the rows up to K."""
+    from merge.contract.quant import dequantize_nbits
+
+    k, n = weight.shape
+    diff = dequantize_nbits(*parts, k, bits) - weight.astype(np.float64)
+    padded = np.zeros((-(-k // block) * block, n))
+    padded[:k] = diff**2
+    return padded.reshape(-1, block, n).sum(axis=1).T
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize(("shape", "block"), [((256, 48), 32), ((272, 33), 32), ((200, 20), 64), ((96, 8), 16)])
+def test_search_is_never_worse_than_rtn_on_any_block(shape, block, symmetric, bits):
+    """Every block's squared error under the searched scale and zero point is at most round-to-nearest's (the
+    search ends by keeping the better of the two per block), and in aggregate clearly below it: the search does
+    search. Its output is the MatMulNBits format: codes in range, integer zero points, float32 scales."""
+    from merge.quantize import quantize_weight_nbits
+
+    weight = _study_weight(shape, seed=sum(shape) + bits, block=block)
+    rtn = quantize_weight_nbits(weight, bits, block, symmetric, method="rtn")
+    found = quantize_weight_nbits(weight, bits, block, symmetric, method="search")
+    for ours, theirs in zip(found, rtn, strict=True):
+        assert (ours is None) == (theirs is None) == (symmetric and ours is None)
+        if ours is not None:
+            assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    rtn_err, found_err = _block_errors(weight, rtn, bits, block), _block_errors(weight, found, bits, block)
+    assert (found_err <= rtn_err).all(), np.argwhere(found_err > rtn_err)[:5]
+    ratio = found_err.sum() / rtn_err.sum()
+    log.info("search / rtn squared error, %d bits, %s, block %d, %s: %.3f", bits,
+             "sym" if symmetric else "asym", block, shape, ratio)
+    assert ratio < 0.985, ratio
+    assert found_err[0, 0] == 0.0  # the all-zero block stays exact
+
+
+def _one_matmul(weight: np.ndarray) -> ir.Model:
+    k, n = weight.shape
+    x = _fvalue("x", ["m", k])
+    w = _fvalue("w", (k, n))
+    w.const_value = ir.tensor(weight, name="w")
+    node = ir.Node("", "MatMul", [x, w], name="/model/layers.0/mlp/down_proj/MatMul")
+    y = node.outputs[0]
+    y.name, y.type, y.shape = "y", ir.TensorType(ir.DataType.FLOAT), ir.Shape(["m", n])
+    graph = ir.Graph([x], [y], nodes=[node], initializers=[w], opset_imports={"": 21}, name="one_matmul")
+    return ir.Model(graph, ir_version=10)
+
+
+def _outlier_activations(m: int, k: int, seed: int) -> np.ndarray:
+    """Activations with a few outlier channels, as a transformer's residual stream has."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[:, rng.choice(k, 4, replace=False)] *= 20
+    return x
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("accuracy_level", [1, 4])
+def test_searched_blocks_run_in_matmulnbits_as_dequantized(tmp_path, accuracy_level, symmetric, bits):
+    """ONNX Runtime's MatMulNBits on searched blocks equals x @ the spec's dequantization at M = 1, 8 and 226, with
+    and without zero points, at accuracy level 1 (fp32) and 4 (int8 activations): the search writes the kernel's
+    format exactly. (ONNX Runtime issue #29853 reports 46% error for zero-point weights at M = 1, level 4 on some
+    AVX2 machines: this test holds it.) Twin: the same weights dequantized without their zero points miss."""
+    from merge.contract.quant import dequantize_nbits
+    from merge.stitch.passes.quantize_int4 import quantize_matmuls_nbits
+
+    k, n = 272, 40  # 9 blocks of 32: an odd count (the last zero point byte half used) and a partial last block
+    weight = _study_weight((k, n), seed=7) * 0.05 + np.float32(0.01)  # an offset: zero points have work to do
+    model = _one_matmul(weight)
+    assert quantize_matmuls_nbits(model, bits=bits, block_size=BLOCK, accuracy_level=accuracy_level,
+                                  symmetric=symmetric, method="search") == 1
+    path = tmp_path / "one.onnx"
+    ir.save(model, path, external_data="one.onnx.data")
+    inits = ir.load(path).graph.initializers
+    zp = inits.get("w_zero_points")
+    assert (zp is None) == symmetric
+    parts = (inits[f"w_Q{bits}"].const_value.numpy(), inits["w_scales"].const_value.numpy(),
+             None if zp is None else zp.const_value.numpy())
+    deq = dequantize_nbits(*parts, k, bits)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for m in (1, 8, 226):
+        x = _outlier_activations(m, k, seed=m)
+        actual = session.run(None, {"x": x})[0]
+        result = compare(f"M={m}", actual, (x.astype(np.float64) @ deq).astype(np.float32),
+                         scale=DEQUANT_SCALE[accuracy_level])
+        log.info("%d bits, %s, level %d: %s", bits, "sym" if symmetric else "zero points", accuracy_level,
+                 result.line())
+        assert result.passed, result.line()
+        if not symmetric and accuracy_level == 1:
+            forgot = dequantize_nbits(parts[0], parts[1], None, k, bits)
+            assert not compare("twin", actual, (x.astype(np.float64) @ forgot).astype(np.float32),
+                               scale=DEQUANT_SCALE[4]).passed
+
+
+@pytest.mark.parametrize(("bits", "symmetric", "hidden", "block"),
+                         [(4, False, 96, 32), (4, False, 128, 32), (4, True, 128, 32), (8, False, 96, 32),
+                          (8, True, 64, 16)])
+def test_token_lookup_reads_a_quantized_heads_blocks(bits, symmetric, hidden, block):
+    """The tied table's lookup (GatherBlockQuantized on the head's own MatMulNBits blocks, zero points unpacked in
+    the graph) gives the spec's dequantized rows: 4 and 8 bits, an odd and an even number of blocks per row."""
+    from graphs.builder import GraphBuilder, make_model, tensor_input
+    from graphs.embedding_merge import token_embeddings
+    from merge.contract.names import OPSET
+    from merge.contract.quant import dequantize_nbits
+    from merge.quantize import quantize_weight_nbits
+    from tests.onnx_session import checked_session
+
+    vocab = 50
+    head = _study_weight((hidden, vocab), seed=hidden + bits) + np.float32(0.5)  # [hidden, vocab], as MatMul's B
+    parts = quantize_weight_nbits(head, bits, block, symmetric, method="search")
+    table = dequantize_nbits(*parts, hidden, bits).T.astype(np.float32)  # [vocab, hidden]
+    b = GraphBuilder("t/")
+    ids = tensor_input("ids", ir.DataType.INT64, ["batch", "sequence"])
+    data, scales, zero_points = (None if p is None else b.const(p, name) for p, name in
+                                 zip(parts, ("blocks", "scales", "zero_points"), strict=True))
+    layout = f"int{bits}_blocks"
+    out = token_embeddings(b, data, ids, layout, hidden, scales, block, zero_points)
+    out.type, out.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(["batch", "sequence", hidden])
+    session = checked_session(make_model(b, [ids], [out], name="lookup",
+                                         opset_imports={"": OPSET, "com.microsoft": 1}))
+    feed = np.array([[0, 7, 49, 3], [12, 12, 1, 48]], np.int64)
+    np.testing.assert_allclose(session.run(None, {"ids": feed})[0], table[feed], rtol=0, atol=1e-6)
+
+
+def test_quant_spec_round_trip_and_older_manifests():
+    """method and eight_bit go to merge.json and back; a quantization object written before them reads as the
+    scheme it was (rtn, all 4-bit); wrong values are refused with a sentence naming them."""
+    from merge.contract.quant import QuantSpec
+    from merge.errors import MergeError
+
+    spec = QuantSpec(block_size=64, symmetric=False, method="search", eight_bit=("head", "v_proj"))
+    data = json.loads(json.dumps(spec.to_json()))
+    assert data["method"] == "search" and data["eight_bit"] == ["v_proj", "head"]  # in MATRIX_KINDS' order
+    assert QuantSpec.from_json(data, "m") == spec
+    older = {"bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4, "scope": "decoder"}
+    assert QuantSpec.from_json(older, "m") == QuantSpec() and QuantSpec().method == "rtn"
+    assert QuantSpec.from_json(older, "m").eight_bit == ()
+    assert spec.scheme() == "int4 (block 64, zero points, search, 8-bit v_proj,head)" and QuantSpec().scheme() == "int4"
+    for bad, message in [({"method": "gptq"}, "method 'gptq' is not one of rtn, search"),
+                         ({"method": 1}, "quantization.method = 1 is not a str"),
+                         ({"eight_bit": "head"}, "quantization.eight_bit = 'head' is not a list"),
+                         ({"eight_bit": ["lm_head"]}, "eight_bit names 'lm_head', not one of the matrix kinds"),
+                         ({"eight_bit": [1]}, "is not a list of strings"),
+                         ({"eight_bit": ["head", "head"]}, "names a matrix kind twice")]:
+        with pytest.raises(MergeError, match=re.escape(message)):
+            QuantSpec.from_json({**older, **bad}, "m")
+    # which matrices are 8-bit, by their names in the graph and in PyTorch
+    assert [spec.bits_for(name) for name in (
+        "decoder/lm_head", "lm_head.weight", "decoder/layers.3/attn/v_proj/MatMul",
+        "model.language_model.layers.3.self_attn.v_proj.weight", "decoder/layers.3/attn/k_proj/MatMul",
+        "model.language_model.layers.0.mlp.down_proj")] == [8, 8, 8, 8, 4, 4]
+
+
+def test_quant_options_need_int4():
+    from merge.contract.quant import QuantSpec, quant_spec_for
+    from merge.errors import MergeError
+
+    assert quant_spec_for("int4", method="search", zero_points=True, eight_bit="head, down_proj") == QuantSpec(
+        symmetric=False, method="search", eight_bit=("head", "down_proj"))
+    assert quant_spec_for("int4") == QuantSpec()
+    for option, kwargs in [("--int4-method", {"method": "search"}), ("--zero-points", {"zero_points": True}),
+                           ("--eight-bit", {"eight_bit": "head"})]:
+        with pytest.raises(MergeError, match=f"{option} applies to --precision int4 only"):
+            quant_spec_for("fp32", **kwargs)
+
+
+def test_a_saved_reference_names_the_quantization_scheme():
+    """verify --reference refuses a reference saved for another scheme: the key names block size, zero points,
+    method and 8-bit matrices where they differ from the first int4 scheme (whose key stays "int4", so references
+    saved before still match the folders they were saved for)."""
+    from types import SimpleNamespace
+
+    from merge.contract.quant import QuantSpec
+    from merge.tools.verify import precision_key
+
+    def key(quant, vision="fp32"):
+        return precision_key(SimpleNamespace(precision="int4" if quant else "fp32", quantization=quant,
+                                             vision_precision=vision))
+
+    assert key(QuantSpec()) == "int4" and key(None, "int8") == "fp32+vision-int8"
+    assert key(QuantSpec(accuracy_level=1)) == "int4"  # the kernel's precision, not the weights
+    assert key(QuantSpec(symmetric=False, method="search"), "int8") == "int4 (zero points, search)+vision-int8"
+    assert key(QuantSpec(block_size=64, eight_bit=("head",))) == "int4 (block 64, 8-bit head)"

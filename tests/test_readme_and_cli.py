@@ -257,7 +257,7 @@ def test_cli_doc_synopses_name_every_option():
         synopsis = re.search(r"```\n(python -m merge " + name + r"\b.*?)```", sections[name], flags=re.S).group(1)
         options = {o for action in parser._actions for o in action.option_strings if o.startswith("--")}
         options -= {"--help", "--debug"}  # every command's, said once at the top of the page
-        named = set(re.findall(r"--[a-z][a-z-]*", synopsis))
+        named = set(re.findall(r"--[a-z][a-z0-9-]*", synopsis))
         assert named == options, f"{name}: synopsis lacks {sorted(options - named)}, names {sorted(named - options)}"
 
 

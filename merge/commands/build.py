@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from merge.contract.quant import PRECISIONS, VISION_PRECISIONS
+from merge.contract.quant import MATRIX_KINDS, METHODS, PRECISIONS, VISION_PRECISIONS
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,7 +22,8 @@ def run(args: argparse.Namespace) -> int:
     from merge.sources.resolve import resolve_model
     from merge.stitch.pipeline import build
 
-    quant = quant_spec_for(args.precision, args.block_size)
+    quant = quant_spec_for(args.precision, args.block_size, method=args.int4_method, zero_points=args.zero_points,
+                           eight_bit=args.eight_bit)
     source = resolve_model(args.model, args.cache_dir)
     print(f"model: {source.spec} ({source.folder})")
     result = build(source, Path(args.out), quant=quant, vision_precision=args.vision_precision, force=args.force,
@@ -43,6 +44,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--block-size", type=int, default=None, metavar="N",
                    help="int4 block along K (a power of two >= 16; default 32): larger blocks store fewer scales and "
                         "run faster, at some accuracy (verify reports it)")
+    p.add_argument("--int4-method", default=None, choices=METHODS,
+                   help="how int4 blocks are quantized: rtn (round to nearest from each block's range; the default) or "
+                        "search (each block's scale and zero point searched to minimise its squared error)")
+    p.add_argument("--zero-points", action="store_true",
+                   help="int4 blocks with a zero point each (asymmetric: a block's range need not be centred on 0; "
+                        "half a byte more per block); default symmetric")
+    p.add_argument("--eight-bit", default=None, metavar="KINDS",
+                   help="int4: comma-separated matrix kinds stored in 8 bits instead, in every layer (of "
+                        f"{', '.join(MATRIX_KINDS)}; e.g. head,v_proj)")
     p.add_argument("--vision-precision", default="fp32", choices=VISION_PRECISIONS,
                    help="vision products: fp32, or int8 (7-bit weight codes, exact on every CPU; activations "
                         "quantized at run time; uses the CPU's AMX / VNNI int8 units; verify reports its error)")

@@ -23,7 +23,8 @@ from .names import DATA_FILE, MANIFEST_FILE, MODEL_FILE, TOOL_NAME
 from .quant import PRECISIONS, VISION_PRECISIONS, QuantSpec
 from .reading import load_json, read_regular
 
-EMBEDDING_LAYOUTS = ("vocab_major", "hidden_major", "int4_blocks")
+EMBEDDING_LAYOUTS = ("vocab_major", "hidden_major", "int4_blocks", "int8_blocks")
+BLOCK_LAYOUTS = ("int4_blocks", "int8_blocks")  # a tied quantized head's own blocks serve as the token table
 MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a few KiB; a bigger file is not ours
 
 # The format this tool writes and the newest it reads. Raise it when a build starts writing something a reader

@@ -3,16 +3,17 @@
 :class:`QuantSpec` is the one description of a precision choice: it goes from the CLI through the build's
 passes into ``merge.json``, and ``verify`` reads it back to give its PyTorch reference the same weights.
 
-The MatMulNBits 4-bit block format, for a weight ``W`` [K, N] and ``k_blocks = ceil(K / block_size)`` (ONNX
-Runtime contrib op ``MatMulNBits``, as ``onnxruntime.quantization.matmul_nbits_quantizer`` writes it in QOperator
-format):
+The MatMulNBits block format, for a weight ``W`` [K, N], ``bits`` 4 or 8 and ``k_blocks = ceil(K / block_size)``
+(ONNX Runtime contrib op ``MatMulNBits``, as ``onnxruntime.quantization.matmul_nbits_quantizer`` writes it in
+QOperator format):
 
-* ``B``: uint8 [N, k_blocks, block_size / 2]; the codes of column n, block b, run along K, two per byte,
-  the even index in the low nibble. The padded tail of the last block (K not a multiple of block_size) is
-  never read by the kernel (it stops at K).
+* ``B``: uint8 [N, k_blocks, block_size * bits / 8]; the codes (0 .. 2**bits - 1) of column n, block b, run along
+  K; 4 bits: two per byte, the even index in the low nibble; 8 bits: one per byte. The padded tail of the last
+  block (K not a multiple of block_size) is never read by the kernel (it stops at K).
 * ``scales``: float32 [N, k_blocks].
-* ``zero_points``: uint8 [N, ceil(k_blocks / 2)], two per byte along the blocks, low nibble first (an odd
-  k_blocks leaves the last high nibble at 8). Omitted when ``symmetric``: the kernel then uses 8.
+* ``zero_points``: uint8 [N, ceil(k_blocks * bits / 8)]; 4 bits: two per byte along the blocks, low nibble first
+  (an odd k_blocks leaves the last high nibble at 8); 8 bits: one per byte. Omitted when ``symmetric``: the
+  kernel then uses 2**(bits - 1) (8, or 128).
 * dequantization: ``W[k, n] = (code - zero_point) * scale`` of the block holding k.
 
 The vision part's int8 products (contrib op ``DynamicQuantizeMatMul``'s B) hold int8 codes [in, out] and float32
@@ -32,7 +33,8 @@ the runtime reads quantized folders and never quantizes.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,6 +49,26 @@ VISION_PRECISIONS = ("fp32", "int8")
 # int8 products can never leave int16 (2 * 255 * 63 = 32130 <= 32767) on CPUs without VNNI.
 INT8_CODE_LIMIT = 63
 BITS = 4
+EIGHT_BITS = 8  # the precision of the matrices QuantSpec.eight_bit names
+# How block scales (and zero points) are chosen: "rtn" from each block's range (round to nearest, as ONNX
+# Runtime's own quantizer does); "search" by a search that minimises each block's squared error (see
+# merge.quantize). The format is the same.
+METHODS = ("rtn", "search")
+# The decoder's matrices by kind, as QuantSpec.eight_bit names them: a layer's projections, and the head.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+HEAD = "head"
+MATRIX_KINDS = (*PROJECTIONS, HEAD)
+HEAD_NAMES = ("lm_head",)  # the head's name in the decoder graph (decoder/lm_head) and in PyTorch (lm_head)
+
+
+def matrix_kind(name: str) -> str | None:
+    """The kind of one of the decoder's matrices (one of :data:`MATRIX_KINDS`) from its name, in the combined
+    graph (``decoder/layers.3/mlp/down_proj/MatMul``, ``decoder/lm_head``) or in PyTorch
+    (``model.language_model.layers.3.mlp.down_proj.weight``, ``lm_head.weight``); None for anything else."""
+    parts = re.split(r"[/.]", name)
+    if any(part in HEAD_NAMES for part in parts):
+        return HEAD
+    return next((part for part in reversed(parts) if part in PROJECTIONS), None)
 
 
 @dataclass(frozen=True)
@@ -60,6 +82,9 @@ class QuantSpec:
     # activations to int8 at run time, the fast CPU path.
     accuracy_level: int = 4
     scope: str = "decoder"  # which MatMuls: the decoder's, the head included; the vision part stays fp32
+    method: str = "rtn"  # how each block's scale (and zero point) is chosen: one of METHODS
+    # matrix kinds (MATRIX_KINDS) stored in 8 bits instead (same block size, symmetry and method), every layer's
+    eight_bit: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.bits != BITS:
@@ -67,42 +92,88 @@ class QuantSpec:
         check_block_size(self.block_size)
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise MergeError(f"quantization: accuracy_level {self.accuracy_level} is not one of 0..4")
+        if self.method not in METHODS:
+            raise MergeError(f"quantization: method {self.method!r} is not one of {', '.join(METHODS)}")
+        unknown = [kind for kind in self.eight_bit if kind not in MATRIX_KINDS]
+        if unknown:
+            raise MergeError(f"quantization: eight_bit names {', '.join(map(repr, unknown))}, not one of the "
+                             f"matrix kinds {', '.join(MATRIX_KINDS)}")
+        if len(set(self.eight_bit)) != len(self.eight_bit):
+            raise MergeError(f"quantization: eight_bit {list(self.eight_bit)} names a matrix kind twice")
+        # one spelling per choice (a tuple in MATRIX_KINDS' order), so equal choices compare and serialize equal
+        object.__setattr__(self, "eight_bit", tuple(kind for kind in MATRIX_KINDS if kind in self.eight_bit))
 
     @property
     def precision(self) -> str:
         return f"int{self.bits}"
 
+    def scheme(self) -> str:
+        """The weights this spec makes, in a few words: the precision, then what differs from the first scheme
+        (block 32, symmetric, rtn, all 4-bit). Two specs that make different weights from one checkpoint have
+        different schemes (accuracy_level changes the kernel, not the weights)."""
+        details = [f"block {self.block_size}"] if self.block_size != 32 else []
+        details += [] if self.symmetric else ["zero points"]
+        details += [] if self.method == "rtn" else [self.method]
+        details += [f"8-bit {','.join(self.eight_bit)}"] if self.eight_bit else []
+        return self.precision + (f" ({', '.join(details)})" if details else "")
+
+    def bits_for(self, name: str) -> int:
+        """The bits of the matrix called ``name`` (a graph node's or a PyTorch parameter's name, see
+        :func:`matrix_kind`): 8 for the kinds :attr:`eight_bit` names, else :attr:`bits`."""
+        return EIGHT_BITS if matrix_kind(name) in self.eight_bit else self.bits
+
     def to_json(self) -> dict:
-        return asdict(self)
+        return {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric,
+                "accuracy_level": self.accuracy_level, "scope": self.scope, "method": self.method,
+                "eight_bit": list(self.eight_bit)}
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> QuantSpec:
-        """From ``merge.json``'s ``quantization`` object; every field's type is checked."""
+        """From ``merge.json``'s ``quantization`` object; every field's type is checked. ``method`` and
+        ``eight_bit`` came later: a manifest without them was written by round-to-nearest, all 4-bit."""
         if not isinstance(data, dict):
             raise MergeError(f"{where}: quantization must be an object, found {type(data).__name__}")
-        types = {"bits": int, "block_size": int, "symmetric": bool, "accuracy_level": int, "scope": str}
+        types = {"bits": int, "block_size": int, "symmetric": bool, "accuracy_level": int, "scope": str,
+                 "method": str, "eight_bit": list}
+        later = {"method": "rtn", "eight_bit": []}  # absent from manifests written before them: their meaning then
         unknown = sorted(set(data) - set(types))
         if unknown:
             raise MergeError(f"{where}: quantization has unknown field(s) {unknown}")
+        fields = {}
         for key, kind in types.items():
-            if key not in data:
+            if key not in data and key not in later:
                 raise MergeError(f"{where}: quantization has no {key!r}")
-            value = data[key]
+            value = data.get(key, later.get(key))
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise MergeError(f"{where}: quantization.{key} = {value!r} is not a {kind.__name__}")
-        return cls(**data)
+            fields[key] = value
+        if not all(isinstance(kind, str) for kind in fields["eight_bit"]):
+            raise MergeError(f"{where}: quantization.eight_bit = {fields['eight_bit']!r} is not a list of strings")
+        return cls(**{**fields, "eight_bit": tuple(fields["eight_bit"])})
 
 
-def quant_spec_for(precision: str, block_size: int | None = None) -> QuantSpec | None:
-    """``--precision``: ``fp32`` (no quantization) or ``int4`` (block 32 unless ``block_size``, symmetric, int8
-    activations)."""
+def quant_spec_for(precision: str, block_size: int | None = None, *, method: str | None = None,
+                   zero_points: bool = False, eight_bit: str | None = None) -> QuantSpec | None:
+    """``--precision``: ``fp32`` (no quantization) or ``int4`` (block 32 unless ``block_size``, symmetric unless
+    ``zero_points``, round to nearest unless ``method``, int8 activations; ``eight_bit``: comma-separated matrix
+    kinds stored in 8 bits)."""
     if precision not in PRECISIONS:
         raise MergeError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
     if precision != "int4":
-        if block_size is not None:
-            raise MergeError("--block-size applies to --precision int4 only")
+        given = [option for option, value in (("--block-size", block_size), ("--int4-method", method),
+                                              ("--zero-points", zero_points or None), ("--eight-bit", eight_bit))
+                 if value is not None]
+        if given:
+            raise MergeError(f"{given[0]} applies to --precision int4 only")
         return None
-    return QuantSpec() if block_size is None else QuantSpec(block_size=block_size)
+    fields: dict[str, Any] = {"symmetric": not zero_points}
+    if block_size is not None:
+        fields["block_size"] = block_size
+    if method is not None:
+        fields["method"] = method
+    if eight_bit is not None:
+        fields["eight_bit"] = tuple(kind.strip() for kind in eight_bit.split(",") if kind.strip())
+    return QuantSpec(**fields)
 
 
 def precision_of(quant: QuantSpec | None) -> str:
@@ -121,35 +192,58 @@ def dequantize_weight_int8(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return (codes.astype(np.float32) * scale[None, :]).T
 
 
-def dequantize_int4(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int) -> np.ndarray:
-    """MatMulNBits' dequantization from the op's spec: W[k, n] = (code - zp) * scale, codes low nibble first."""
+def unpack_codes(packed: np.ndarray, bits: int = BITS) -> np.ndarray:
+    """MatMulNBits' B [N, k_blocks, bytes] -> its codes uint8 [N, k_blocks, block_size] (4 bits: low nibble
+    first)."""
+    if bits == EIGHT_BITS:
+        return packed
     n, kb, blob = packed.shape
-    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, kb, blob * 2).astype(np.float64)
-    scales = scales.reshape(n, kb).astype(np.float64)
+    codes = np.empty((n, kb, blob * 2), np.uint8)
+    codes[..., 0::2] = packed & 0x0F
+    codes[..., 1::2] = packed >> 4
+    return codes
+
+
+def unpack_zero_points(zero_points: np.ndarray | None, n: int, kb: int, bits: int = BITS) -> np.ndarray:
+    """MatMulNBits' zero_points [N, ceil(k_blocks * bits / 8)] (or None: 2**(bits - 1)) -> uint8 [N, k_blocks]."""
     if zero_points is None:
-        zp = np.full((n, kb), 8.0)
-    else:
-        zp = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(n, -1)[:, :kb].astype(np.float64)
-    w = (codes - zp[..., None]) * scales[..., None]
-    return w.reshape(n, kb * blob * 2)[:, :k].T
+        return np.full((n, kb), 1 << (bits - 1), np.uint8)
+    if bits == EIGHT_BITS:
+        return zero_points.reshape(n, kb)
+    return np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(n, -1)[:, :kb]
+
+
+def dequantize_nbits(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int,
+                     bits: int = BITS) -> np.ndarray:
+    """MatMulNBits' dequantization from the op's spec, [K, N] float64: W[k, n] = (code - zp) * scale."""
+    n, kb = packed.shape[:2]
+    codes = unpack_codes(packed, bits).astype(np.float64)
+    zp = unpack_zero_points(zero_points, n, kb, bits).astype(np.float64)
+    w = (codes - zp[..., None]) * scales.reshape(n, kb).astype(np.float64)[..., None]
+    return w.reshape(n, -1)[:, :k].T
+
+
+def dequantize_int4(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int) -> np.ndarray:
+    """:func:`dequantize_nbits` of 4-bit blocks."""
+    return dequantize_nbits(packed, scales, zero_points, k, BITS)
+
+
+def dequantize_nbits_rows(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int,
+                          bits: int = BITS) -> np.ndarray:
+    """:func:`dequantize_nbits` transposed, [N, K] float32 (a Linear's [out, in]), computed in float32: the same
+    values, since ``code - zero_point`` is a small integer and its product with a float32 scale rounds once
+    either way; faster, and without the float64 and transposed copies."""
+    n, kb = packed.shape[:2]
+    codes = unpack_codes(packed, bits).astype(np.float32)
+    codes -= unpack_zero_points(zero_points, n, kb, bits)[..., None].astype(np.float32)
+    codes *= scales.reshape(n, kb, 1).astype(np.float32)
+    return np.ascontiguousarray(codes.reshape(n, -1)[:, :k])
 
 
 def dequantize_int4_rows(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None,
                          k: int) -> np.ndarray:
-    """:func:`dequantize_int4` transposed, [N, K] float32 (a Linear's [out, in]), computed in float32: the same
-    values, since ``code - zero_point`` is a small integer and its product with a float32 scale rounds once
-    either way; faster, and without the float64 and transposed copies."""
-    n, kb, blob = packed.shape
-    codes = np.empty((n, kb, blob * 2), np.float32)
-    codes[..., 0::2] = packed & 0x0F
-    codes[..., 1::2] = packed >> 4
-    if zero_points is None:
-        codes -= 8
-    else:
-        zp = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(n, -1)[:, :kb]
-        codes -= zp[..., None].astype(np.float32)
-    codes *= scales.reshape(n, kb, 1).astype(np.float32)
-    return np.ascontiguousarray(codes.reshape(n, kb * blob * 2)[:, :k])
+    """:func:`dequantize_nbits_rows` of 4-bit blocks."""
+    return dequantize_nbits_rows(packed, scales, zero_points, k, BITS)
 
 
 def check_block_size(block_size: int) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 from merge.atomic import atomic_file
 from merge.contract.config import ModelConfig
 from merge.contract.folder import CombinedFolder
-from merge.contract.manifest import Manifest
+from merge.contract.manifest import BLOCK_LAYOUTS, Manifest
 from merge.contract.names import MERGED_INPUTS_EMBEDS, MERGED_POSITION_IDS, VISION_DEEPSTACK_EMBEDS, VISION_IMAGE_EMBEDS
 from merge.contract.reading import open_file
 from merge.errors import MergeError
@@ -391,7 +391,7 @@ def verify(folder: Path | CombinedFolder, *, model_folder: Path | None, prompt: 
         from merge.sources.checkpoint import Checkpoint
 
         weights = Checkpoint(model_folder)
-        model = load_model(model_folder, manifest.quantization, shared_table=manifest.embedding_table == "int4_blocks",
+        model = load_model(model_folder, manifest.quantization, shared_table=manifest.embedding_table in BLOCK_LAYOUTS,
                            vision_int8=manifest.vision_precision == "int8", stream=stream, weights=weights)
         ref = torch_reference(model, inputs, new_tokens)
         del model
@@ -427,8 +427,11 @@ def against_fp32(gen, fp32: dict[str, np.ndarray], inputs: dict[str, np.ndarray]
 
 
 def precision_key(manifest: Manifest) -> str:
-    """What a saved reference was computed for: the decoder's and the vision part's precision."""
-    return manifest.precision + ("" if manifest.vision_precision == "fp32" else f"+vision-{manifest.vision_precision}")
+    """What a saved reference was computed for: the decoder's precision with its quantization scheme (block size,
+    zero points, method, 8-bit matrices where they differ from the first int4 scheme, so a reference for one
+    scheme is not used for another) and the vision part's precision."""
+    decoder = manifest.quantization.scheme() if manifest.quantization is not None else manifest.precision
+    return decoder + ("" if manifest.vision_precision == "fp32" else f"+vision-{manifest.vision_precision}")
 
 
 def check_writable(path: Path, combined: CombinedFolder | None = None) -> None:

@@ -1,13 +1,15 @@
-"""Block-wise INT4 weight quantization of MatMuls into ``com.microsoft::MatMulNBits``, streamed at save time.
+"""Block-wise 4-bit (and 8-bit) weight quantization of MatMuls into ``com.microsoft::MatMulNBits``, streamed at
+save time.
 
 The GenAI model builder's own INT4 path holds every weight in fp32 in memory (a 4B build needs ~27 GiB), so
-the decoder graph keeps fp32 weights and they are quantized here, one tensor at a time. :func:`quantize_matmuls_int4`
+the decoder graph keeps fp32 weights and they are quantized here, one tensor at a time. :func:`quantize_matmuls_nbits`
 only rewrites the graph: each quantized initializer is an ``ir.LazyTensor`` whose function reads the fp32
 source (a lazy checkpoint read from :mod:`graphs.decoder`, or a memory-mapped ``ir.ExternalTensor`` from
 ``ir.load``) when ``ir.save`` writes it, quantizes it with numpy or ONNX Runtime's C++ routine
 (:mod:`merge.quantize`; the format and its numbers are :mod:`merge.contract.quant`), and unmaps the source again.
 Saving a model with many large MatMuls therefore holds about one weight's fp32 copy plus its packed form at a
-time. :class:`QuantizeInt4` is the build's pass: the decoder's MatMuls only (the vision part stays fp32).
+time. :class:`QuantizeInt4` is the build's pass: the decoder's MatMuls only (the vision part stays fp32), 4 bits
+but for the matrix kinds its :class:`~merge.contract.quant.QuantSpec` sends to 8 bits.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import onnx_ir as ir
 from graphs.builder import initializer
 from merge import quantize as quant
 from merge.contract.names import DECODER_SCOPE, MS_DOMAIN
-from merge.contract.quant import BITS, QuantSpec, check_block_size
+from merge.contract.quant import BITS, EIGHT_BITS, QuantSpec, check_block_size, matrix_kind
 
 from .base import StitchError, StitchPass
 
@@ -39,19 +41,27 @@ class _QuantJob:
     The source's memory map is released after every run.
     """
 
-    def __init__(self, source: ir.TensorProtocol, block_size: int, symmetric: bool, name: str) -> None:
+    def __init__(self, source: ir.TensorProtocol, block_size: int, symmetric: bool, name: str, *, bits: int = BITS,
+                 method: str = "rtn") -> None:
         self.source = source
         self.block_size = block_size
         self.symmetric = symmetric
         self.name = name
+        self.bits = bits
+        self.method = method
         self._pending: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
 
     def _compute(self) -> dict[str, np.ndarray]:
-        log.debug("quantizing %s %s to int4", self.name, tuple(self.source.shape))
+        log.debug("quantizing %s %s to %d bits (%s)", self.name, tuple(self.source.shape), self.bits, self.method)
         try:
             weight = self.source.numpy()
-            packed, scales, zero_points = quant.quantize_weight_int4(weight, self.block_size, self.symmetric)
+            if self.bits == BITS:
+                packed, scales, zero_points = quant.quantize_weight_int4(weight, self.block_size, self.symmetric,
+                                                                         method=self.method)
+            else:
+                packed, scales, zero_points = quant.quantize_weight_nbits(weight, self.bits, self.block_size,
+                                                                          self.symmetric, method=self.method)
             del weight  # drop the view on the memory map before it is closed
         finally:
             release = getattr(self.source, "release", None)
@@ -155,17 +165,24 @@ def _rewrite_initializers(graph: ir.Graph, replaced: dict[str, list[ir.Value]]) 
         graph.register_initializer(value)
 
 
-def quantize_matmuls_int4(
+def quantize_matmuls_int4(model: ir.Model, **options) -> int:
+    """:func:`quantize_matmuls_nbits` with 4 bits."""
+    return quantize_matmuls_nbits(model, bits=BITS, **options)
+
+
+def quantize_matmuls_nbits(
     model: ir.Model,
     *,
+    bits: int = BITS,
     block_size: int = 32,
     accuracy_level: int = 4,
     symmetric: bool = False,
+    method: str = "rtn",
     min_elements: int = 0,
     include: Callable[[ir.Node], bool] | None = None,
 ) -> int:
     """Replace every MatMul whose second input is a 2-D float32 initializer [K, N] by com.microsoft MatMulNBits
-    (bits=4), in place. Returns the number replaced.
+    (``bits`` 4 or 8), in place. Returns the number replaced.
 
     Each node is changed in place: it keeps its name, its A input and its output Value (so consumers and
     graph outputs need no rewiring); only op type, domain, inputs and attributes change. MatMuls in
@@ -178,14 +195,19 @@ def quantize_matmuls_int4(
     up to n weights are quantized at once.
 
     Args:
+        bits: 4 or 8.
         block_size: quantization block along K (power of two >= 16).
         accuracy_level: MatMulNBits' minimum compute precision of A (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8);
             4 quantizes A to int8 at run time, the fast CPU path; 0 leaves the attribute out.
-        symmetric: no zero points (the kernel uses 8); asymmetric blocks use the full 16 levels.
+        symmetric: no zero points (the kernel uses 2**(bits - 1)); asymmetric blocks use every level.
+        method: how blocks are quantized, "rtn" or "search" (:mod:`merge.quantize`).
         min_elements: skip weights with fewer than this many elements (K * N).
         include: further filter on the MatMul node.
     """
     check_block_size(block_size)
+    if bits not in (BITS, EIGHT_BITS):
+        raise ValueError(f"MatMulNBits: {bits} bits are not supported (only {BITS} and {EIGHT_BITS})")
+    per_byte = 8 // bits
     jobs: dict[int, tuple[ir.Value, ...]] = {}  # id(fp32 weight value) -> (B, scales[, zero_points]) values
     replaced_by_graph: dict[int, tuple[ir.Graph, dict[str, list[ir.Value]]]] = {}
     taken: dict[int, set[str]] = {}
@@ -202,12 +224,13 @@ def quantize_matmuls_int4(
         assert owner is not None, "an initializer belongs to a graph"
         if id(weight) not in jobs:
             names = taken.setdefault(id(owner), _all_value_names(owner))
-            job = _QuantJob(weight.const_value, block_size, symmetric, weight.name or node.name or "weight")
+            job = _QuantJob(weight.const_value, block_size, symmetric, weight.name or node.name or "weight",
+                            bits=bits, method=method)
             kb = -(-k // block_size)
-            specs = [("B", ir.DataType.UINT8, (n, kb, block_size // 2), f"_Q{BITS}")]
+            specs = [("B", ir.DataType.UINT8, (n, kb, block_size // per_byte), f"_Q{bits}")]
             specs.append(("scales", ir.DataType.FLOAT, (n, kb), "_scales"))
             if not symmetric:
-                specs.append(("zero_points", ir.DataType.UINT8, (n, (kb + 1) // 2), "_zero_points"))
+                specs.append(("zero_points", ir.DataType.UINT8, (n, -(-kb // per_byte)), "_zero_points"))
             values = []
             for key, dtype, shape, suffix in specs:
                 name = _unique(f"{weight.name or node.name}{suffix}", names)
@@ -229,7 +252,7 @@ def quantize_matmuls_int4(
         attrs = [
             ir.AttrInt64("K", k),
             ir.AttrInt64("N", n),
-            ir.AttrInt64("bits", BITS),
+            ir.AttrInt64("bits", bits),
             ir.AttrInt64("block_size", block_size),
         ]
         if accuracy_level:
@@ -243,35 +266,55 @@ def quantize_matmuls_int4(
     if count:
         model.opset_imports.setdefault(MS_DOMAIN, 1)
     log.info(
-        "int4: %d MatMul(s) -> MatMulNBits (%d weight(s), block %d, %s)",
+        "%d bits: %d MatMul(s) -> MatMulNBits (%d weight(s), block %d, %s, %s)",
+        bits,
         count,
         len(jobs),
         block_size,
         "symmetric" if symmetric else "asymmetric",
+        method,
     )
     return count
 
 
 class QuantizeInt4(StitchPass):
-    """The decoder's MatMuls (head included) become MatMulNBits with ``spec``'s settings, quantized at save time."""
+    """The decoder's MatMuls (head included) become MatMulNBits with ``spec``'s settings, quantized at save time:
+    4 bits, 8 for the matrix kinds ``spec.eight_bit`` names."""
 
-    summary = "decoder MatMuls -> MatMulNBits (4 bits), quantized while the model is written"
+    summary = "decoder MatMuls -> MatMulNBits (4 bits; 8 for the kinds asked), quantized while the model is written"
 
     def __init__(self, spec: QuantSpec) -> None:
         self.spec = spec
         self.count = 0
+        self.eight_bit_kinds: set[str] = set()
 
     def requires(self, model: ir.Model) -> None:
         if self.spec.scope != DECODER_SCOPE:
             raise StitchError(f"quantization scope {self.spec.scope!r} is not supported (only {DECODER_SCOPE!r})")
 
     def apply(self, model: ir.Model) -> bool:
-        self.count = quantize_matmuls_int4(
-            model, block_size=self.spec.block_size, accuracy_level=self.spec.accuracy_level,
-            symmetric=self.spec.symmetric, include=lambda node: (node.name or "").startswith(f"{DECODER_SCOPE}/"),
-        )
+        spec = self.spec
+
+        def in_decoder(node: ir.Node) -> bool:
+            return (node.name or "").startswith(f"{DECODER_SCOPE}/")
+
+        def eight_bit(node: ir.Node) -> bool:
+            if in_decoder(node) and spec.bits_for(node.name) == EIGHT_BITS:
+                self.eight_bit_kinds.add(matrix_kind(node.name))
+                return True
+            return False
+
+        options = {"block_size": spec.block_size, "accuracy_level": spec.accuracy_level,
+                   "symmetric": spec.symmetric, "method": spec.method}
+        # the 8-bit matrices first: the 4-bit call then finds them MatMulNBits already and leaves them
+        if spec.eight_bit:
+            self.count = quantize_matmuls_nbits(model, bits=EIGHT_BITS, include=eight_bit, **options)
+        self.count += quantize_matmuls_nbits(model, bits=spec.bits, include=in_decoder, **options)
         return self.count > 0
 
     def ensures(self, model: ir.Model) -> None:
         if not self.count:
             raise StitchError("no decoder MatMul was quantized")
+        missing = [kind for kind in self.spec.eight_bit if kind not in self.eight_bit_kinds]
+        if missing:
+            raise StitchError(f"eight_bit names {', '.join(missing)}, but the decoder has no such MatMul")

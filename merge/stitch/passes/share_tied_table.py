@@ -2,9 +2,10 @@
 
 - fp32 head (``MatMul`` with a [hidden, vocab] weight): the token lookup gathers columns of that weight
   (bit-equal to the table).
-- int4 head (``MatMulNBits``, symmetric, no padding): the lookup reads the head's own 4-bit blocks
-  [vocab, blocks, block/2] and scales with ``GatherBlockQuantized``, so neither the bytes nor the scales are
-  stored a second time, and no fp32 table is kept.
+- quantized head (``MatMulNBits``, 4 or 8 bits, with or without zero points, no padding): the lookup reads the
+  head's own blocks [vocab, blocks, block * bits / 8], scales and zero points with ``GatherBlockQuantized``, so
+  neither the bytes nor the scales are stored a second time, and no fp32 table is kept. (Its 4-bit zero points
+  are unpacked to one per byte by a few ops on constants, which ONNX Runtime folds when the session starts.)
 
 The checkpoint's own table, no longer read, is dropped by the clean-up (it was never loaded: it is lazy).
 """
@@ -31,9 +32,10 @@ def head_node(graph: ir.Graph) -> ir.Node | None:
 
 
 class ShareTiedTable(StitchPass):
-    """Sets ``layout`` to the table layout it leaves: vocab_major (untouched), hidden_major or int4_blocks."""
+    """Sets ``layout`` to the table layout it leaves: vocab_major (untouched), hidden_major, int4_blocks or
+    int8_blocks."""
 
-    summary = "a tied head's weight (fp32 or 4-bit blocks) serves as the token embedding table"
+    summary = "a tied head's weight (fp32, 4- or 8-bit blocks) serves as the token embedding table"
 
     def __init__(self, tied: bool, hidden_size: int) -> None:
         self.tied = tied
@@ -49,16 +51,16 @@ class ShareTiedTable(StitchPass):
             return False
         graph = model.graph
         head = head_node(graph)
-        source = self._fp32_weight(head) or self._int4_blocks(head)
+        source = self._fp32_weight(head) or self._blocks(head)
         if source is None:
             log.warning("tied embeddings, but the head (%s) is not a layout the embedding can read; the table is "
                         "stored twice", head.op_type if head is not None else "none")
             return False
-        layout, table, scales, block_size = source
+        layout, table, scales, block_size, zero_points = source
         old = find_node(graph, TOKEN_EMBEDS_NODE)
         b = GraphBuilder(EMBEDDING_PREFIX + "embeds/tied")
         # the ids the old lookup read: input_ids once CheckContract has checked them against the vocabulary
-        embeds = token_embeddings(b, table, old.inputs[1], layout, self.hidden_size, scales, block_size)
+        embeds = token_embeddings(b, table, old.inputs[1], layout, self.hidden_size, scales, block_size, zero_points)
         b.add_to(graph)
         ir.convenience.replace_all_uses_with(old.outputs[0], embeds)
         graph.remove(old, safe=True)
@@ -71,18 +73,22 @@ class ShareTiedTable(StitchPass):
         weight = head.inputs[1]
         if weight is None or weight.const_value is None or weight.shape is None or weight.shape[0] != self.hidden_size:
             return None
-        return "hidden_major", weight, None, 0
+        return "hidden_major", weight, None, 0, None
 
-    def _int4_blocks(self, head: ir.Node | None):
-        if head is None or head.op_type != "MatMulNBits" or (len(head.inputs) > 3 and head.inputs[3] is not None):
-            return None  # asymmetric (zero points) is not a layout GatherBlockQuantized reads the same way
+    def _blocks(self, head: ir.Node | None):
+        if head is None or head.op_type != "MatMulNBits" or len(head.inputs) > 4:
+            return None  # g_idx or a bias: not a plain block table
         attrs = {k: a.value for k, a in head.attributes.items()}
-        block = int(attrs.get("block_size", 0))
-        if attrs.get("bits") != 4 or attrs.get("K") != self.hidden_size or not block or self.hidden_size % block:
+        block, bits = int(attrs.get("block_size", 0)), attrs.get("bits")
+        layout = {4: "int4_blocks", 8: "int8_blocks"}.get(bits)
+        if layout is None or attrs.get("K") != self.hidden_size or not block or self.hidden_size % block:
             return None
         weight, scales = head.inputs[1], head.inputs[2]
+        zero_points = head.inputs[3] if len(head.inputs) > 3 else None
         vocab, blocks = int(attrs["N"]), self.hidden_size // block
-        if (weight.shape is None or list(weight.shape) != [vocab, blocks, block // 2]
-                or scales.shape is None or list(scales.shape) != [vocab, blocks]):
+        if (weight.shape is None or list(weight.shape) != [vocab, blocks, block * bits // 8]
+                or scales.shape is None or list(scales.shape) != [vocab, blocks]
+                or (zero_points is not None and (zero_points.shape is None or zero_points.const_value is None
+                                                 or list(zero_points.shape) != [vocab, -(-blocks * bits // 8)]))):
             return None
-        return "int4_blocks", weight, scales, block
+        return layout, weight, scales, block, zero_points
