@@ -121,7 +121,7 @@ def _with_quantization(folder, to, **changes):
     data = json.loads(path.read_text())
     for key, value in changes.items():
         if value is None:
-            del data["quantization"][key]
+            data["quantization"].pop(key, None)
         else:
             data["quantization"][key] = value
     path.write_text(json.dumps(data, indent=2))
@@ -176,6 +176,13 @@ def test_eight_bit_matrices_build_and_verify(tmp_path, capsys):
     assert code == 1 and last.startswith("FAILED"), last
     assert main(["build", "--precision", "int4", "--eight-bit", "lm_head", "--out", str(tmp_path / "x")]) == 2
     assert "eight_bit names 'lm_head', not one of the matrix kinds" in capsys.readouterr().err
+
+
+def test_a_default_build_writes_only_the_fields_older_releases_read(int4_folder):
+    """The default scheme's merge.json holds no method or eight_bit (their absence means rtn, all 4-bit), so the
+    releases before them, which refuse unknown fields, still read a default folder."""
+    quantization = json.loads((int4_folder / "merge.json").read_text())["quantization"]
+    assert set(quantization) == {"bits", "block_size", "symmetric", "accuracy_level", "scope"}
 
 
 def test_an_older_int4_manifest_verifies_as_rtn(int4_folder, tmp_path, capsys):

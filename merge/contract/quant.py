@@ -123,9 +123,16 @@ class QuantSpec:
         return EIGHT_BITS if matrix_kind(name) in self.eight_bit else self.bits
 
     def to_json(self) -> dict:
-        return {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric,
-                "accuracy_level": self.accuracy_level, "scope": self.scope, "method": self.method,
-                "eight_bit": list(self.eight_bit)}
+        """The fields that came later (``method``, ``eight_bit``) are written only when they differ from what their
+        absence means, so that a folder built with the default scheme stays readable by the releases before them
+        (which refuse unknown fields)."""
+        data = {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric,
+                "accuracy_level": self.accuracy_level, "scope": self.scope}
+        if self.method != "rtn":
+            data["method"] = self.method
+        if self.eight_bit:
+            data["eight_bit"] = list(self.eight_bit)
+        return data
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> QuantSpec:
