@@ -55,7 +55,7 @@ from merge.errors import MergeError
 
 from .cache import InPlaceCache
 from .model import CACHE_STEP, CombinedModel
-from .sampling import GREEDY, Sampling, StopScanner, TokenChooser, check_stop, cut_at_stop
+from .sampling import GREEDY, Sampling, StopScanner, TokenChooser, check_stop, ending
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +201,7 @@ class _Row:
         self.emit(self.stream.flush())
         if self.request.stop and (rest := self.scanner.flush()):
             self.request._emit(Piece(rest))
-        end = next((i for i, t in enumerate(self.tokens) if t in self.eos), len(self.tokens))
-        text, stopped = cut_at_stop(self.decode(self.tokens[:end]), self.request.stop)
-        reason = "stop" if end < len(self.tokens) or stopped or self.scanner.stopped else "length"
+        text, reason = ending(self.tokens, self.eos, self.decode, self.request.stop, self.scanner.stopped)
         self.request._emit(Finished(text, reason, self.request.prompt_tokens, len(self.tokens)))
 
 

@@ -44,7 +44,7 @@ from merge.errors import MergeError
 from .cache import METADATA_KEY as CACHE_METADATA_KEY
 from .cache import InPlaceCache
 from .interrupt import FirstCall, Watch, run_interruptibly
-from .sampling import Sampling, StopScanner, TokenChooser, check_stop, cut_at_stop
+from .sampling import Sampling, StopScanner, TokenChooser, check_stop, ending
 
 if TYPE_CHECKING:
     from .preprocess import Preprocessor
@@ -484,10 +484,9 @@ class CombinedModel:
                 finish(row)
         texts, reasons = [], []
         for row, tokens in enumerate(generation.tokens.tolist()):
-            end = next((i for i, t in enumerate(tokens) if t in eos), len(tokens))
-            text, stopped = cut_at_stop(pre.decode(tokens[:end]), stop)
+            text, reason = ending(tokens, eos, pre.decode, stop, scanners[row].stopped)
             texts.append(text)
-            reasons.append("stop" if end < len(tokens) or stopped or scanners[row].stopped else "length")
+            reasons.append(reason)
         mask = inputs["attention_mask"].astype(bool)
         image_tokens = int(((inputs["input_ids"] == self.config.image_token_id) & mask).sum())
         video_tokens = int(((inputs["input_ids"] == self.config.video_token_id) & mask).sum())

@@ -18,7 +18,7 @@ Stop strings end a row's text where one first appears (the text returned and str
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,7 +153,7 @@ class StopScanner:
         if self.stopped:
             return ""
         text = self.held + piece
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        cut = _first_stop(text, self.stop)
         if cut >= 0:
             self.stopped, self.held = True, ""
             return text[:cut]
@@ -168,7 +168,22 @@ class StopScanner:
         return text
 
 
+def _first_stop(text: str, stop: Sequence[str]) -> int:
+    """Where the first stop string in ``text`` starts, or -1."""
+    return min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """``text`` up to the first stop string (excluded), and whether one was found."""
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    cut = _first_stop(text, stop)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def ending(tokens: Sequence[int], eos: Collection[int], decode: Callable[[Sequence[int]], str],
+           stop: Sequence[str], stopped: bool) -> tuple[str, str]:
+    """A row's final text and OpenAI's finish reason, from all its tokens: the text up to the first end-of-sequence
+    token and then up to the first stop string; ``"stop"`` when either ended it (``stopped``: its scanner saw a
+    stop string), else ``"length"``. One rule for :meth:`CombinedModel.complete` and the serving engine."""
+    end = next((i for i, t in enumerate(tokens) if t in eos), len(tokens))
+    text, cut = cut_at_stop(decode(tokens[:end]), stop)
+    return text, "stop" if end < len(tokens) or cut or stopped else "length"
