@@ -242,7 +242,7 @@ class CombinedFolder:
         pages every ``every`` seconds, so that the weights already packed do not stay counted beside their packed
         copies until the end: the load's peak is then about its end state, not the two together. A page dropped
         while being read is read again from the page cache (the same bytes: the mapping is the file's)."""
-        if self.data is None or not hasattr(mmap, "MADV_DONTNEED"):
+        if not self._releasable:
             yield
             return
         done = threading.Event()
@@ -266,8 +266,13 @@ class CombinedFolder:
         that is the whole data file again. The few weights it reads in place (the token table, norms) come back
         from the page cache on first touch. The mapping stays, so nothing else changes: a file written in place
         shows through a shared mapping with or without this."""
-        if self.data is not None and hasattr(mmap, "MADV_DONTNEED"):
+        if self._releasable:
             self.data.madvise(mmap.MADV_DONTNEED)
+
+    @property
+    def _releasable(self) -> bool:
+        """A mapped data file whose pages the system can be told to drop (Linux, macOS)."""
+        return self.data is not None and hasattr(mmap, "MADV_DONTNEED")
 
     def file(self, name: str) -> bytes | None:
         """A preprocessing file's bytes as checked (None if the folder has none by that name)."""
