@@ -317,6 +317,8 @@ BAD_REQUESTS = [
     ({"max_completion_tokens": 1.5}, "max_completion_tokens"),
     ({"temperature": -1}, "temperature"),
     ({"temperature": "hot"}, "temperature"),
+    ({"model": None}, "model"),
+    ({"model": 3}, "model"),
     ({"top_p": 0}, "top_p"),
     ({"top_k": -2}, "top_k"),
     ({"seed": -1}, "seed"),

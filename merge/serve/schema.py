@@ -174,8 +174,11 @@ def parse_chat_request(body: Any, max_tokens_limit: int) -> ChatRequest:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     model = body.get("model")
+    if model is None:
+        raise bad_request("model is required (the id GET /v1/models lists)", "model")
     if not isinstance(model, str) or not model:
-        raise bad_request("model must be a string (the id GET /v1/models lists)", "model")
+        raise bad_request(f"model must be a non-empty string (the id GET /v1/models lists), got {model!r:.60}",
+                          "model")
     for name, neutral in UNSUPPORTED.items():
         if not neutral(body.get(name)):
             raise bad_request(f"{name} is not supported by this server (given {str(body.get(name))[:60]})", name)
