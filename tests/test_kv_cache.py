@@ -50,8 +50,7 @@ def test_folder_allows_it_and_generate_uses_it(model):
 
 @pytest.mark.parametrize("all_logits", [True, False])
 def test_in_place_equals_growing_on_a_left_padded_batch(model, batch, all_logits):
-    """``all_logits=False`` feeds logits_to_keep, which IOBinding cannot bind: that call runs plainly and its
-    present is copied into the buffers once."""
+    """``all_logits=False`` feeds logits_to_keep, an optional-typed input, bound as an OrtValue."""
     assert (batch["attention_mask"] == 0).any()  # the second row is padded
     _same(_generate(model, batch, in_place=True, all_logits=all_logits),
           _generate(model, batch, in_place=False, all_logits=all_logits))
@@ -71,6 +70,41 @@ def test_twin_new_keys_not_written_in_place_fails(model, batch, monkeypatch):
     broken = _generate(model, batch, in_place=True)
     np.testing.assert_array_equal(broken.prefill_logits, growing.prefill_logits)  # the first call has no past
     assert not np.allclose(broken.step_logits[-1], growing.step_logits[-1], atol=1e-3)
+
+
+class _Unbound:
+    """A session whose ``run`` fails: only ``run_with_iobinding`` may be used."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+    def run(self, *args, **kwargs):
+        raise AssertionError("session.run was called: present came back as a copy of the whole cache")
+
+
+@pytest.mark.parametrize("keep", [None, 1, 3])
+def test_calls_keeping_some_logits_write_in_place_too(model, keep):
+    """A prefill that keeps the last positions' logits (``logits_to_keep``, an optional-typed input that
+    ``bind_cpu_input`` refuses) still runs through the binding: ``present`` is the past's memory, never a second
+    cache (run through ``session.run`` it came back as a fresh copy of the whole capacity: a transient the size of
+    the cache on every such call, 3.5 GiB at 16k on 2B). Its logits equal the plain call's last positions."""
+    ids = np.array([[5, 6, 7, 8, 9, 10]], np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), **model.no_vision(),
+             "rope_deltas": np.zeros((1, 1), np.int64)}
+    if keep is not None:
+        feeds["logits_to_keep"] = np.array(keep, np.int64)
+    cache = InPlaceCache(_Unbound(model.session), model.past_names, 1, model.num_kv_heads, model.head_dim, 16)
+    before = {name: array.__array_interface__["data"][0] for name, array in cache.arrays.items()}
+    out = cache.run(feeds)
+    assert {name: array.__array_interface__["data"][0] for name, array in cache.arrays.items()} == before
+    plain = model.forward({k: v for k, v in feeds.items() if k != "logits_to_keep"} | {
+        p: np.zeros((1, model.num_kv_heads, 0, model.head_dim), np.float32) for p in model.past_names})
+    np.testing.assert_array_equal(out["logits"], plain["logits"][:, -(keep or ids.shape[1]):])
+    written = cache.arrays[model.past_names[0]][:, :, :ids.shape[1]]
+    np.testing.assert_array_equal(written, plain[present_name(model.past_names[0])])
 
 
 def test_plain_client_may_feed_capacity_buffers(model, batch):

@@ -44,8 +44,10 @@ class InPlaceCache:
         self.reserve(capacity)
         self.output_names = [o.name for o in session.get_outputs()
                              if o.name not in {present_name(p) for p in past_names}]
-        # IOBinding binds tensors only, not an optional-typed input (logits_to_keep): a call feeding one runs plainly
-        self.unbindable = {i.name for i in session.get_inputs() if i.type.startswith("optional(")}
+        # optional-typed inputs (logits_to_keep): bound as OrtValues. Run through session.run instead, a call would
+        # get ``present`` back as a fresh copy of the whole cache (a transient of the cache's size on every prefill
+        # call that keeps one position's logits: 3.5 GiB at 16k on 2B)
+        self.optional = {i.name for i in session.get_inputs() if i.type.startswith("optional(")}
 
     def reserve(self, capacity: int) -> None:
         """Room for at least ``capacity`` positions: larger buffers, what is written so far copied over (once per
@@ -86,11 +88,13 @@ class InPlaceCache:
         for name in feeds:
             if name in self.buffers:
                 raise MergeError(f"{name} is the in-place cache's own buffer; do not feed it")
-        if self.unbindable & set(feeds):
-            return self._run_plainly(feeds, run_options)
         binding = self.session.io_binding()
         for name, value in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            if name in self.optional:  # bind_cpu_input refuses an optional-typed input; an OrtValue of it binds
+                # (np.require, not ascontiguousarray: that makes a scalar 1-D)
+                binding.bind_ortvalue_input(name, self._ortvalue(np.require(value, requirements="C")))
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in self.output_names:  # ONNX Runtime allocates these; they come back in this order
             binding.bind_output(name)
         for name, buffer in self.buffers.items():
@@ -102,12 +106,3 @@ class InPlaceCache:
 
     def _bind_present(self, binding, name: str, buffer) -> None:
         binding.bind_ortvalue_output(name, buffer)  # the same memory as the past: written in place
-
-    def _run_plainly(self, feeds: dict[str, np.ndarray], run_options=None) -> dict[str, np.ndarray]:
-        """The same call through ``session.run``: the buffers go in as plain arrays, and what comes back as
-        ``present`` (the same capacity) is copied into them: one copy of the cache, for this call only."""
-        presents = [present_name(name) for name in self.arrays]
-        values = self.session.run(self.output_names + presents, {**feeds, **self.arrays}, run_options)
-        for array, present in zip(self.arrays.values(), values[len(self.output_names):], strict=True):
-            np.copyto(array, present)
-        return dict(zip(self.output_names, values[:len(self.output_names)], strict=True))
