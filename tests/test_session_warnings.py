@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -51,3 +52,29 @@ def test_twin_an_initializer_listed_as_an_input_warns(combined, tmp_path):
     path = tmp_path / "model.onnx"
     onnx.save(model, str(path))
     assert "appears in graph inputs" in _load_prints(path)
+
+
+def test_an_onnx_runtime_without_the_folders_ops_is_named_with_the_version_needed(combined, monkeypatch, capsys):
+    """ONNX Runtime 1.28 and older load no combined folder (``MRotaryEmbedding ... is not a registered function/op``,
+    checked by hand for 1.22, 1.24, 1.26 and 1.28; 1.29 and 1.30 load and answer): the error says which version is
+    needed, and pyproject.toml asks for the same one."""
+    import tomllib
+
+    import onnxruntime as ort
+
+    from merge.cli import main as cli_main
+    from merge.contract import folder as folder_module
+
+    root = Path(__file__).resolve().parents[1]
+    wanted = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"onnxruntime>={folder_module.MIN_ONNXRUNTIME}" in wanted
+
+    def old_runtime(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Load model from model.onnx failed:Fatal error: "
+                           "com.microsoft:MRotaryEmbedding(-1) is not a registered function/op")
+
+    monkeypatch.setattr(ort, "InferenceSession", old_runtime)
+    rc = cli_main(["run", str(combined("tiny")), "--prompt", "Hi", "--max-new-tokens", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"needs onnxruntime>={folder_module.MIN_ONNXRUNTIME}" in err and ort.__version__ in err, err

@@ -47,6 +47,9 @@ from .reading import load_json, open_file, open_regular, read_and_close, read_fd
 
 MAX_SMALL_FILE_BYTES = 64 << 20  # tokenizer.json and friends are a few MB
 MAX_MODEL_BYTES = 2 << 30  # a protobuf cannot be larger; the weights live in the data file
+# the oldest ONNX Runtime that has every op a combined folder uses (MRotaryEmbedding came in 1.29; 1.28 refuses to
+# load the model); pyproject.toml asks for the same
+MIN_ONNXRUNTIME = "1.29"
 
 
 def _plain_name(name: str, where: str) -> str:
@@ -208,8 +211,11 @@ class CombinedFolder:
                                                providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as exc:  # ONNX Runtime raises its own exception types for every load failure
             text = str(exc).strip()
-            raise MergeError(f"{self.model_path}: ONNX Runtime cannot load it ({text.splitlines()[0] if text else exc})"
-                             ) from exc
+            first = text.splitlines()[0] if text else str(exc)
+            if "is not a registered function/op" in first:  # an ONNX Runtime older than the ops the folder uses
+                first += (f"; this is ONNX Runtime {ort.__version__}, the folder needs onnxruntime>="
+                          f"{MIN_ONNXRUNTIME} (pip install -U 'onnxruntime>={MIN_ONNXRUNTIME}')")
+            raise MergeError(f"{self.model_path}: ONNX Runtime cannot load it ({first})") from exc
         if values is not None:
             session._merge_mapped_initializers = values  # the session reads them in place: they live as long as it
         self.release_data_pages()
