@@ -285,15 +285,15 @@ def child(args) -> int:
 
 
 def prepare(args, work: Path, source) -> dict[str, Path]:
-    """The combined int4 folder (built if absent) and the bare decoder with the same 4-bit weights."""
-    from merge.contract.quant import QuantSpec
+    """The combined int4 folder (the default scheme; built if absent) and the bare decoder with the same weights."""
+    from merge.contract.quant import DEFAULT_INT4, EIGHT_BITS
     from merge.stitch.pipeline import build
 
     paths = {}
     combined = args.combined or work / "combined"
     if not (combined / "model.onnx").is_file():
         print(f"building {combined} (int4)", flush=True)
-        build(source, combined, quant=QuantSpec(), force=True)
+        build(source, combined, quant=DEFAULT_INT4, force=True)
     paths["combined"] = paths["combined-growing"] = combined
     bare = work / "bare"
     if "bare" in args.systems and not (bare / "decoder.onnx").is_file():
@@ -302,13 +302,16 @@ def prepare(args, work: Path, source) -> dict[str, Path]:
         from graphs.decoder import DecoderOptions
         from merge.sources.checkpoint import Checkpoint
         from merge.stitch.decoder import write_decoder
-        from merge.stitch.passes.quantize_int4 import quantize_matmuls_int4
+        from merge.stitch.passes.quantize_int4 import quantize_matmuls_int4, quantize_matmuls_nbits
 
-        spec = QuantSpec()
-        # the bare decoder (no stitch options); weights read (and quantized) when saved
+        spec = DEFAULT_INT4
+        # the bare decoder (no stitch options), with the combined model's scheme; weights quantized when saved
         model = write_decoder(Checkpoint(source.folder), source.config, DecoderOptions())
-        quantize_matmuls_int4(model, block_size=spec.block_size, accuracy_level=spec.accuracy_level,
-                              symmetric=spec.symmetric)
+        options = {"block_size": spec.block_size, "accuracy_level": spec.accuracy_level,
+                   "symmetric": spec.symmetric, "method": spec.method}
+        quantize_matmuls_nbits(model, bits=EIGHT_BITS, include=lambda n: spec.bits_for(n.name) == EIGHT_BITS,
+                               **options)
+        quantize_matmuls_int4(model, **options)
         bare.mkdir(parents=True, exist_ok=True)
         ir.save(model, bare / "decoder.onnx", external_data="decoder.onnx.data")
         (bare / "config.json").write_text((source.folder / "config.json").read_text())

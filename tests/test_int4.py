@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
+from merge.contract.quant import DEFAULT_INT4
 from merge.runtime import CombinedModel
 from merge.tools.compare import compare
 from tests.test_combined_parity import _case_inputs, _masked, _reference
@@ -32,17 +33,18 @@ def test_int4_structure(int4_folder, sources):
     assert not decoder_matmuls
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["precision"] == "int4"
-    # tiny is tied: its embeddings are read from the head's own 4-bit blocks, not from an fp32 table
-    assert meta["embedding_table"] == "int4_blocks"
+    # tiny is tied: its embeddings are read from the head's own blocks (8-bit in the default scheme), not from an
+    # fp32 table
+    assert meta["embedding_table"] == f"int{DEFAULT_INT4.bits_for('lm_head.weight')}_blocks" == "int8_blocks"
     (gather,) = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
     (head,) = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits"]
     producers = {o: n for n in model.graph.node for o in n.output}
-    assert gather.input[0] == head.input[1]  # the head's own 4-bit bytes: stored once
+    assert gather.input[0] == head.input[1]  # the head's own bytes: stored once
     scales = producers[gather.input[2]]
     assert scales.op_type == "Unsqueeze" and scales.input[0] == head.input[2]  # and the same scales
     vocab = sources("tiny").config.text.vocab_size
     tables = [t.name for t in model.graph.initializer if vocab in t.dims]
-    assert sorted(tables) == sorted([head.input[1], head.input[2]]), tables  # no second copy of either
+    assert sorted(tables) == sorted(head.input[1:4]), tables  # no second copy of bytes, scales or zero points
 
 
 @pytest.mark.parametrize("case", ["text", "one_image"])
@@ -135,7 +137,8 @@ def test_searched_zero_point_blocks_build_and_verify(tmp_path, capsys):
     from merge.cli import main
 
     out = tmp_path / "search"
-    assert main(["build", "--precision", "int4", "--int4-method", "search", "--zero-points", "--out", str(out)]) == 0
+    assert main(["build", "--precision", "int4", "--int4-method", "search", "--zero-points", "--eight-bit", "none",
+                 "--out", str(out)]) == 0
     manifest = json.loads((out / "merge.json").read_text())
     assert manifest["quantization"]["method"] == "search" and manifest["quantization"]["symmetric"] is False
     assert manifest["embedding_table"] == "int4_blocks"
@@ -178,17 +181,32 @@ def test_eight_bit_matrices_build_and_verify(tmp_path, capsys):
     assert "eight_bit names 'lm_head', not one of the matrix kinds" in capsys.readouterr().err
 
 
-def test_a_default_build_writes_only_the_fields_older_releases_read(int4_folder):
-    """The default scheme's merge.json holds no method or eight_bit (their absence means rtn, all 4-bit), so the
-    releases before them, which refuse unknown fields, still read a default folder."""
-    quantization = json.loads((int4_folder / "merge.json").read_text())["quantization"]
+@pytest.fixture(scope="module")
+def older_scheme_folder(tmp_path_factory):
+    """tiny built with the scheme that was the default before (rtn, symmetric, every matrix in 4 bits)."""
+    from merge.cli import main
+
+    out = tmp_path_factory.mktemp("older") / "int4"
+    assert main(["build", "--precision", "int4", "--int4-method", "rtn", "--no-zero-points", "--eight-bit", "none",
+                 "--out", str(out)]) == 0
+    return out
+
+
+def test_the_older_scheme_writes_only_the_fields_older_releases_read(int4_folder, older_scheme_folder):
+    """The older scheme's merge.json holds no method or eight_bit (their absence means rtn, all 4-bit), so the
+    releases before them, which refuse unknown fields, still read such a folder; the default scheme's names both."""
+    quantization = json.loads((older_scheme_folder / "merge.json").read_text())["quantization"]
     assert set(quantization) == {"bits", "block_size", "symmetric", "accuracy_level", "scope"}
+    assert quantization["symmetric"] is True
+    default = json.loads((int4_folder / "merge.json").read_text())["quantization"]
+    assert default["method"] == "search" and default["symmetric"] is False
+    assert default["eight_bit"] == ["v_proj", "o_proj", "head"]
 
 
-def test_an_older_int4_manifest_verifies_as_rtn(int4_folder, tmp_path, capsys):
+def test_an_older_int4_manifest_verifies_as_rtn(older_scheme_folder, tmp_path, capsys):
     """A merge.json written before method and eight_bit existed reads as what it was (rtn, all 4-bit): verify
     requantizes its reference that way and passes."""
-    old = _with_quantization(int4_folder, tmp_path / "old", method=None, eight_bit=None)
+    old = _with_quantization(older_scheme_folder, tmp_path / "old", method=None, eight_bit=None)
     assert set(json.loads((old / "merge.json").read_text())["quantization"]) == {
         "bits", "block_size", "symmetric", "accuracy_level", "scope"}
     code, last = _verify_last_line(old, capsys)

@@ -516,8 +516,14 @@ def test_quant_options_need_int4():
 
     assert quant_spec_for("int4", method="search", zero_points=True, eight_bit="head, down_proj") == QuantSpec(
         symmetric=False, method="search", eight_bit=("head", "down_proj"))
-    assert quant_spec_for("int4") == QuantSpec()
+    # the default: zero points, searched, v_proj/o_proj/head in 8 bits; each option replaces its part of it
+    assert quant_spec_for("int4") == QuantSpec(symmetric=False, method="search", eight_bit=("v_proj", "o_proj", "head"))
+    assert quant_spec_for("int4", method="rtn", zero_points=False, eight_bit="none") == QuantSpec()
+    assert quant_spec_for("int4", eight_bit="head") == QuantSpec(symmetric=False, method="search", eight_bit=("head",))
+    assert quant_spec_for("int4", zero_points=False).symmetric
+    assert quant_spec_for("int4", block_size=64).block_size == 64
     for option, kwargs in [("--int4-method", {"method": "search"}), ("--zero-points", {"zero_points": True}),
+                           ("--zero-points", {"zero_points": False}),
                            ("--eight-bit", {"eight_bit": "head"})]:
         with pytest.raises(MergeError, match=f"{option} applies to --precision int4 only"):
             quant_spec_for("fp32", **kwargs)

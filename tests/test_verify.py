@@ -180,8 +180,10 @@ def test_verify_int4_prints_kl_and_top1_against_fp32(combined, tmp_path, capsys)
     assert figures["top1"] == pytest.approx((ours.argmax(-1) == fp32.argmax(-1)).mean())
     assert figures["rel_error"] == pytest.approx(np.linalg.norm(ours - fp32) / np.linalg.norm(fp32), rel=1e-4)
     # twins: the other direction, and the requantized reference (what the judged stages use), are other numbers
+    # (for small errors the two directions agree to second order: 0.4% apart with the default scheme here, still
+    # 40 times the 1e-4 the figure is held to above)
     reversed_ = (np.exp(log_q) * (log_q - log_p)).sum(-1).mean()
-    assert abs(reversed_ - figures["kl_mean"]) > 0.05 * figures["kl_mean"]
+    assert abs(reversed_ - figures["kl_mean"]) > 10 * 1e-4 * figures["kl_mean"]
     requantized = log_softmax(arrays["ref/prefill_logits"][real].astype(np.float64))
     assert (np.exp(requantized) * (requantized - log_q)).sum(-1).mean() < 0.5 * figures["kl_mean"]
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from merge.contract.quant import MATRIX_KINDS, METHODS, PRECISIONS, VISION_PRECISIONS
+from merge.contract.quant import (
+    DEFAULT_EIGHT_BIT,
+    MATRIX_KINDS,
+    METHODS,
+    NO_EIGHT_BIT,
+    PRECISIONS,
+    VISION_PRECISIONS,
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,19 +47,22 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default="tiny", help="preset name, local HF folder or hub id (default: tiny)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="decoder weights: fp32, or int4 (MatMulNBits, block 32) for the CPU")
+                   help="decoder weights: fp32, or int4 (MatMulNBits, block 32; by default with zero points, searched "
+                        "scales, and v_proj, o_proj and the head in 8 bits: closer to fp32 than llama.cpp's Q4_K_M)")
     p.add_argument("--block-size", type=int, default=None, metavar="N",
                    help="int4 block along K (a power of two >= 16; default 32): larger blocks store fewer scales and "
                         "run faster, at some accuracy (verify reports it)")
     p.add_argument("--int4-method", default=None, choices=METHODS,
-                   help="how int4 blocks are quantized: rtn (round to nearest from each block's range; the default) or "
-                        "search (each block's scale and zero point searched to minimise its squared error)")
-    p.add_argument("--zero-points", action="store_true",
+                   help="how int4 blocks are quantized: search (each block's scale and zero point searched to "
+                        "minimise its squared error; the default) or rtn (round to nearest from each block's range: "
+                        "about 10x faster to build, further from fp32)")
+    p.add_argument("--zero-points", default=None, action=argparse.BooleanOptionalAction,
                    help="int4 blocks with a zero point each (asymmetric: a block's range need not be centred on 0; "
-                        "half a byte more per block); default symmetric")
+                        "half a byte more per block; the default); --no-zero-points: symmetric")
     p.add_argument("--eight-bit", default=None, metavar="KINDS",
                    help="int4: comma-separated matrix kinds stored in 8 bits instead, in every layer (of "
-                        f"{', '.join(MATRIX_KINDS)}; e.g. head,v_proj)")
+                        f"{', '.join(MATRIX_KINDS)}; default {','.join(DEFAULT_EIGHT_BIT)}; "
+                        f"'{NO_EIGHT_BIT}': every matrix in 4 bits)")
     p.add_argument("--vision-precision", default="fp32", choices=VISION_PRECISIONS,
                    help="vision products: fp32, or int8 (7-bit weight codes, exact on every CPU; activations "
                         "quantized at run time; uses the CPU's AMX / VNNI int8 units; verify reports its error)")
