@@ -98,14 +98,16 @@ def quantized_weights(quant: QuantSpec | None, shared_table: bool, vision_int8: 
 
 def load_model(model_folder: Path, quant: QuantSpec | None = None, shared_table: bool = False,
                vision_int8: bool = False, stream: bool | None = None, weights=None):
-    """``Qwen3VLForConditionalGeneration`` in fp32, eval mode, carrying the weights a quantized folder holds:
+    """``Qwen3VLForConditionalGeneration`` (or ``Qwen3VLMoeForConditionalGeneration``) in fp32, eval mode, carrying
+    the weights a quantized folder holds:
     the decoder's 4-bit ones when ``quant``, the vision part's int8 ones (7-bit codes) when ``vision_int8``.
 
     ``stream``: read each module's weights from ``weights`` (the folder's checkpoint, an
     :class:`export.streamed.Weights`) as it runs, for models whose fp32 weights do not fit in memory; ``None``
     chooses so when they would take more than 80% of the memory available now (and ``weights`` is given)."""
     import torch
-    from transformers import Qwen3VLForConditionalGeneration
+
+    from .classes import model_classes_of
 
     if stream is None and weights is not None:
         from export.streamed import available_bytes, fp32_bytes
@@ -121,7 +123,7 @@ def load_model(model_folder: Path, quant: QuantSpec | None = None, shared_table:
         if weights is None:
             raise ValueError("a streamed reference needs the checkpoint (weights=)")
         return streamed_model(model_folder, weights, quantized_weights(quant, shared_table, vision_int8))
-    model = Qwen3VLForConditionalGeneration.from_pretrained(model_folder, dtype=torch.float32).eval()
+    model = model_classes_of(model_folder)[1].from_pretrained(model_folder, dtype=torch.float32).eval()
     if quant is not None:
         count = use_int4_weights_(model, quant, shared_table=shared_table)
         log.info("reference: %d linear layers carry the int4 folder's weights", count)
