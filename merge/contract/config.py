@@ -75,7 +75,9 @@ class MoeSpec:
 
     @classmethod
     def from_config(cls, text: dict, where: str, num_layers: int) -> MoeSpec:
-        experts = _int(text, "num_experts", where, high=MAX_EXPERTS)
+        # the published configs say num_experts; transformers 5.x writes it as num_local_experts (its attribute_map)
+        key = "num_experts" if "num_experts" in text or "num_local_experts" not in text else "num_local_experts"
+        experts = _int(text, key, where, high=MAX_EXPERTS)
         top_k = _int(text, "num_experts_per_tok", where, high=experts)
         width = _int(text, "moe_intermediate_size", where, high=MAX_HIDDEN)
         step = _int(text, "decoder_sparse_step", where, high=MAX_LAYERS, default=1)
