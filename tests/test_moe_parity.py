@@ -279,3 +279,37 @@ def test_expert_stack_of_the_wrong_shape_is_refused(sources, tmp_path):
     with pytest.raises(MergeError, match=r"model.language_model.layers.0.mlp.experts.gate_up_proj has shape "
                                          r"\[8, 64, 256\], but config.json says \[8, 64, 192\]"):
         build(resolve_model(str(folder)), tmp_path / "out")
+
+
+# -- inspect -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_inspect_counts_the_experts(precision, combined, sources, capsys):
+    """Parameters per scope as the checkpoint has them (a 4-bit expert counts as its float matrix), the experts'
+    share, and the parameters one token uses: all but the experts it is not routed to."""
+    from safetensors import safe_open
+
+    from merge.cli import main
+    from merge.tools.inspect.report import inspect_folder
+
+    sizes = {}
+    for path in sources(MOE).folder.glob("*.safetensors"):
+        with safe_open(str(path), "np") as f:
+            sizes.update({key: int(np.prod(f.get_slice(key).get_shape())) for key in f.keys()})  # noqa: SIM118
+    text = sum(n for key, n in sizes.items() if key.startswith("model.language_model."))
+    experts = sum(n for key, n in sizes.items() if ".mlp.experts." in key)
+    routers = sum(n for key, n in sizes.items() if key.endswith(".mlp.gate.weight"))
+    moe = sources(MOE).config.text.moe
+    data = inspect_folder(combined(MOE, precision))
+    decoder = data["parameters"]["scopes"]["decoder"]["parameters"]
+    assert decoder == text  # tied: the head is the embedding table, counted once, in the decoder
+    found = data["experts"]
+    assert found["sparse_layers"] == [f"decoder/layers.{i}" for i in (0, 2, 3)]
+    assert found["experts_per_layer"] == [moe.num_experts] and found["experts_per_token"] == [moe.num_experts_per_tok]
+    assert found["expert_parameters"] == experts and found["router_parameters"] == routers
+    assert found["one_expert_parameters"] == 3 * moe.moe_intermediate_size * sources(MOE).config.text.hidden_size
+    assert found["decoder_active_parameters"] == decoder - experts * (1 - moe.num_experts_per_tok / moe.num_experts)
+    assert main(["inspect", str(combined(MOE, precision))]) == 0
+    out = capsys.readouterr().out
+    assert "mixture of experts: 3 sparse layers (0, 2, 3)" in out and f"{experts:,}" in out
+    assert inspect_folder(combined("tiny"))["experts"] is None
