@@ -2,7 +2,7 @@
 
 fp32 (``com.microsoft.MoE``): prefill logits within the fp32 bound and 32 greedy tokens equal to HF ``generate`` on
 text, an image, a video and a left-padded batch, on two MoE shapes (``tiny-moe``: 8 experts top-2, layer 1 dense;
-``tiny-moe-untied``: 6 experts top-3, every second layer sparse, one KV head, untied head). Broken twins that must
+``tiny-moe-6x3``: 6 experts top-3, every second layer sparse, one KV head, untied head). Broken twins that must
 fail: the router without renormalisation, gpt-oss's SwiGLU constants, two experts swapped.
 
 int4 (``QMoE``, 4-bit experts): against PyTorch carrying the same 4-bit weights. With fp32 activations (accuracy
@@ -28,7 +28,7 @@ from tests.test_combined_parity import NEW_TOKENS, _case_inputs, _masked, _refer
 from tests.test_video import _video_inputs, clips  # noqa: F401  (clips: the module's video fixture)
 
 MOE = "tiny-moe"
-OTHER = "tiny-moe-untied"
+OTHER = "tiny-moe-6x3"
 
 
 def _run(folder, inputs, new_tokens=NEW_TOKENS):

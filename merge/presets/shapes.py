@@ -246,7 +246,7 @@ def _presets() -> dict[str, dict]:
         ),
         # A second MoE shape: 6 experts, 3 per token, every second layer sparse (decoder_sparse_step 2: layers 1
         # and 3), experts narrower than the hidden size, head_dim 32 with 1 KV head, untied head, tiny-merge1's vision.
-        "tiny-moe-untied": _config(
+        "tiny-moe-6x3": _config(
             vision={
                 "depth": 3,
                 "hidden_size": 48,
