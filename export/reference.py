@@ -42,11 +42,12 @@ def int8_weight(weight: np.ndarray) -> np.ndarray:
     return dequantize_weight_int8(*quantize_weight_int8(flat)).reshape(weight.shape)
 
 
-def int4_expert_stack(stack: np.ndarray, quant: QuantSpec, name: str = "") -> np.ndarray:
+def int4_expert_stack(stack: np.ndarray, quant: QuantSpec) -> np.ndarray:
     """An expert stack [experts, out, in] (transformers' in-memory layout) as the int4 folder's QMoE holds it: each
     expert quantized as a Linear weight is (:func:`int4_weight`; QMoE's blocks are MatMulNBits' blocks, one row per
     output, so fc1's interleaving of gate and up rows changes nothing), dequantized."""
-    return np.stack([int4_weight(expert, quant, name) for expert in np.asarray(stack, np.float32)])
+    # always 4 bits: --eight-bit names the dense matrices; "down_proj" in an expert stack's name must not pick 8
+    return np.stack([int4_weight(expert, quant) for expert in np.asarray(stack, np.float32)])
 
 
 def use_int4_weights_(model, quant: QuantSpec, shared_table: bool = False) -> int:
@@ -68,7 +69,7 @@ def use_int4_weights_(model, quant: QuantSpec, shared_table: bool = False) -> in
                 count += 1
         for name, param in model.model.language_model.named_parameters():
             if name.endswith(tuple(stack.split(".", 1)[1] for stack in EXPERT_STACKS)) and ".experts." in name:
-                param.copy_(torch.from_numpy(int4_expert_stack(param.detach().float().numpy(), quant, name)))
+                param.copy_(torch.from_numpy(int4_expert_stack(param.detach().float().numpy(), quant)))
                 count += 1
         # The head is quantized on its own; an untied (or unshared) embedding table stays fp32.
         model.lm_head.weight = torch.nn.Parameter(requantized(model.lm_head.weight, "lm_head"))
@@ -105,7 +106,7 @@ def quantized_weights(quant: QuantSpec | None, shared_table: bool, vision_int8: 
                     and name.endswith(".weight")):
                 return int4_weight(weight, quant, name)
             if name.startswith("model.language_model.") and is_expert_stack(name):
-                return int4_expert_stack(weight, quant, name)
+                return int4_expert_stack(weight, quant)
         if vision_int8 and name.startswith("model.visual.") and name.endswith(".weight") and isinstance(
                 module, torch.nn.Linear | torch.nn.Conv3d):
             return int8_weight(weight)

@@ -225,6 +225,22 @@ def test_verify_passes_and_its_twin_fails(precision, combined, tmp_path, capsys)
     assert capsys.readouterr().out.strip().splitlines()[-1] == "FAILED: first failing stage: prefill logits"
 
 
+def test_eight_bit_kinds_leave_the_experts_4_bit(tmp_path, capsys):
+    """--eight-bit down_proj: the dense layer's down_proj is 8-bit, the experts stay 4-bit (their stack is named
+    down_proj too), and verify's reference requantizes them so."""
+    from merge.cli import main
+
+    out = tmp_path / "eight"
+    assert main(["build", "--model", MOE, "--precision", "int4", "--eight-bit", "down_proj", "--out", str(out)]) == 0
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    bits = {n.name: {a.name: a.i for a in n.attribute} for n in model.graph.node
+            if n.op_type in ("MatMulNBits", "QMoE")}
+    assert bits["decoder/layers.1/mlp/down_proj/MatMul"]["bits"] == 8
+    assert {v["expert_weight_bits"] for k, v in bits.items() if k.endswith("/experts/MoE")} == {4}
+    capsys.readouterr()
+    assert main(["verify", str(out), "--max-new-tokens", "2"]) == 0, capsys.readouterr().out
+
+
 def test_block_size_must_divide_the_experts(sources, tmp_path):
     from merge.contract.quant import QuantSpec
     from merge.stitch.pipeline import build

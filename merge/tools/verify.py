@@ -52,9 +52,13 @@ INT4_SCALE = 5e-2
 # few tokens to other experts than PyTorch does: its router logits move by the activations' rounding, and where the
 # k-th and (k+1)-th experts nearly tie the choice flips, a discrete jump in that token's output no bound on logits
 # can follow. Measured on tiny-moe against the same 4-bit weights: 0 to 3% of prompt positions over the int4 bound
-# (up to 8x it), the median position at 0.13 of it; a wrong router, activation or expert order puts every position
-# over 100x it. Such a folder's logits stages pass when at most this share of their positions (or one) is over.
+# (up to 8x it), the median position at 0.13-0.16 of it; a wrong router, activation or expert order puts every
+# position over 100x it, and the experts' down projections in 8 instead of 4 bits (a reference with other weights)
+# 3-13% of positions over and the median at 0.59-0.70. Such a folder's logits stages pass when at most
+# ROUTING_FLIP_SHARE of their positions (or one) are over the bound and the median position is within
+# ROUTED_MEDIAN of it: the flips are rare jumps, the rest must agree as closely as a dense folder's.
 ROUTING_FLIP_SHARE = 0.1
+ROUTED_MEDIAN = 0.4
 # An int8 vision part is checked against PyTorch with the same int8 (7-bit) weights; what remains is the run-time
 # uint8 quantization of every product's input (measured on tiny: 2.1% of the vision outputs' scale, 2.1% of the
 # logits').
@@ -308,16 +312,18 @@ def _stage(name, actual, expected, *, scale: float, mask=None, logits=False, fli
     tolerance = "exact" if scale == 0 else f"{c.bound:.1e}"
     passed = bool(c.passed)
     if flips and c.shape_ok and not passed:
-        over = _positions_over(actual, expected, c.bound)
-        positions = int(np.prod(actual.shape[:-1]))
-        passed = bool(np.isfinite(actual).all()) and over <= max(1, int(ROUTING_FLIP_SHARE * positions))
-        tolerance = f"{c.bound:.1e}; {over}/{positions} over"
+        errors = _position_errors(actual, expected)
+        over, median = int((errors > c.bound).sum()), float(np.median(errors))
+        passed = (bool(np.isfinite(actual).all()) and over <= max(1, int(ROUTING_FLIP_SHARE * errors.size))
+                  and median <= ROUTED_MEDIAN * c.bound)
+        tolerance = f"{c.bound:.1e}; {over}/{errors.size} over, median {median / c.bound:.2f}"
     return Stage(name, tuple(actual.shape), c.max_abs, c.max_rel, c.cosine, top1, tolerance, passed)
 
 
-def _positions_over(actual: np.ndarray, expected: np.ndarray, bound: float) -> int:
+def _position_errors(actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """Each position's largest error (over the last axis)."""
     diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
-    return int((diff.reshape(-1, diff.shape[-1]).max(axis=-1) > bound).sum())
+    return diff.reshape(-1, diff.shape[-1]).max(axis=-1)
 
 
 def compare_stages(gen, ref: dict[str, np.ndarray], inputs: dict[str, np.ndarray], manifest: Manifest, *,
@@ -325,7 +331,8 @@ def compare_stages(gen, ref: dict[str, np.ndarray], inputs: dict[str, np.ndarray
     """Every stage against the reference. Bounds: fp32 where both sides compute in fp32; the quantized bound
     where the folder quantizes activations at run time (int4 decoder, int8 vision: the reference already carries
     the same weights), for the stages downstream of it. ``routed``: an MoE folder whose activations are quantized,
-    whose logits stages allow a few positions routed to other experts (:data:`ROUTING_FLIP_SHARE`); the decode
+    whose logits stages allow a few positions routed to other experts (:data:`ROUTING_FLIP_SHARE`,
+    :data:`ROUTED_MEDIAN`); the decode
     steps are then judged together, as one stage, and each is reported."""
     images = inputs["image_grid_thw"].shape[0] > 0
     videos = "video_grid_thw" in inputs and inputs["video_grid_thw"].shape[0] > 0
