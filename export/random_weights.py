@@ -4,6 +4,8 @@ transformers initialises Qwen3-VL with std 0.02 everywhere: activations shrink l
 image grid moved the outputs by only ~5e-6 (DESIGN.md). Here every matrix gets std 1/sqrt(fan_in), so
 activations stay of order one through every layer, and the learned position grid and the embeddings get
 std 1, so the position interpolation, the rotary positions and the DeepStack terms all matter at order one.
+Qwen3-VL-MoE's expert stacks ([experts, out, in] in memory) get std 1/sqrt(in) per expert, and are written in the
+published on-disk layout, [experts, in, out] (:mod:`export.classes`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch
 from torch import nn
 
 from merge.space import naming_a_full_disk, require_free_space
+
+from .classes import is_expert_stack, model_classes
 
 SHARD_BYTES = 2 * 1024**3
 
@@ -41,6 +45,8 @@ def draw_parameter(name: str, shape: tuple[int, ...], gen: torch.Generator) -> t
         return 0.1 * randn
     if "embed_tokens" in name or "pos_embed" in name:
         return randn
+    if is_expert_stack(name):  # [experts, out, in]: each expert is a Linear of fan-in `in`
+        return randn / math.sqrt(shape[-1])
     if len(shape) >= 2:
         fan_in = math.prod(shape[1:])
         return randn / math.sqrt(fan_in)
@@ -48,17 +54,17 @@ def draw_parameter(name: str, shape: tuple[int, ...], gen: torch.Generator) -> t
 
 
 def write_random_weights(folder: Path, config: dict, seed: int, label: str = "random weights") -> None:
-    """Every parameter of ``Qwen3VLForConditionalGeneration(config)``, drawn by :func:`draw_parameter` in name
-    order from ``seed``, stored in bfloat16 shards of at most 2 GiB (with an index when there are several).
+    """Every parameter of ``Qwen3VLForConditionalGeneration(config)`` (``Qwen3VLMoeForConditionalGeneration`` for a
+    ``qwen3_vl_moe`` config), drawn by :func:`draw_parameter` in name order from ``seed``, stored in bfloat16 shards
+    of at most 2 GiB (with an index when there are several); expert stacks in the published layout.
 
     Streamed: each shard is written as soon as it is full, so at most one shard is in memory.
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
+    config_class, model_class = model_classes(config.get("model_type", ""))
     with torch.device("meta"):
-        skeleton = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**config))
+        skeleton = model_class(config_class(**config))
     params = sorted(((n, tuple(p.shape)) for n, p in skeleton.named_parameters()), key=lambda kv: kv[0])
     del skeleton
     bf16_bytes = 2 * sum(math.prod(shape) for _, shape in params)
@@ -77,6 +83,8 @@ def write_random_weights(folder: Path, config: dict, seed: int, label: str = "ra
 
     for name, shape in tqdm(params, desc=f"{label}: random weights", unit="tensor", disable=None, leave=False):
         tensor = draw_parameter(name, shape, gen).to(torch.bfloat16)
+        if is_expert_stack(name):
+            tensor = tensor.transpose(1, 2).contiguous()  # the published layout, [experts, in, out]
         nbytes = tensor.numel() * tensor.element_size()
         if shard and size + nbytes > SHARD_BYTES:
             flush()

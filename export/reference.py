@@ -17,6 +17,8 @@ from merge.contract.names import VISION_DEEPSTACK_EMBEDS, VISION_IMAGE_EMBEDS
 from merge.contract.quant import QuantSpec, dequantize_nbits_rows, dequantize_weight_int8
 from merge.quantize import quantize_weight_int8, quantize_weight_nbits
 
+from .classes import is_expert_stack
+
 log = logging.getLogger(__name__)
 
 INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids",
@@ -40,10 +42,21 @@ def int8_weight(weight: np.ndarray) -> np.ndarray:
     return dequantize_weight_int8(*quantize_weight_int8(flat)).reshape(weight.shape)
 
 
+def int4_expert_stack(stack: np.ndarray, quant: QuantSpec) -> np.ndarray:
+    """An expert stack [experts, out, in] (transformers' in-memory layout) as the int4 folder's QMoE holds it: each
+    expert quantized as a Linear weight is (:func:`int4_weight`; QMoE's blocks are MatMulNBits' blocks, one row per
+    output, so fc1's interleaving of gate and up rows changes nothing), dequantized."""
+    # always 4 bits: --eight-bit names the dense matrices; "down_proj" in an expert stack's name must not pick 8
+    return np.stack([int4_weight(expert, quant) for expert in np.asarray(stack, np.float32)])
+
+
 def use_int4_weights_(model, quant: QuantSpec, shared_table: bool = False) -> int:
-    """Give the text decoder's linear layers (and the head) the exact weights the int4 model holds; with
-    ``shared_table`` the token embeddings too (a tied int4 model reads them from the head's 4-bit blocks)."""
+    """Give the text decoder's linear layers, expert stacks (and the head) the exact weights the int4 model holds;
+    with ``shared_table`` the token embeddings too (a tied int4 model reads them from the head's 4-bit blocks). An
+    MoE router (not a Linear) keeps its fp32 weights, as the int4 folder does."""
     import torch
+
+    from .classes import EXPERT_STACKS
 
     def requantized(weight: torch.Tensor, name: str) -> torch.Tensor:
         return torch.from_numpy(int4_weight(weight.detach().float().numpy(), quant, name))
@@ -53,6 +66,10 @@ def use_int4_weights_(model, quant: QuantSpec, shared_table: bool = False) -> in
         for name, module in model.model.language_model.named_modules():
             if isinstance(module, torch.nn.Linear):
                 module.weight.copy_(requantized(module.weight, name))
+                count += 1
+        for name, param in model.model.language_model.named_parameters():
+            if name.endswith(tuple(stack.split(".", 1)[1] for stack in EXPERT_STACKS)) and ".experts." in name:
+                param.copy_(torch.from_numpy(int4_expert_stack(param.detach().float().numpy(), quant)))
                 count += 1
         # The head is quantized on its own; an untied (or unshared) embedding table stays fp32.
         model.lm_head.weight = torch.nn.Parameter(requantized(model.lm_head.weight, "lm_head"))
@@ -88,6 +105,8 @@ def quantized_weights(quant: QuantSpec | None, shared_table: bool, vision_int8: 
             if (name.startswith("model.language_model.") and isinstance(module, torch.nn.Linear)
                     and name.endswith(".weight")):
                 return int4_weight(weight, quant, name)
+            if name.startswith("model.language_model.") and is_expert_stack(name):
+                return int4_expert_stack(weight, quant)
         if vision_int8 and name.startswith("model.visual.") and name.endswith(".weight") and isinstance(
                 module, torch.nn.Linear | torch.nn.Conv3d):
             return int8_weight(weight)
@@ -98,14 +117,16 @@ def quantized_weights(quant: QuantSpec | None, shared_table: bool, vision_int8: 
 
 def load_model(model_folder: Path, quant: QuantSpec | None = None, shared_table: bool = False,
                vision_int8: bool = False, stream: bool | None = None, weights=None):
-    """``Qwen3VLForConditionalGeneration`` in fp32, eval mode, carrying the weights a quantized folder holds:
+    """``Qwen3VLForConditionalGeneration`` (or ``Qwen3VLMoeForConditionalGeneration``) in fp32, eval mode, carrying
+    the weights a quantized folder holds:
     the decoder's 4-bit ones when ``quant``, the vision part's int8 ones (7-bit codes) when ``vision_int8``.
 
     ``stream``: read each module's weights from ``weights`` (the folder's checkpoint, an
     :class:`export.streamed.Weights`) as it runs, for models whose fp32 weights do not fit in memory; ``None``
     chooses so when they would take more than 80% of the memory available now (and ``weights`` is given)."""
     import torch
-    from transformers import Qwen3VLForConditionalGeneration
+
+    from .classes import model_classes_of
 
     if stream is None and weights is not None:
         from export.streamed import available_bytes, fp32_bytes
@@ -121,7 +142,7 @@ def load_model(model_folder: Path, quant: QuantSpec | None = None, shared_table:
         if weights is None:
             raise ValueError("a streamed reference needs the checkpoint (weights=)")
         return streamed_model(model_folder, weights, quantized_weights(quant, shared_table, vision_int8))
-    model = Qwen3VLForConditionalGeneration.from_pretrained(model_folder, dtype=torch.float32).eval()
+    model = model_classes_of(model_folder)[1].from_pretrained(model_folder, dtype=torch.float32).eval()
     if quant is not None:
         count = use_int4_weights_(model, quant, shared_table=shared_table)
         log.info("reference: %d linear layers carry the int4 folder's weights", count)

@@ -72,14 +72,17 @@ def available_bytes() -> int:
 
 def streamed_model(model_folder: Path, ckpt: Weights, transform: Transform | None = None,
                    resident_numel: int = RESIDENT_NUMEL):
-    """``Qwen3VLForConditionalGeneration`` in fp32 (config from ``model_folder``) whose weights of
+    """``Qwen3VLForConditionalGeneration`` (or the MoE one) in fp32 (config from ``model_folder``) whose weights of
     ``resident_numel`` elements or more are read from ``ckpt`` when their module runs; ``transform(name, module,
-    weight)`` is applied to each weight as it is read (the quantized folder's weights)."""
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    weight)`` is applied to each weight as it is read (the quantized folder's weights). An expert stack stored in the
+    published layout, [experts, in, out], is transposed to the parameter's [experts, out, in] first."""
+    from .classes import is_expert_stack, model_classes_of
 
-    config = Qwen3VLConfig.from_pretrained(model_folder)
+    config_class, model_class = model_classes_of(model_folder)
+    config = config_class.from_pretrained(model_folder)
     with parameters_on_meta():
-        model = Qwen3VLForConditionalGeneration(config).float().eval()
+        model = model_class(config).float().eval()
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     transform = transform or (lambda name, module, weight: weight)
     tied = bool(getattr(config, "tie_word_embeddings", False))
 
@@ -91,7 +94,10 @@ def streamed_model(model_folder: Path, ckpt: Weights, transform: Transform | Non
         raise KeyError(f"{model_folder}: the checkpoint has no tensor for parameter {name!r}")
 
     def read(name: str, module: torch.nn.Module) -> torch.nn.Parameter:
-        weight = transform(name, module, ckpt.load(source_of(name)))
+        weight = ckpt.load(source_of(name))
+        if is_expert_stack(name) and tuple(weight.shape) != shapes[name]:
+            weight = np.swapaxes(weight, 1, 2)  # as transformers' loader does (conversion_mapping)
+        weight = transform(name, module, weight)
         return torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)),
                                   requires_grad=False)
 

@@ -15,7 +15,8 @@ Per layer (``layers.{i}/...``)::
     attn/q_rotary   MRotaryEmbedding: interleaved 3-D rotary positions from position_ids [3, batch, sequence]
     attn/attention  GroupQueryAttention over the past keys and values (outputs present.{i}.key/value)
     post_attention_norm  SkipSimplifiedLayerNormalization (output 3: the residual the next layer adds to)
-    mlp/...         gate_proj, up_proj, SiLU (Sigmoid, Mul), their product, down_proj
+    mlp/...         gate_proj, up_proj, SiLU (Sigmoid, Mul), their product, down_proj; in a sparse layer of
+                    Qwen3-VL-MoE instead mlp/router (MatMul to the router logits) and mlp/experts (MoE), see graphs.moe
 
 then ``final_norm`` (SkipSimplifiedLayerNormalization) and ``lm_head`` (MatMul to ``logits``; a tied model's head
 reads the token table, transposed). The inputs are ``inputs_embeds``, ``attention_mask``, ``position_ids`` and
@@ -49,6 +50,7 @@ from merge.contract.names import (
 from merge.errors import MergeError
 
 from .builder import FLOAT, INT32, INT64, GraphBuilder, make_model, tensor_input
+from .moe import MoeWriter
 from .vision import Weights
 
 TEXT_PREFIXES = ("model.language_model.", "model.", "language_model.model.")
@@ -96,6 +98,8 @@ class DecoderGraph:
             raise MergeError(f"{config.where} text_config: no rope_parameters.mrope_section; the decoder's 3-D "
                              "rotary positions cannot be laid out")
         self.eps = self.text.rms_norm_eps
+        self.experts = None if self.text.moe is None else MoeWriter(
+            self.b, ckpt, self.prefix, self.text.hidden_size, self.text.moe, self.where)
 
     # -- types and shapes (the builder's value_info: inspect and Netron show every value's shape) -------
     @staticmethod
@@ -266,6 +270,11 @@ class DecoderGraph:
     def mlp(self, i: int, x: ir.Value) -> ir.Value:
         b = self.b
         hf = f"layers.{i}.mlp."
+        if self.experts is not None and self.text.moe.is_sparse(i):
+            with b.scope("mlp"):
+                out = self.experts.mlp(i, x, self.typed)
+            out.name = mlp_output(i, self.options.scope)  # DeepStack's anchor, as for a dense layer
+            return out
         with b.scope("mlp"):
             gate = self.linear(x, hf + "gate_proj", "gate_proj")
             up = self.linear(x, hf + "up_proj", "up_proj")

@@ -45,13 +45,17 @@ def combined(sources, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def hf_models(sources):
-    """``hf_models(name)`` -> Qwen3VLForConditionalGeneration in float32, eval mode (loaded once)."""
+    """``hf_models(name)`` -> Qwen3VLForConditionalGeneration (Qwen3VLMoeForConditionalGeneration for an MoE preset)
+    in float32, eval mode (loaded once)."""
     import torch
-    from transformers import Qwen3VLForConditionalGeneration
 
-    return functools.cache(
-        lambda name: Qwen3VLForConditionalGeneration.from_pretrained(sources(name).folder, dtype=torch.float32).eval()
-    )
+    from export.classes import model_classes_of
+
+    def load(name):
+        folder = sources(name).folder
+        return model_classes_of(folder)[1].from_pretrained(folder, dtype=torch.float32).eval()
+
+    return functools.cache(load)
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,19 @@ def run(args: argparse.Namespace) -> int:
             f"{name:14s} vision depth {v['depth']:2d} hidden {v['hidden_size']:4d} merge {v['spatial_merge_size']} "
             f"deepstack {v['deepstack_visual_indexes']} | text layers {t['num_hidden_layers']:2d} "
             f"hidden {t['hidden_size']:4d} heads {t['num_attention_heads']}/{t['num_key_value_heads']} "
-            f"tied {cfg['tie_word_embeddings']}"
+            f"tied {cfg['tie_word_embeddings']}" + _experts(t)
         )
     return 0
+
+
+def _experts(text: dict) -> str:
+    """A Qwen3-VL-MoE preset's experts (nothing for a dense one)."""
+    if "num_experts" not in text:
+        return ""
+    only = f" dense {text['mlp_only_layers']}" if text.get("mlp_only_layers") else ""
+    step = f" every {text['decoder_sparse_step']}" if text.get("decoder_sparse_step", 1) != 1 else ""
+    return (f" | experts {text['num_experts']} top-{text['num_experts_per_tok']} width "
+            f"{text['moe_intermediate_size']}{step}{only}")
 
 
 def add_parser(subparsers) -> None:

@@ -3,6 +3,9 @@
 It checks what the rest of the tool relies on and says, in one sentence naming the file and the key, what
 is wrong: a model type other than Qwen3-VL, a missing section, a value that is not a positive integer, a
 special token outside the vocabulary, vision features that cannot replace token embeddings.
+
+Qwen3-VL-MoE (``model_type`` ``qwen3_vl_moe``) is the same model with a mixture of experts in place of the MLP of
+its sparse layers: :class:`MoeSpec` (``TextSpec.moe``) holds the experts' shape and which layers are sparse.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from .names import CONFIG_FILE
 from .reading import load_json, read_regular
 from .vision import VisionSpec
 
-SUPPORTED_MODEL_TYPES = ("qwen3_vl",)
+DENSE_MODEL_TYPE = "qwen3_vl"
+MOE_MODEL_TYPE = "qwen3_vl_moe"
+MOE_TEXT_MODEL_TYPE = "qwen3_vl_moe_text"
+SUPPORTED_MODEL_TYPES = (DENSE_MODEL_TYPE, MOE_MODEL_TYPE)
 # Sizes no Qwen3-VL config comes near; a value past them is a corrupt or hostile file, refused before any
 # allocation depends on it.
 MAX_VOCAB = 1 << 24
@@ -49,6 +55,59 @@ def _float(section: dict, key: str, where: str, *, default: Any) -> float:
 
 
 TEXT_ACTIVATIONS = ("silu",)  # the decoder's MLP is written as SwiGLU (Sigmoid, Mul)
+MAX_EXPERTS = 1 << 12  # published Qwen MoE models have 60 to 512
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    """The mixture of experts of Qwen3-VL-MoE's sparse layers (transformers' ``Qwen3VLMoeTextSparseMoeBlock``).
+
+    Layer ``i`` is sparse unless it is in ``mlp_only_layers``, when ``(i + 1) % decoder_sparse_step == 0``; a
+    sparse layer routes each token to ``num_experts_per_tok`` of ``num_experts`` experts (softmax over all experts'
+    router logits, the top k, divided by their sum), each a SwiGLU MLP of width ``moe_intermediate_size``. The
+    other layers keep the dense MLP (``intermediate_size``)."""
+
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+
+    @classmethod
+    def from_config(cls, text: dict, where: str, num_layers: int) -> MoeSpec:
+        # the published configs say num_experts; transformers 5.x writes it as num_local_experts (its attribute_map)
+        key = "num_experts" if "num_experts" in text or "num_local_experts" not in text else "num_local_experts"
+        experts = _int(text, key, where, high=MAX_EXPERTS)
+        top_k = _int(text, "num_experts_per_tok", where, high=experts)
+        width = _int(text, "moe_intermediate_size", where, high=MAX_HIDDEN)
+        step = _int(text, "decoder_sparse_step", where, high=MAX_LAYERS, default=1)
+        only = text.get("mlp_only_layers")
+        only = [] if only is None else only
+        if not isinstance(only, list | tuple) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_layers for i in only):
+            raise MergeError(f"{where}: mlp_only_layers {only!r} is not a list of layer indexes in 0..{num_layers - 1}")
+        norm = text.get("norm_topk_prob", True)
+        if norm is not True:
+            # transformers' Qwen3VLMoeTextTopKRouter always divides the top k by their sum: a model trained
+            # without it would run differently here and there, and nothing would say so
+            raise MergeError(f"{where}: norm_topk_prob = {norm!r}; Qwen3-VL-MoE renormalises its top-k routing "
+                             "weights (norm_topk_prob true), and only that is supported")
+        act = text.get("hidden_act", "silu")
+        if act not in TEXT_ACTIVATIONS:
+            raise MergeError(f"{where}: hidden_act {act!r} is not supported (Qwen3-VL-MoE's experts use 'silu')")
+        spec = cls(experts, top_k, width, step, tuple(sorted(set(int(i) for i in only))))
+        if not spec.sparse_layers(num_layers):
+            raise MergeError(f"{where}: no layer is sparse (decoder_sparse_step {step}, mlp_only_layers "
+                             f"{list(spec.mlp_only_layers)}, {num_layers} layers): this is not a mixture-of-experts "
+                             "model")
+        return spec
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether layer ``layer``'s MLP is the experts (transformers' rule, ``Qwen3VLMoeTextDecoderLayer``)."""
+        return layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
+
+    def sparse_layers(self, num_layers: int) -> tuple[int, ...]:
+        return tuple(i for i in range(num_layers) if self.is_sparse(i))
 
 
 @dataclass(frozen=True)
@@ -66,9 +125,10 @@ class TextSpec:
     rms_norm_eps: float = 1e-6
     hidden_act: str = "silu"
     rope_theta: float = 5_000_000.0
+    moe: MoeSpec | None = None  # Qwen3-VL-MoE's experts; None for a dense model
 
     @classmethod
-    def from_config(cls, text: dict, where: str) -> TextSpec:
+    def from_config(cls, text: dict, where: str, *, moe: bool = False) -> TextSpec:
         hidden = _int(text, "hidden_size", where, high=MAX_HIDDEN)
         heads = _int(text, "num_attention_heads", where, high=MAX_HIDDEN)
         kv_heads = _int(text, "num_key_value_heads", where, high=heads, default=heads)
@@ -93,10 +153,11 @@ class TextSpec:
         if section and 2 * sum(section) != head_dim:
             raise MergeError(f"{where}: mrope_section {list(section)} covers {2 * sum(section)} rotary dimensions but "
                              f"head_dim is {head_dim}; they must be equal")
+        layers = _int(text, "num_hidden_layers", where, high=MAX_LAYERS)
         return cls(
             vocab_size=_int(text, "vocab_size", where, high=MAX_VOCAB),
             hidden_size=hidden,
-            num_layers=_int(text, "num_hidden_layers", where, high=MAX_LAYERS),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
@@ -105,6 +166,7 @@ class TextSpec:
             rms_norm_eps=_float(text, "rms_norm_eps", where, default=1e-6),
             hidden_act=act,
             rope_theta=_float(rope, "rope_theta", where, default=text.get("rope_theta", 5_000_000.0)),
+            moe=MoeSpec.from_config(text, where, layers) if moe else None,
         )
 
 
@@ -135,7 +197,12 @@ class ModelConfig:
         for key in ("vision_config", "text_config"):
             if not isinstance(config.get(key), dict):
                 raise MergeError(f"{where}: {key} is missing; a Qwen3-VL config has vision_config and text_config")
-        text = TextSpec.from_config(config["text_config"], f"{where} text_config")
+        moe = model_type == MOE_MODEL_TYPE
+        text_type = config["text_config"].get("model_type")
+        if moe and text_type not in (None, MOE_TEXT_MODEL_TYPE):
+            raise MergeError(f"{where}: text_config.model_type is {text_type!r} in a {MOE_MODEL_TYPE} config; "
+                             f"expected {MOE_TEXT_MODEL_TYPE!r}")
+        text = TextSpec.from_config(config["text_config"], f"{where} text_config", moe=moe)
         vision = VisionSpec.from_config(config["vision_config"], f"{where} vision_config")
         if vision.out_hidden_size != text.hidden_size:
             raise MergeError(
@@ -155,6 +222,11 @@ class ModelConfig:
                 ids[key] = None
         tie = config.get("tie_word_embeddings", config["text_config"].get("tie_word_embeddings", False))
         return cls(raw=config, text=text, vision=vision, tie_word_embeddings=bool(tie), where=where, **ids)
+
+    @property
+    def is_moe(self) -> bool:
+        """Qwen3-VL-MoE: the sparse layers' MLPs are mixtures of experts (``text.moe``)."""
+        return self.text.moe is not None
 
     @classmethod
     def from_folder(cls, folder: Path) -> ModelConfig:

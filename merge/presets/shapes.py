@@ -53,7 +53,9 @@ def _config(
     text: dict,
     special_base: int,
     tie_word_embeddings: bool,
+    moe: dict | None = None,
 ) -> dict:
+    """A Qwen3-VL ``config.json``; with ``moe`` (the experts' keys of ``text_config``) a Qwen3-VL-MoE one."""
     ids = special_token_ids(special_base)
     rope = {
         "rope_type": "default",
@@ -87,9 +89,15 @@ def _config(
         "eos_token_id": ids["<|im_end|>"],
         **text,
     }
+    architecture, model_type = "Qwen3VLForConditionalGeneration", "qwen3_vl"
+    if moe is not None:
+        architecture, model_type = "Qwen3VLMoeForConditionalGeneration", "qwen3_vl_moe"
+        vision_cfg["model_type"] = "qwen3_vl_moe_vision"
+        text_cfg.update({"model_type": "qwen3_vl_moe_text", "decoder_sparse_step": 1, "mlp_only_layers": [],
+                         "norm_topk_prob": True, **moe})
     return {
-        "architectures": ["Qwen3VLForConditionalGeneration"],
-        "model_type": "qwen3_vl",
+        "architectures": [architecture],
+        "model_type": model_type,
         "image_token_id": ids["<|image_pad|>"],
         "video_token_id": ids["<|video_pad|>"],
         "vision_start_token_id": ids["<|vision_start|>"],
@@ -217,10 +225,56 @@ def _presets() -> dict[str, dict]:
             special_base=PUBLISHED_SPECIAL_BASE,
             tie_word_embeddings=False,
         ),
+        # Qwen3-VL-MoE, CI-sized: tiny's shape with 8 experts, 2 per token, in layers 0, 2 and 3; layer 1 keeps the
+        # dense MLP (mlp_only_layers), so both kinds of layer carry a DeepStack level. The experts' width is neither
+        # the hidden size nor half of it: transformers decides whether a stored expert stack needs transposing by
+        # comparing shapes, and a square stack would load untransposed there.
+        "tiny-moe": _config(
+            vision={
+                "depth": 4,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_heads": 4,
+                "out_hidden_size": 64,
+                "num_position_embeddings": 64,
+                "deepstack_visual_indexes": [0, 2, 3],
+            },
+            text=_tiny_text(tiny_vocab),
+            special_base=tiny_base,
+            tie_word_embeddings=True,
+            moe={"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "mlp_only_layers": [1]},
+        ),
+        # A second MoE shape: 6 experts, 3 per token, every second layer sparse (decoder_sparse_step 2: layers 1
+        # and 3), experts narrower than the hidden size, head_dim 32 with 1 KV head, untied head, tiny-merge1's vision.
+        "tiny-moe-6x3": _config(
+            vision={
+                "depth": 3,
+                "hidden_size": 48,
+                "intermediate_size": 96,
+                "num_heads": 3,
+                "out_hidden_size": 96,
+                "spatial_merge_size": 1,
+                "patch_size": 14,
+                "num_position_embeddings": 36,
+                "deepstack_visual_indexes": [1, 2],
+            },
+            text={
+                **_tiny_text(tiny_vocab),
+                "hidden_size": 96,
+                "num_attention_heads": 3,
+                "num_key_value_heads": 1,
+                "head_dim": 32,
+                "mrope_section": [6, 5, 5],
+            },
+            special_base=tiny_base,
+            tie_word_embeddings=False,
+            moe={"num_experts": 6, "num_experts_per_tok": 3, "moe_intermediate_size": 64, "decoder_sparse_step": 2},
+        ),
     }
 
 
 PRESETS: dict[str, dict] = _presets()
+# by position: a preset added at the end leaves every earlier preset's weights as they were
 PRESET_SEEDS = {name: 1234 + i for i, name in enumerate(PRESETS)}
 
 

@@ -48,6 +48,17 @@ VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw")  # absent from references
 # (accuracy_level 4): measured ~1e-2 of the logit scale on the presets; DeepStack or position mistakes move
 # logits by the order of the scale itself.
 INT4_SCALE = 5e-2
+# An MoE folder whose activations are quantized at run time (int4 at accuracy level 4: int8 activations) routes a
+# few tokens to other experts than PyTorch does: its router logits move by the activations' rounding, and where the
+# k-th and (k+1)-th experts nearly tie the choice flips, a discrete jump in that token's output no bound on logits
+# can follow. Measured on tiny-moe against the same 4-bit weights: 0 to 3% of prompt positions over the int4 bound
+# (up to 8x it), the median position at 0.13-0.16 of it; a wrong router, activation or expert order puts every
+# position over 100x it, and the experts' down projections in 8 instead of 4 bits (a reference with other weights)
+# 3-13% of positions over and the median at 0.59-0.70. Such a folder's logits stages pass when at most
+# ROUTING_FLIP_SHARE of their positions (or one) are over the bound and the median position is within
+# ROUTED_MEDIAN of it: the flips are rare jumps, the rest must agree as closely as a dense folder's.
+ROUTING_FLIP_SHARE = 0.1
+ROUTED_MEDIAN = 0.4
 # An int8 vision part is checked against PyTorch with the same int8 (7-bit) weights; what remains is the run-time
 # uint8 quantization of every product's input (measured on tiny: 2.1% of the vision outputs' scale, 2.1% of the
 # logits').
@@ -289,8 +300,9 @@ def onnx_run(folder: CombinedFolder, inputs: dict[str, np.ndarray], forced: np.n
 
 # -- comparison ----------------------------------------------------------------------------------------------
 
-def _stage(name, actual, expected, *, scale: float, mask=None, logits=False) -> Stage:
-    """One stage through the shared comparator (``scale`` 0: exact)."""
+def _stage(name, actual, expected, *, scale: float, mask=None, logits=False, flips: bool = False) -> Stage:
+    """One stage through the shared comparator (``scale`` 0: exact). ``flips``: positions (rows of the last axis)
+    over the bound pass up to :data:`ROUTING_FLIP_SHARE` of them (or one); see there."""
     if mask is not None and actual.shape == expected.shape:
         actual, expected = actual[mask], expected[mask]
     c = compare(name, actual, expected, scale=scale)
@@ -298,13 +310,30 @@ def _stage(name, actual, expected, *, scale: float, mask=None, logits=False) -> 
     if logits and c.shape_ok:
         top1 = float((actual.argmax(-1) == expected.argmax(-1)).mean())
     tolerance = "exact" if scale == 0 else f"{c.bound:.1e}"
-    return Stage(name, tuple(actual.shape), c.max_abs, c.max_rel, c.cosine, top1, tolerance, bool(c.passed))
+    passed = bool(c.passed)
+    if flips and c.shape_ok and not passed:
+        errors = _position_errors(actual, expected)
+        over, median = int((errors > c.bound).sum()), float(np.median(errors))
+        passed = (bool(np.isfinite(actual).all()) and over <= max(1, int(ROUTING_FLIP_SHARE * errors.size))
+                  and median <= ROUTED_MEDIAN * c.bound)
+        tolerance = f"{c.bound:.1e}; {over}/{errors.size} over, median {median / c.bound:.2f}"
+    return Stage(name, tuple(actual.shape), c.max_abs, c.max_rel, c.cosine, top1, tolerance, passed)
 
 
-def compare_stages(gen, ref: dict[str, np.ndarray], inputs: dict[str, np.ndarray], manifest: Manifest) -> list[Stage]:
+def _position_errors(actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """Each position's largest error (over the last axis)."""
+    diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
+    return diff.reshape(-1, diff.shape[-1]).max(axis=-1)
+
+
+def compare_stages(gen, ref: dict[str, np.ndarray], inputs: dict[str, np.ndarray], manifest: Manifest, *,
+                   routed: bool = False) -> list[Stage]:
     """Every stage against the reference. Bounds: fp32 where both sides compute in fp32; the quantized bound
     where the folder quantizes activations at run time (int4 decoder, int8 vision: the reference already carries
-    the same weights), for the stages downstream of it."""
+    the same weights), for the stages downstream of it. ``routed``: an MoE folder whose activations are quantized,
+    whose logits stages allow a few positions routed to other experts (:data:`ROUTING_FLIP_SHARE`,
+    :data:`ROUTED_MEDIAN`); the decode
+    steps are then judged together, as one stage, and each is reported."""
     images = inputs["image_grid_thw"].shape[0] > 0
     videos = "video_grid_thw" in inputs and inputs["video_grid_thw"].shape[0] > 0
     vision_int8 = manifest.vision_precision == "int8" and (images or videos)
@@ -330,10 +359,14 @@ def compare_stages(gen, ref: dict[str, np.ndarray], inputs: dict[str, np.ndarray
     stages.append(_stage("3-D position ids", outs[MERGED_POSITION_IDS][:, real], ref["position_ids"][:, real],
                          scale=0.0))
     stages.append(_stage("prefill logits", gen.prefill_logits, ref["prefill_logits"], mask=real, logits=True,
-                         scale=logits_scale))
+                         scale=logits_scale, flips=routed))
     for i, step in enumerate(gen.step_logits):
-        stages.append(_stage(f"decode step {i + 1} logits", step, ref["step_logits"][i], logits=True,
-                             scale=logits_scale))
+        stage = _stage(f"decode step {i + 1} logits", step, ref["step_logits"][i], logits=True, scale=logits_scale)
+        stages.append(replace(stage, counted=False) if routed else stage)
+    if routed and len(gen.step_logits):
+        steps = np.stack(list(gen.step_logits))
+        stages.append(_stage("decode steps' logits", steps, np.asarray(ref["step_logits"][:len(steps)]), logits=True,
+                             scale=logits_scale, flips=True))
     agree = float((gen.tokens == ref["tokens"]).mean())
     quantized = manifest.precision != "fp32" or vision_int8  # greedy tokens are reported, not judged
     stages.append(Stage("greedy tokens", tuple(gen.tokens.shape), float(agree < 1), 0.0, float("nan"), agree,
@@ -400,10 +433,16 @@ def verify(folder: Path | CombinedFolder, *, model_folder: Path | None, prompt: 
         if save_to is not None:
             save_reference(save_to, inputs, ref, precision_key(manifest), fp32)
     gen = onnx_run(combined, inputs, ref["tokens"])
-    stages = compare_stages(gen, ref, inputs, manifest)
+    stages = compare_stages(gen, ref, inputs, manifest, routed=routing_may_flip(combined))
     if fp32 is not None and quantized_folder(manifest):
         stages += against_fp32(gen, fp32, inputs)
     return stages
+
+
+def routing_may_flip(combined: CombinedFolder) -> bool:
+    """An MoE folder whose decoder quantizes its activations at run time (see :data:`ROUTING_FLIP_SHARE`)."""
+    quant = combined.manifest.quantization
+    return combined.config.is_moe and quant is not None and quant.accuracy_level not in (0, 1)
 
 
 def quantized_folder(manifest: Manifest) -> bool:

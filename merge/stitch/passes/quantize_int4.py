@@ -10,6 +10,11 @@ source (a lazy checkpoint read from :mod:`graphs.decoder`, or a memory-mapped ``
 Saving a model with many large MatMuls therefore holds about one weight's fp32 copy plus its packed form at a
 time. :class:`QuantizeInt4` is the build's pass: the decoder's MatMuls only (the vision part stays fp32), 4 bits
 but for the matrix kinds its :class:`~merge.contract.quant.QuantSpec` sends to 8 bits.
+
+Qwen3-VL-MoE's experts (``com.microsoft.MoE``, :mod:`graphs.moe`) become ``QMoE`` with 4-bit experts
+(:func:`quantize_experts_nbits`): each expert's fc1 and fc2 in MatMulNBits' own block format, stacked, quantized
+at save time the same way. The router's MatMul stays fp32: its [experts, hidden] weight is small, and the expert
+choice is discrete, so int8 activations there (accuracy level 4) would flip near ties between experts.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphs.builder import initializer
+from graphs.moe import ROUTER
 from merge import quantize as quant
 from merge.contract.names import DECODER_SCOPE, MS_DOMAIN
 from merge.contract.quant import BITS, EIGHT_BITS, QuantSpec, check_block_size, matrix_kind
@@ -55,14 +61,7 @@ class _QuantJob:
     def _compute(self) -> dict[str, np.ndarray]:
         log.debug("quantizing %s %s to %d bits (%s)", self.name, tuple(self.source.shape), self.bits, self.method)
         try:
-            weight = self.source.numpy()
-            if self.bits == BITS:
-                packed, scales, zero_points = quant.quantize_weight_int4(weight, self.block_size, self.symmetric,
-                                                                         method=self.method)
-            else:
-                packed, scales, zero_points = quant.quantize_weight_nbits(weight, self.bits, self.block_size,
-                                                                          self.symmetric, method=self.method)
-            del weight  # drop the view on the memory map before it is closed
+            packed, scales, zero_points = self._weight_parts()  # no view on the memory map survives this call
         finally:
             release = getattr(self.source, "release", None)
             if callable(release):
@@ -71,6 +70,12 @@ class _QuantJob:
         if zero_points is not None:
             parts["zero_points"] = zero_points
         return parts
+
+    def _weight_parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        weight = self.source.numpy()
+        if self.bits == BITS:
+            return quant.quantize_weight_int4(weight, self.block_size, self.symmetric, method=self.method)
+        return quant.quantize_weight_nbits(weight, self.bits, self.block_size, self.symmetric, method=self.method)
 
     def drop_pending(self) -> None:
         self._pending = {}
@@ -93,6 +98,23 @@ class _QuantJob:
             return job.part(part_key)
 
         return ir.LazyTensor(load, dtype=dtype, shape=ir.Shape(shape), name=name)
+
+
+class _StackQuantJob(_QuantJob):
+    """An expert stack [experts, N, K] (each expert a weight [out, in], as QMoE multiplies by) quantized expert by
+    expert into QMoE's parts: ``B`` [experts, N, K * bits / 8] (MatMulNBits' blocks of each expert's [K, N]
+    transpose, one row per output), ``scales`` [experts, N, K / block_size], ``zero_points`` [experts, N,
+    ceil(K / block_size * bits / 8)]."""
+
+    def _weight_parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        stack = self.source.numpy()
+        parts = [quant.quantize_weight_nbits(np.ascontiguousarray(expert.T), self.bits, self.block_size,
+                                             self.symmetric, method=self.method) for expert in stack]
+        n = stack.shape[1]
+        packed = np.stack([p[0].reshape(n, -1) for p in parts])
+        scales = np.stack([p[1] for p in parts])
+        zero_points = None if self.symmetric else np.stack([p[2] for p in parts])
+        return packed, scales, zero_points
 
 
 # Jobs holding computed parts not yet asked for, oldest first (bounded: parallel saves interleave a few).
@@ -277,15 +299,94 @@ def quantize_matmuls_nbits(
     return count
 
 
+# QMoE's inputs by position (com.microsoft, ONNX Runtime 1.32)
+_QMOE_FC1, _QMOE_FC1_SCALES, _QMOE_FC2, _QMOE_FC2_SCALES = 2, 3, 5, 6
+_QMOE_FC1_ZERO_POINTS, _QMOE_FC2_ZERO_POINTS = 11, 12
+
+
+def quantize_experts_nbits(
+    model: ir.Model,
+    *,
+    bits: int = BITS,
+    block_size: int = 32,
+    accuracy_level: int = 4,
+    symmetric: bool = False,
+    method: str = "rtn",
+    include: Callable[[ir.Node], bool] | None = None,
+) -> int:
+    """Replace every ``com.microsoft.MoE`` whose expert weights are float32 initializers by ``QMoE`` with
+    ``bits``-bit experts, in place (name, inputs 0 and 1, output and the routing and activation attributes kept);
+    returns the number replaced. Quantized at save time like :func:`quantize_matmuls_nbits`; QMoE quantizes whole
+    blocks, so the hidden size and the experts' width must be multiples of ``block_size``."""
+    check_block_size(block_size)
+    per_byte = 8 // bits
+    count = 0
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        if node.op_type != "MoE" or node.domain != MS_DOMAIN or (include is not None and not include(node)):
+            continue
+        fc1, fc2 = node.inputs[2], node.inputs[4]
+        for value in (fc1, fc2):
+            if value is None or value.const_value is None or value.const_value.dtype != ir.DataType.FLOAT:
+                raise StitchError(f"{node.name}: expert weights {value.name if value else None} are not float "
+                                  "initializers")
+        _, width2, hidden = (int(d) for d in fc1.const_value.shape)
+        for what, size in (("hidden size", hidden), ("expert width", width2 // 2)):
+            if size % block_size:
+                raise StitchError(f"{node.name}: the {what} {size} is not a multiple of the block size {block_size}; "
+                                  "QMoE quantizes whole blocks (choose --block-size dividing it)")
+        owner = fc1.graph
+        names = _all_value_names(owner)
+        parts: dict[int, ir.Value] = {}
+        replaced: dict[str, list[ir.Value]] = {}
+        for value, positions in ((fc1, (_QMOE_FC1, _QMOE_FC1_SCALES, _QMOE_FC1_ZERO_POINTS)),
+                                 (fc2, (_QMOE_FC2, _QMOE_FC2_SCALES, _QMOE_FC2_ZERO_POINTS))):
+            e, n, k = (int(d) for d in value.const_value.shape)
+            kb = k // block_size
+            job = _StackQuantJob(value.const_value, block_size, symmetric, value.name, bits=bits, method=method)
+            specs = [("B", ir.DataType.UINT8, (e, n, k // per_byte), f"_Q{bits}", positions[0]),
+                     ("scales", ir.DataType.FLOAT, (e, n, kb), "_scales", positions[1])]
+            if not symmetric:
+                specs.append(("zero_points", ir.DataType.UINT8, (e, n, -(-kb // per_byte)), "_zero_points",
+                              positions[2]))
+            values = []
+            for key, dtype, shape, suffix, position in specs:
+                name = _unique(f"{value.name}{suffix}", names)
+                part = initializer(name, job.lazy(key, dtype, shape, name))
+                owner.register_initializer(part)
+                values.append(part)
+                parts[position] = part
+            replaced[value.name] = values
+        inputs = [node.inputs[0], node.inputs[1]] + [None] * (_QMOE_FC2_ZERO_POINTS - 1)
+        for position, part in parts.items():
+            inputs[position] = part
+        while inputs[-1] is None:
+            inputs.pop()
+        node.op_type = "QMoE"
+        node.resize_inputs(len(inputs))
+        for i, value in enumerate(inputs):
+            node.replace_input_with(i, value)
+        for attr in (ir.AttrInt64("expert_weight_bits", bits), ir.AttrInt64("block_size", block_size),
+                     ir.AttrInt64("accuracy_level", accuracy_level)):
+            node.attributes[attr.name] = attr
+        _rewrite_initializers(owner, replaced)
+        count += 1
+    if count:
+        log.info("%d MoE node(s) -> QMoE (%d-bit experts, block %d, %s, %s)", count, bits, block_size,
+                 "symmetric" if symmetric else "asymmetric", method)
+    return count
+
+
 class QuantizeInt4(StitchPass):
     """The decoder's MatMuls (head included) become MatMulNBits with ``spec``'s settings, quantized at save time:
     4 bits, 8 for the matrix kinds ``spec.eight_bit`` names."""
 
-    summary = "decoder MatMuls -> MatMulNBits (4 bits; 8 for the kinds asked), quantized while the model is written"
+    summary = ("decoder MatMuls -> MatMulNBits (4 bits; 8 for the kinds asked), MoE experts -> QMoE (4 bits), "
+               "quantized while the model is written")
 
     def __init__(self, spec: QuantSpec) -> None:
         self.spec = spec
         self.count = 0
+        self.experts = 0
         self.eight_bit_kinds: set[str] = set()
 
     def requires(self, model: ir.Model) -> None:
@@ -298,6 +399,9 @@ class QuantizeInt4(StitchPass):
         def in_decoder(node: ir.Node) -> bool:
             return (node.name or "").startswith(f"{DECODER_SCOPE}/")
 
+        def quantized_matmul(node: ir.Node) -> bool:  # the MoE router stays fp32 (see the module docstring)
+            return in_decoder(node) and f"/mlp/{ROUTER}/" not in (node.name or "")
+
         def eight_bit(node: ir.Node) -> bool:
             if in_decoder(node) and spec.bits_for(node.name) == EIGHT_BITS:
                 self.eight_bit_kinds.add(matrix_kind(node.name))
@@ -309,8 +413,9 @@ class QuantizeInt4(StitchPass):
         # the 8-bit matrices first: the 4-bit call then finds them MatMulNBits already and leaves them
         if spec.eight_bit:
             self.count = quantize_matmuls_nbits(model, bits=EIGHT_BITS, include=eight_bit, **options)
-        self.count += quantize_matmuls_nbits(model, bits=spec.bits, include=in_decoder, **options)
-        return self.count > 0
+        self.count += quantize_matmuls_nbits(model, bits=spec.bits, include=quantized_matmul, **options)
+        self.experts = quantize_experts_nbits(model, bits=spec.bits, include=in_decoder, **options)
+        return self.count + self.experts > 0
 
     def ensures(self, model: ir.Model) -> None:
         if not self.count:

@@ -19,7 +19,9 @@ from merge.tools.tables import format_table, human_bytes
 
 from .walk import (
     DEFAULT_DOMAINS,
+    MOE_OPS,
     OTHER_SCOPE,
+    QMOE_WEIGHT_INPUTS,
     TENSOR_KINDS,
     classify_initializers,
     describe_value,
@@ -48,6 +50,7 @@ def inspect_folder(folder: Path, *, verify_checksums: bool = False) -> dict:
         "inputs": inputs,
         "outputs": outputs,
         "parameters": count_parameters(model.graph),
+        "experts": count_experts(model.graph),
         "operators": count_operators(model.graph),
         "external_data": _external_data(combined, model.graph),
     }
@@ -129,6 +132,44 @@ def count_parameters(graph: onnx.GraphProto) -> dict:
     return {"scopes": rows, "total": total}
 
 
+def count_experts(graph: onnx.GraphProto) -> dict | None:
+    """Qwen3-VL-MoE's experts (``MoE`` / ``QMoE`` nodes), or None for a dense model: the sparse layers, experts per
+    layer and per token, parameters of the experts (one expert's, all) and of the routers, and the decoder's
+    parameters with those a token uses: every parameter but the experts it is not routed to
+    (``decoder - experts * (1 - k / E)``)."""
+    kinds = classify_initializers(graph)
+    dims = {t.name: list(t.dims) for t, _ in walk_initializers(graph)}
+    layers = []
+    for node, scope in walk_nodes(graph):
+        if (node.domain, node.op_type) not in MOE_OPS:
+            continue
+        attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
+        stacks = [node.input[i] for i in QMOE_WEIGHT_INPUTS if i < len(node.input) and node.input[i]] \
+            if node.op_type == "QMoE" else [name for name in node.input[2:] if name]
+        experts = dims[stacks[0]][0]
+        layer = node.name.rsplit("/mlp/", 1)[0]
+        router = sum(parameters for name, (kind, parameters) in kinds.items()
+                     if name.startswith(f"{layer}/mlp/router/") and kind == "weight")
+        layers.append({"layer": layer, "scope": scope, "experts": int(experts), "top_k": attrs.get("k", 1),
+                       "expert_parameters": sum(kinds[name][1] for name in stacks if name in kinds),
+                       "router_parameters": router})
+    if not layers:
+        return None
+    decoder = count_parameters(graph)["scopes"].get("decoder", {}).get("parameters", 0)
+    experts = sum(row["expert_parameters"] for row in layers)
+    inactive = sum(row["expert_parameters"] * (1 - row["top_k"] / row["experts"]) for row in layers)
+    return {
+        "sparse_layers": [row["layer"] for row in layers],
+        "experts_per_layer": sorted({row["experts"] for row in layers}),
+        "experts_per_token": sorted({row["top_k"] for row in layers}),
+        "expert_parameters": experts,
+        "one_expert_parameters": layers[0]["expert_parameters"] // layers[0]["experts"],
+        "router_parameters": sum(row["router_parameters"] for row in layers),
+        "decoder_parameters": decoder,
+        "decoder_active_parameters": round(decoder - inactive),
+    }
+
+
 def _op_name(node: onnx.NodeProto) -> str:
     return node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}.{node.op_type}"
 
@@ -184,6 +225,24 @@ def _printable(value):
     return value
 
 
+def _experts_lines(moe: dict) -> list[str]:
+    def listed(values: list) -> str:
+        return "/".join(str(v) for v in values)
+
+    layers = [name.rsplit("layers.", 1)[-1] for name in moe["sparse_layers"]]
+    decoder, active = moe["decoder_parameters"], moe["decoder_active_parameters"]
+    rows = [
+        [f"experts ({listed(moe['experts_per_layer'])} per layer)", f"{moe['expert_parameters']:,}"],
+        ["one expert", f"{moe['one_expert_parameters']:,}"],
+        ["routers", f"{moe['router_parameters']:,}"],
+        ["decoder", f"{decoder:,}"],
+        [f"decoder, active per token ({listed(moe['experts_per_token'])} experts)",
+         f"{active:,} ({100 * active / decoder:.1f}%)" if decoder else f"{active:,}"],
+    ]
+    return [f"mixture of experts: {len(layers)} sparse layers ({', '.join(layers)})",
+            *format_table(["what", "parameters"], rows, right=(1,))]
+
+
 def format_report(data: dict) -> str:
     """The plain-text tables of ``merge inspect`` (control characters in what the folder says escaped)."""
     data = _printable(data)
@@ -237,6 +296,8 @@ def format_report(data: dict) -> str:
     lines += format_table(["scope", "tensors", "parameters", "bytes", "share", "weights", "quant.", "constants"], rows,
                     right=range(1, 8))
     lines.append("  (an int4 MatMulNBits weight counts K*N parameters; constants: rotary tables, scalars, integers)")
+    if data.get("experts"):
+        lines += ["", *_experts_lines(data["experts"])]
 
     ops = data["operators"]
     scopes = list(ops["per_scope"])

@@ -28,6 +28,11 @@ GATHER_BLOCK_QUANTIZED_OP = (MS_DOMAIN, "GatherBlockQuantized")
 NBITS_OP = (MS_DOMAIN, "MatMulNBits")
 NBITS_WEIGHT_INPUT = 1
 NBITS_METADATA_INPUTS = slice(2, 5)
+# com.microsoft MoE / QMoE (Qwen3-VL-MoE's experts): fc1, fc2 (and fc3) expert stacks; QMoE packs them
+# ``expert_weight_bits`` to the value (8 / bits per byte), with scales and zero points beside them.
+MOE_OPS = ((MS_DOMAIN, "MoE"), (MS_DOMAIN, "QMoE"))
+QMOE_WEIGHT_INPUTS = (2, 5, 8)
+QMOE_METADATA_INPUTS = (3, 6, 9, 11, 12, 13)
 # Rotary tables are buffers, not parameters: the cos/sin cache inputs of ORT's rotary and attention ops, and
 # tensors named like Hugging Face's non-persistent rotary buffer.
 ROTARY_CACHE_INPUTS = {
@@ -146,7 +151,8 @@ def classify_initializers(graph: onnx.GraphProto) -> dict[str, tuple[str, int]]:
     """Each initializer's kind and parameter count: ``{name: (kind, parameters)}``.
 
     Kinds: ``weight`` (checkpoint weights: floating-point tensors, and int4 ``MatMulNBits`` weights, which
-    count K*N, the matrix they stand for), ``quantization`` (their scales, zero points, g_idx: no parameters)
+    count K*N, the matrix they stand for, and ``QMoE``'s packed expert stacks likewise), ``quantization`` (their
+    scales, zero points, g_idx: no parameters)
     and ``constant`` (no parameters, as PyTorch's buffers: rotary tables, whether read by ORT's rotary and
     attention ops as cos/sin caches or named ``inv_freq`` as in Hugging Face; scalars; integer tensors such
     as axes, shapes, token ids). Found by the ops that read them, except ``inv_freq``.
@@ -164,6 +170,11 @@ def classify_initializers(graph: onnx.GraphProto) -> dict[str, tuple[str, int]]:
         elif key == GATHER_BLOCK_QUANTIZED_OP:  # a 4-bit table: [rows, cols / 2] bytes stand for rows x cols
             packed_tables[node.input[0]] = 8 // next((a.i for a in node.attribute if a.name == "bits"), 4)
             quant_metadata.update(name for name in node.input[2:] if name)
+        elif key == MOE_OPS[1]:  # QMoE: packed expert stacks [E, N, K * bits / 8]
+            bits = next((a.i for a in node.attribute if a.name == "expert_weight_bits"), 4)
+            packed_tables.update((node.input[i], 8 // bits) for i in QMOE_WEIGHT_INPUTS
+                                 if i < len(node.input) and node.input[i])
+            quant_metadata.update(node.input[i] for i in QMOE_METADATA_INPUTS if i < len(node.input) and node.input[i])
         elif key in ROTARY_CACHE_INPUTS:
             rotary_tables.update(node.input[i] for i in ROTARY_CACHE_INPUTS[key] if i < len(node.input))
 
