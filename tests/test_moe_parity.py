@@ -143,11 +143,13 @@ def test_twin_broken_moe_fails(mutate, combined, hf_models, sources, prep, tmp_p
 def int4_fp32_activations(sources, tmp_path_factory):
     """tiny-moe in int4 with accuracy level 0: QMoE and MatMulNBits multiply fp32 activations by the dequantized
     4-bit weights, so the graph can be held to the fp32 bound against PyTorch with the same weights."""
-    from merge.contract.quant import QuantSpec
+    import dataclasses
+
+    from merge.contract.quant import DEFAULT_INT4
     from merge.stitch.pipeline import build
 
     out = tmp_path_factory.mktemp("moe-int4-level0") / "combined"
-    build(sources(MOE), out, quant=QuantSpec(accuracy_level=0))
+    build(sources(MOE), out, quant=dataclasses.replace(DEFAULT_INT4, accuracy_level=0))
     return out
 
 
@@ -157,11 +159,11 @@ def hf_int4(sources):
 
     from export.classes import model_classes_of
     from export.reference import use_int4_weights_
-    from merge.contract.quant import QuantSpec
+    from merge.contract.quant import DEFAULT_INT4
 
     folder = sources(MOE).folder
     model = model_classes_of(folder)[1].from_pretrained(folder, dtype=torch.float32).eval()
-    use_int4_weights_(model, QuantSpec(), shared_table=True)
+    use_int4_weights_(model, DEFAULT_INT4, shared_table=True)  # the scheme combined(MOE, "int4") is built with
     return model
 
 
