@@ -47,6 +47,21 @@ def special_token_ids(special_base: int) -> dict[str, int]:
     return {tok: special_base + i for i, tok in enumerate(SPECIAL_TOKENS)}
 
 
+def _merge1_vision() -> dict:
+    """tiny-merge1's vision tower (no spatial merge, patch 14, DeepStack at 1, 2), shared by tiny-moe-6x3."""
+    return {
+        "depth": 3,
+        "hidden_size": 48,
+        "intermediate_size": 96,
+        "num_heads": 3,
+        "out_hidden_size": 96,
+        "spatial_merge_size": 1,
+        "patch_size": 14,
+        "num_position_embeddings": 36,
+        "deepstack_visual_indexes": [1, 2],
+    }
+
+
 def _config(
     *,
     vision: dict,
@@ -152,17 +167,7 @@ def _presets() -> dict[str, dict]:
         # A second tiny shape for generality: no spatial merge, a 3-tap DeepStack list in another order of
         # layers, non-square learned position grid side, untied head, a different head layout.
         "tiny-merge1": _config(
-            vision={
-                "depth": 3,
-                "hidden_size": 48,
-                "intermediate_size": 96,
-                "num_heads": 3,
-                "out_hidden_size": 96,
-                "spatial_merge_size": 1,
-                "patch_size": 14,
-                "num_position_embeddings": 36,
-                "deepstack_visual_indexes": [1, 2],
-            },
+            vision=_merge1_vision(),
             text={
                 **_tiny_text(tiny_vocab),
                 "hidden_size": 96,
@@ -247,17 +252,7 @@ def _presets() -> dict[str, dict]:
         # A second MoE shape: 6 experts, 3 per token, every second layer sparse (decoder_sparse_step 2: layers 1
         # and 3), experts narrower than the hidden size, head_dim 32 with 1 KV head, untied head, tiny-merge1's vision.
         "tiny-moe-6x3": _config(
-            vision={
-                "depth": 3,
-                "hidden_size": 48,
-                "intermediate_size": 96,
-                "num_heads": 3,
-                "out_hidden_size": 96,
-                "spatial_merge_size": 1,
-                "patch_size": 14,
-                "num_position_embeddings": 36,
-                "deepstack_visual_indexes": [1, 2],
-            },
+            vision=_merge1_vision(),
             text={
                 **_tiny_text(tiny_vocab),
                 "hidden_size": 96,
