@@ -8,6 +8,7 @@ graph error.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def int4_weight(weight: np.ndarray, quant: QuantSpec, name: str = "") -> np.ndar
     (the PyTorch parameter's or module's) says which matrix it is: the kinds ``quant.eight_bit`` names are 8-bit."""
     w = np.ascontiguousarray(np.asarray(weight, np.float32).T)  # [in, out] as MatMulNBits sees it
     bits = quant.bits_for(name)
-    packed, scales, zero_points = quantize_weight_nbits(w, bits, quant.block_size, quant.symmetric,
+    packed, scales, zero_points = quantize_weight_nbits(w, bits, quant.block_for(w.shape[0]), quant.symmetric,
                                                         method=quant.method)
     return dequantize_nbits_rows(packed, scales, zero_points, w.shape[0], bits)
 
@@ -42,12 +43,15 @@ def int8_weight(weight: np.ndarray) -> np.ndarray:
     return dequantize_weight_int8(*quantize_weight_int8(flat)).reshape(weight.shape)
 
 
-def int4_expert_stack(stack: np.ndarray, quant: QuantSpec) -> np.ndarray:
+def int4_expert_stack(stack: np.ndarray, quant: QuantSpec, name: str) -> np.ndarray:
     """An expert stack [experts, out, in] (transformers' in-memory layout) as the int4 folder's QMoE holds it: each
     expert quantized as a Linear weight is (:func:`int4_weight`; QMoE's blocks are MatMulNBits' blocks, one row per
     output, so fc1's interleaving of gate and up rows changes nothing), dequantized."""
+    _, out, k = stack.shape  # gate_up_proj [E, 2 * width, hidden], down_proj [E, hidden, width]
+    hidden, width = (k, out // 2) if "gate_up" in name.rsplit(".", 1)[-1] else (out, k)
+    spec = dataclasses.replace(quant, block_size=quant.expert_block_size(hidden, width))
     # always 4 bits: --eight-bit names the dense matrices; "down_proj" in an expert stack's name must not pick 8
-    return np.stack([int4_weight(expert, quant) for expert in np.asarray(stack, np.float32)])
+    return np.stack([int4_weight(expert, spec) for expert in np.asarray(stack, np.float32)])
 
 
 def use_int4_weights_(model, quant: QuantSpec, shared_table: bool = False) -> int:
@@ -69,7 +73,7 @@ def use_int4_weights_(model, quant: QuantSpec, shared_table: bool = False) -> in
                 count += 1
         for name, param in model.model.language_model.named_parameters():
             if name.endswith(tuple(stack.split(".", 1)[1] for stack in EXPERT_STACKS)) and ".experts." in name:
-                param.copy_(torch.from_numpy(int4_expert_stack(param.detach().float().numpy(), quant)))
+                param.copy_(torch.from_numpy(int4_expert_stack(param.detach().float().numpy(), quant, name)))
                 count += 1
         # The head is quantized on its own; an untied (or unshared) embedding table stays fp32.
         model.lm_head.weight = torch.nn.Parameter(requantized(model.lm_head.weight, "lm_head"))
@@ -106,7 +110,7 @@ def quantized_weights(quant: QuantSpec | None, shared_table: bool, vision_int8: 
                     and name.endswith(".weight")):
                 return int4_weight(weight, quant, name)
             if name.startswith("model.language_model.") and is_expert_stack(name):
-                return int4_expert_stack(weight, quant)
+                return int4_expert_stack(weight, quant, name)
         if vision_int8 and name.startswith("model.visual.") and name.endswith(".weight") and isinstance(
                 module, torch.nn.Linear | torch.nn.Conv3d):
             return int8_weight(weight)

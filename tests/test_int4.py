@@ -183,12 +183,12 @@ def test_eight_bit_matrices_build_and_verify(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def older_scheme_folder(tmp_path_factory):
-    """tiny built with the scheme that was the default before (rtn, symmetric, every matrix in 4 bits)."""
+    """tiny built with the first int4 scheme (block 32, rtn, symmetric, every matrix in 4 bits)."""
     from merge.cli import main
 
     out = tmp_path_factory.mktemp("older") / "int4"
-    assert main(["build", "--precision", "int4", "--int4-method", "rtn", "--no-zero-points", "--eight-bit", "none",
-                 "--out", str(out)]) == 0
+    assert main(["build", "--precision", "int4", "--block-size", "32", "--int4-method", "rtn", "--no-zero-points",
+                 "--eight-bit", "none", "--out", str(out)]) == 0
     return out
 
 
@@ -200,7 +200,7 @@ def test_the_older_scheme_writes_only_the_fields_older_releases_read(int4_folder
     assert quantization["symmetric"] is True
     default = json.loads((int4_folder / "merge.json").read_text())["quantization"]
     assert default["method"] == "search" and default["symmetric"] is False
-    assert default["eight_bit"] == ["v_proj", "o_proj", "head"]
+    assert default["eight_bit"] == ["v_proj", "o_proj", "down_proj", "head"] and default["block_size"] == 128
 
 
 def test_an_older_int4_manifest_verifies_as_rtn(older_scheme_folder, tmp_path, capsys):

@@ -168,12 +168,17 @@ def hf_int4(sources):
 
 
 def test_int4_structure(combined, sources):
+    from merge.contract.quant import DEFAULT_INT4
+
     model = onnx.load(str(combined(MOE, "int4") / "model.onnx"), load_external_data=False)
     sparse = sources(MOE).config.text.moe.sparse_layers(sources(MOE).config.text.num_layers)
     qmoe = [n for n in model.graph.node if n.op_type == "QMoE"]
     assert len(qmoe) == len(sparse) and not [n for n in model.graph.node if n.op_type == "MoE"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in qmoe[0].attribute}
-    assert attrs["expert_weight_bits"] == 4 and attrs["block_size"] == 32 and attrs["accuracy_level"] == 4
+    text = sources(MOE).config.text  # QMoE's one block divides the hidden size and the experts' width
+    expected = DEFAULT_INT4.expert_block_size(text.hidden_size, text.moe.moe_intermediate_size)
+    assert attrs["expert_weight_bits"] == 4 and attrs["block_size"] == expected == 64
+    assert attrs["accuracy_level"] == 4
     assert attrs["activation_alpha"] == 1.0 and attrs["activation_beta"] == 0.0 and "swiglu_limit" not in attrs
     routers = [n for n in model.graph.node if n.name.endswith("/mlp/router/MatMul")]
     assert len(routers) == len(sparse) and all(n.op_type == "MatMul" for n in routers)  # the router stays fp32
@@ -243,12 +248,22 @@ def test_eight_bit_kinds_leave_the_experts_4_bit(tmp_path, capsys):
     assert main(["verify", str(out), "--max-new-tokens", "2"]) == 0, capsys.readouterr().out
 
 
-def test_block_size_must_divide_the_experts(sources, tmp_path):
+def test_experts_take_a_block_dividing_hidden_and_width(sources, tmp_path):
+    """QMoE quantizes whole blocks along both of its K (hidden 96, width 64 here): at --block-size 64 the experts
+    take 32, the largest power of two up to 64 dividing both, and so does every dense matrix with K = 96; the
+    manifest keeps the block asked for (the rule gives the rest). A block no power of two >= 16 divides is refused
+    (tests/test_quantize.py)."""
     from merge.contract.quant import QuantSpec
     from merge.stitch.pipeline import build
 
-    with pytest.raises(MergeError, match="hidden size 96 is not a multiple of the block size 64"):
-        build(sources(OTHER), tmp_path / "b64", quant=QuantSpec(block_size=64))
+    out = tmp_path / "b64"
+    build(sources(OTHER), out, quant=QuantSpec(block_size=64))
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    blocks = {n.name: {a.name: a.i for a in n.attribute} for n in model.graph.node
+              if n.op_type in ("MatMulNBits", "QMoE")}
+    assert {v["block_size"] for k, v in blocks.items() if k.endswith("/experts/MoE")} == {32}
+    assert {v["block_size"] for v in blocks.values() if v.get("K") == 96} == {32}
+    assert {v["block_size"] for v in blocks.values() if v.get("K", 0) % 64 == 0 and "K" in v} == {64}
 
 
 # -- checkpoints and configs -------------------------------------------------------------------------------------

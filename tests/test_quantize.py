@@ -23,7 +23,7 @@ from merge.tools.compare import compare
 log = logging.getLogger(__name__)
 
 BLOCK = 32
-SHAPES = {"w_up": (64, 48), "w_down": (80, 40)}  # K=80 is not a multiple of the block
+SHAPES = {"w_up": (64, 48), "w_down": (88, 40)}  # K=88 is no multiple of 16: padded to whole blocks of 32
 NAMES = {"w_up": "/model/layers.0/mlp/up_proj/MatMul", "w_down": "/model/layers.0/mlp/down_proj/MatMul"}
 # Bounds (relative to max(1, max|expected|)) against the reference built from the dequantized weights.
 DEQUANT_SCALE = {1: 1e-5, 4: 3e-2}  # accuracy_level 1: fp32 compute; 4: A is quantized to int8 at run time
@@ -45,9 +45,10 @@ def _fvalue(name: str, shape) -> ir.Value:
 
 
 def build_model(weights: dict[str, np.ndarray]) -> ir.Model:
-    """x [b,s,64] -MatMul w_up-> h [b,s,48] -Add bias-> concat x2 [b,s,32] -> [b,s,80] -MatMul w_down-> y [b,s,40]."""
+    """x [b,s,64] -MatMul w_up-> h [b,s,48] -Add bias-> concat x2 [b,s,K-48] -> [b,s,K] -MatMul w_down-> y [b,s,40]
+    (K = w_down's rows)."""
     x = _fvalue("x", ["batch", "seq", 64])
-    x2 = _fvalue("x2", ["batch", "seq", 32])
+    x2 = _fvalue("x2", ["batch", "seq", weights["w_down"].shape[0] - 48])
     inits = {name: _fvalue(name, arr.shape) for name, arr in weights.items()}
     for name, value in inits.items():
         value.const_value = ir.tensor(weights[name], name=name)
@@ -82,7 +83,7 @@ def feeds_for(seed: int = 1) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
         "x": rng.standard_normal((2, 5, 64)).astype(np.float32),
-        "x2": rng.standard_normal((2, 5, 32)).astype(np.float32),
+        "x2": rng.standard_normal((2, 5, SHAPES["w_down"][0] - 48)).astype(np.float32),
     }
 
 
@@ -145,6 +146,25 @@ def test_rewrite_keeps_names_outputs_and_drops_fp32():
         "w_up_Q4", "w_up_scales", "w_up_zero_points", "bias", "w_down_Q4", "w_down_scales", "w_down_zero_points",
     ]  # fmt: skip
     assert model.opset_imports["com.microsoft"] == 1
+
+
+def test_a_block_that_does_not_divide_k_shrinks_to_one_that_does():
+    """block_for: the block size, or the largest power of two below it dividing K (at least 16); a K that no such
+    block divides keeps the block size (padded to whole blocks). The rewrite takes it per weight."""
+    from merge.contract.quant import QuantSpec, block_for
+    from merge.errors import MergeError
+
+    assert [block_for(128, k) for k in (2048, 6144, 768, 64, 96, 80, 88, 33)] == [128, 128, 128, 64, 32, 16, 128, 128]
+    assert block_for(32, 80) == 16 and block_for(32, 88) == 32
+    spec = QuantSpec(block_size=128)
+    assert spec.block_for(64) == 64 and spec.expert_block_size(2048, 768) == 128
+    assert spec.expert_block_size(64, 128) == 64 and spec.expert_block_size(96, 64) == 32
+    with pytest.raises(MergeError, match="no block of at least 16"):
+        spec.expert_block_size(88, 64)
+    model = build_model({**_weights(), "w_down": np.ones((80, 40), np.float32)})
+    assert quantize_matmuls_int4(model, block_size=BLOCK) == 2
+    blocks = {n.name: n.attributes["block_size"].value for n in model.graph if n.op_type == "MatMulNBits"}
+    assert blocks == {NAMES["w_up"]: 32, NAMES["w_down"]: 16}
 
 
 def test_symmetric_has_no_zero_points_and_level_0_no_attribute():
@@ -515,11 +535,14 @@ def test_quant_options_need_int4():
     from merge.errors import MergeError
 
     assert quant_spec_for("int4", method="search", zero_points=True, eight_bit="head, down_proj") == QuantSpec(
-        symmetric=False, method="search", eight_bit=("head", "down_proj"))
-    # the default: zero points, searched, v_proj/o_proj/head in 8 bits; each option replaces its part of it
-    assert quant_spec_for("int4") == QuantSpec(symmetric=False, method="search", eight_bit=("v_proj", "o_proj", "head"))
-    assert quant_spec_for("int4", method="rtn", zero_points=False, eight_bit="none") == QuantSpec()
-    assert quant_spec_for("int4", eight_bit="head") == QuantSpec(symmetric=False, method="search", eight_bit=("head",))
+        block_size=128, symmetric=False, method="search", eight_bit=("head", "down_proj"))
+    # the default: blocks of 128, zero points, searched, v_proj/o_proj/down_proj/head in 8 bits; each option replaces
+    # its part of it
+    assert quant_spec_for("int4") == QuantSpec(block_size=128, symmetric=False, method="search",
+                                               eight_bit=("v_proj", "o_proj", "down_proj", "head"))
+    assert quant_spec_for("int4", 32, method="rtn", zero_points=False, eight_bit="none") == QuantSpec()
+    assert quant_spec_for("int4", eight_bit="head") == QuantSpec(block_size=128, symmetric=False, method="search",
+                                                                 eight_bit=("head",))
     assert quant_spec_for("int4", zero_points=False).symmetric
     assert quant_spec_for("int4", block_size=64).block_size == 64
     for option, kwargs in [("--int4-method", {"method": "search"}), ("--zero-points", {"zero_points": True}),

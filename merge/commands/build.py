@@ -47,11 +47,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default="tiny", help="preset name, local HF folder or hub id (default: tiny)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="decoder weights: fp32, or int4 (MatMulNBits, block 32; by default with zero points, searched "
-                        "scales, and v_proj, o_proj and the head in 8 bits: closer to fp32 than llama.cpp's Q4_K_M)")
+                   help="decoder weights: fp32, or int4 (MatMulNBits, blocks of 128 with zero points and searched "
+                        "scales, v_proj, o_proj, down_proj and the head in 8 bits: closer to fp32 than llama.cpp's "
+                        "Q4_K_M, and faster)")
     p.add_argument("--block-size", type=int, default=None, metavar="N",
-                   help="int4 block along K (a power of two >= 16; default 32): larger blocks store fewer scales and "
-                        "run faster, at some accuracy (verify reports it)")
+                   help="int4 block along K (a power of two >= 16; default 128): larger blocks store fewer scales "
+                        "and run faster, smaller ones come closer to fp32 (64: closer still, at llama.cpp Q4_K_M's "
+                        "prefill speed; verify reports it)")
     p.add_argument("--int4-method", default=None, choices=METHODS,
                    help="how int4 blocks are quantized: search (each block's scale and zero point searched to "
                         "minimise its squared error; the default) or rtn (round to nearest from each block's range: "

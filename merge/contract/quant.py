@@ -72,6 +72,9 @@ def matrix_kind(name: str) -> str | None:
     return next((part for part in reversed(parts) if part in PROJECTIONS), None)
 
 
+MIN_BLOCK_SIZE = 16  # MatMulNBits' smallest block
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """Block-wise weight quantization of the decoder's matrices (``MatMulNBits``)."""
@@ -122,6 +125,21 @@ class QuantSpec:
         """The bits of the matrix called ``name`` (a graph node's or a PyTorch parameter's name, see
         :func:`matrix_kind`): 8 for the kinds :attr:`eight_bit` names, else :attr:`bits`."""
         return EIGHT_BITS if matrix_kind(name) in self.eight_bit else self.bits
+
+    def block_for(self, k: int) -> int:
+        """The block of a matrix with ``k`` rows (its input size): :func:`block_for`."""
+        return block_for(self.block_size, k)
+
+    def expert_block_size(self, hidden: int, width: int) -> int:
+        """The block of a Qwen3-VL-MoE model's 4-bit experts: ``QMoE`` has one block for fc1 (K = the hidden size)
+        and fc2 (K = the experts' width) and quantizes whole blocks, so the largest power of two up to
+        :attr:`block_size` dividing both (the published shapes, hidden 2048 and width 768, take 128)."""
+        block = min(self.block_for(hidden), self.block_for(width))
+        if hidden % block or width % block:
+            raise MergeError(f"quantization: no block of at least {MIN_BLOCK_SIZE} (a power of two up to "
+                             f"{self.block_size}) divides the hidden size {hidden} and the experts' width {width}; "
+                             "QMoE quantizes whole blocks")
+        return block
 
     def to_json(self) -> dict:
         """The fields that came later (``method``, ``eight_bit``) are written only when they differ from what their
@@ -258,16 +276,33 @@ def dequantize_int4_rows(packed: np.ndarray, scales: np.ndarray, zero_points: np
     return dequantize_nbits_rows(packed, scales, zero_points, k, BITS)
 
 
+def block_for(block_size: int, k: int) -> int:
+    """The block a matrix with ``k`` rows (K, its input size) is quantized in: ``block_size``, or when that does not
+    divide ``k`` the largest power of two below it that does (at least 16: a ``k`` that no such block divides is
+    padded to whole blocks of ``block_size``, as MatMulNBits allows). Every K of the published shapes is a multiple
+    of 128; a small one (the tiny presets' hidden size 64) takes a block that fits it, so that no block holds
+    padding and a tied head's blocks stay a table the embedding lookup can read."""
+    block = block_size
+    while block > MIN_BLOCK_SIZE and k % block:
+        block //= 2
+    return block if k % block == 0 else block_size
+
+
 def check_block_size(block_size: int) -> None:
-    if block_size < 16 or block_size & (block_size - 1):
-        raise MergeError(f"block_size must be a power of two >= 16, got {block_size}")
+    if block_size < MIN_BLOCK_SIZE or block_size & (block_size - 1):
+        raise MergeError(f"block_size must be a power of two >= {MIN_BLOCK_SIZE}, got {block_size}")
 
 
-# ``--precision int4`` without other options: block 32 with a zero point per block, each block's scale and zero
-# point searched, and the value and output projections and the head in 8 bits. Measured on the 2B preset's spread
-# copy (docs/benchmarks.md#fidelity): mean KL to fp32 on text 2.55e-2 against llama.cpp Q4_K_M's 3.19e-2 on the same
-# weights (symmetric round-to-nearest, all 4-bit, the default before: 7.52e-2), at about 10% of decode speed.
-# ``QuantSpec()`` stays that older scheme: it is what a manifest without ``method`` and ``eight_bit`` means.
-DEFAULT_EIGHT_BIT = ("v_proj", "o_proj", HEAD)
-DEFAULT_INT4 = QuantSpec(symmetric=False, method="search", eight_bit=DEFAULT_EIGHT_BIT)
+# ``--precision int4`` without other options: blocks of 128 with a zero point each, each block's scale and zero
+# point searched, and the value, output and down projections and the head in 8 bits. Measured on the 2B preset's
+# spread copy in one run (docs/benchmarks.md#fidelity): mean KL to fp32 on text 2.62e-2 against llama.cpp Q4_K_M's
+# 3.19e-2 on the same weights (99th percentile 1.18e-1 against 9.85e-2), and faster than Q4_K_M in every phase
+# measured (prefill 1.26-1.33x, decode 1.22-1.32x, batch 8 1.62x: docs/benchmarks.md#speed). Blocks of 64
+# (``--block-size 64``) come closer still (2.21e-2, p99 8.90e-2) at Q4_K_M's prefill speed. The default before it:
+# block 32, ``v_proj``, ``o_proj`` and the head in 8 bits (2.55e-2, prefill 0.82-0.89x of Q4_K_M's); before that,
+# symmetric round-to-nearest all in 4 bits (7.52e-2). ``QuantSpec()`` stays that first scheme: it is what a manifest
+# without ``method`` and ``eight_bit`` means.
+DEFAULT_BLOCK_SIZE = 128
+DEFAULT_EIGHT_BIT = ("v_proj", "o_proj", "down_proj", HEAD)
+DEFAULT_INT4 = QuantSpec(block_size=DEFAULT_BLOCK_SIZE, symmetric=False, method="search", eight_bit=DEFAULT_EIGHT_BIT)
 NO_EIGHT_BIT = "none"  # --eight-bit none: every matrix in 4 bits

@@ -31,7 +31,8 @@ from graphs.builder import initializer
 from graphs.moe import ROUTER
 from merge import quantize as quant
 from merge.contract.names import DECODER_SCOPE, MS_DOMAIN
-from merge.contract.quant import BITS, EIGHT_BITS, QuantSpec, check_block_size, matrix_kind
+from merge.contract.quant import BITS, EIGHT_BITS, QuantSpec, block_for, check_block_size, matrix_kind
+from merge.errors import MergeError
 
 from .base import StitchError, StitchPass
 
@@ -218,7 +219,8 @@ def quantize_matmuls_nbits(
 
     Args:
         bits: 4 or 8.
-        block_size: quantization block along K (power of two >= 16).
+        block_size: quantization block along K (power of two >= 16); a weight whose K it does not divide takes the
+            largest smaller power of two that does (:func:`merge.contract.quant.block_for`).
         accuracy_level: MatMulNBits' minimum compute precision of A (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8);
             4 quantizes A to int8 at run time, the fast CPU path; 0 leaves the attribute out.
         symmetric: no zero points (the kernel uses 2**(bits - 1)); asymmetric blocks use every level.
@@ -242,14 +244,15 @@ def quantize_matmuls_nbits(
         k, n = (int(d) for d in weight.const_value.shape)
         if k * n < min_elements or (include is not None and not include(node)):
             continue
+        block = block_for(block_size, k)  # block_size, or a smaller one that divides K
         owner = weight.graph
         assert owner is not None, "an initializer belongs to a graph"
         if id(weight) not in jobs:
             names = taken.setdefault(id(owner), _all_value_names(owner))
-            job = _QuantJob(weight.const_value, block_size, symmetric, weight.name or node.name or "weight",
+            job = _QuantJob(weight.const_value, block, symmetric, weight.name or node.name or "weight",
                             bits=bits, method=method)
-            kb = -(-k // block_size)
-            specs = [("B", ir.DataType.UINT8, (n, kb, block_size // per_byte), f"_Q{bits}")]
+            kb = -(-k // block)
+            specs = [("B", ir.DataType.UINT8, (n, kb, block // per_byte), f"_Q{bits}")]
             specs.append(("scales", ir.DataType.FLOAT, (n, kb), "_scales"))
             if not symmetric:
                 specs.append(("zero_points", ir.DataType.UINT8, (n, -(-kb // per_byte)), "_zero_points"))
@@ -275,7 +278,7 @@ def quantize_matmuls_nbits(
             ir.AttrInt64("K", k),
             ir.AttrInt64("N", n),
             ir.AttrInt64("bits", bits),
-            ir.AttrInt64("block_size", block_size),
+            ir.AttrInt64("block_size", block),
         ]
         if accuracy_level:
             attrs.append(ir.AttrInt64("accuracy_level", accuracy_level))
@@ -317,7 +320,8 @@ def quantize_experts_nbits(
     """Replace every ``com.microsoft.MoE`` whose expert weights are float32 initializers by ``QMoE`` with
     ``bits``-bit experts, in place (name, inputs 0 and 1, output and the routing and activation attributes kept);
     returns the number replaced. Quantized at save time like :func:`quantize_matmuls_nbits`; QMoE quantizes whole
-    blocks, so the hidden size and the experts' width must be multiples of ``block_size``."""
+    blocks: the experts take the largest power of two up to ``block_size`` that divides the hidden size and the
+    experts' width (:meth:`merge.contract.quant.QuantSpec.expert_block_size`)."""
     check_block_size(block_size)
     per_byte = 8 // bits
     count = 0
@@ -330,10 +334,10 @@ def quantize_experts_nbits(
                 raise StitchError(f"{node.name}: expert weights {value.name if value else None} are not float "
                                   "initializers")
         _, width2, hidden = (int(d) for d in fc1.const_value.shape)
-        for what, size in (("hidden size", hidden), ("expert width", width2 // 2)):
-            if size % block_size:
-                raise StitchError(f"{node.name}: the {what} {size} is not a multiple of the block size {block_size}; "
-                                  "QMoE quantizes whole blocks (choose --block-size dividing it)")
+        try:
+            block = QuantSpec(block_size=block_size).expert_block_size(hidden, width2 // 2)
+        except MergeError as exc:
+            raise StitchError(f"{node.name}: {exc}") from None
         owner = fc1.graph
         names = _all_value_names(owner)
         parts: dict[int, ir.Value] = {}
@@ -341,8 +345,8 @@ def quantize_experts_nbits(
         for value, positions in ((fc1, (_QMOE_FC1, _QMOE_FC1_SCALES, _QMOE_FC1_ZERO_POINTS)),
                                  (fc2, (_QMOE_FC2, _QMOE_FC2_SCALES, _QMOE_FC2_ZERO_POINTS))):
             e, n, k = (int(d) for d in value.const_value.shape)
-            kb = k // block_size
-            job = _StackQuantJob(value.const_value, block_size, symmetric, value.name, bits=bits, method=method)
+            kb = k // block
+            job = _StackQuantJob(value.const_value, block, symmetric, value.name, bits=bits, method=method)
             specs = [("B", ir.DataType.UINT8, (e, n, k // per_byte), f"_Q{bits}", positions[0]),
                      ("scales", ir.DataType.FLOAT, (e, n, kb), "_scales", positions[1])]
             if not symmetric:
@@ -365,13 +369,13 @@ def quantize_experts_nbits(
         node.resize_inputs(len(inputs))
         for i, value in enumerate(inputs):
             node.replace_input_with(i, value)
-        for attr in (ir.AttrInt64("expert_weight_bits", bits), ir.AttrInt64("block_size", block_size),
+        for attr in (ir.AttrInt64("expert_weight_bits", bits), ir.AttrInt64("block_size", block),
                      ir.AttrInt64("accuracy_level", accuracy_level)):
             node.attributes[attr.name] = attr
         _rewrite_initializers(owner, replaced)
         count += 1
     if count:
-        log.info("%d MoE node(s) -> QMoE (%d-bit experts, block %d, %s, %s)", count, bits, block_size,
+        log.info("%d MoE node(s) -> QMoE (%d-bit experts, block %d, %s, %s)", count, bits, block,
                  "symmetric" if symmetric else "asymmetric", method)
     return count
 
