@@ -1,7 +1,8 @@
 """Peak memory at long context: the combined folder against llama.cpp on the same weights, one child process per
 system and context length, measured side by side in one run.
 
-Each child loads its model, fills a context of N tokens (in chunks, as a long prompt would be fed), decodes a
+Each child loads its model, fills a context of N tokens (the runtime's chunked prefill: ``--chunk`` positions per
+call, as a long prompt is fed), decodes a
 few tokens after it and reports its peak resident memory (``ru_maxrss``) and, for ours, the resident memory
 after loading and after the fill, so the table says where the memory goes: weights, KV cache, per-call work.
 ONNX Runtime settings that bear on memory can be varied per run (``--arena``, ``--chunk``). Prints figures,
@@ -42,7 +43,6 @@ def child(folder: Path, context: int, chunk: int, arena: bool, threads: int) -> 
     import onnxruntime as ort
 
     from merge.runtime import CombinedModel
-    from merge.runtime.cache import InPlaceCache
 
     if not arena:  # sessions without the CPU arena: every tensor freed when its last reader is done
         from merge.contract.folder import CombinedFolder
@@ -55,22 +55,18 @@ def child(folder: Path, context: int, chunk: int, arena: bool, threads: int) -> 
             return plain(self, options, providers, **kwargs)
 
         CombinedFolder.session = session
-    model = CombinedModel(folder, threads=threads)
+    model = CombinedModel(folder, threads=threads, prefill_chunk=chunk)
     loaded = _rss_gib()
     rng = np.random.default_rng(0)
     high = min(TEXT_IDS[1], model.config.text.vocab_size, *model.config.special_token_ids.values())
     ids = (min(TEXT_IDS[0], high // 2), high)  # ordinary text tokens: below the vision tokens
-    cache = InPlaceCache(model.session, model.past_names, 1, model.num_kv_heads, model.head_dim,
-                         context + DECODE_STEPS + 1)
-    done, out = 0, None
-    while done < context:
-        n = min(chunk, context - done)
-        feeds = {"input_ids": rng.integers(*ids, (1, n)).astype(np.int64),
-                 "attention_mask": np.ones((1, done + n), np.int64), **model.no_vision(),
-                 "rope_deltas": np.zeros((1, 1), np.int64) if out is None else out["rope_deltas_out"],
-                 "logits_to_keep": np.array(1, np.int64)}
-        out = cache.run(feeds)
-        done += n
+    prompt = rng.integers(*ids, (1, context)).astype(np.int64)
+    cache = model.new_cache(1, context + DECODE_STEPS + 1)
+    # the runtime's own prefill: the prompt in calls of `chunk` positions, written in place, last logits only
+    feeds = {k: v for k, v in model.first_feeds(prompt, np.ones_like(prompt)).items() if k not in cache.buffers}
+    feeds["logits_to_keep"] = np.array(1, np.int64)
+    out = model.prefill(cache.run, feeds)
+    done = context
     filled = _rss_gib()
     for step in range(DECODE_STEPS):
         feeds = {"input_ids": np.full((1, 1), 5, np.int64),

@@ -26,6 +26,7 @@ import onnx_ir as ir
 from merge.contract.names import MIN_IR_VERSION, OPSET, TOOL_NAME
 
 FLOAT = ir.DataType.FLOAT
+FLOAT16 = ir.DataType.FLOAT16
 INT64 = ir.DataType.INT64
 INT32 = ir.DataType.INT32
 BOOL = ir.DataType.BOOL

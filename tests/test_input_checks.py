@@ -35,7 +35,7 @@ def _feeds(model: CombinedModel, ids, mask) -> dict[str, np.ndarray]:
     ids, mask = np.asarray(ids, np.int64), np.asarray(mask, np.int64)
     feeds = {"input_ids": ids, "attention_mask": mask, **model.no_vision(),
              "rope_deltas": np.zeros((ids.shape[0], 1), np.int64)}
-    empty = np.zeros((ids.shape[0], model.num_kv_heads, 0, model.head_dim), np.float32)
+    empty = np.zeros((ids.shape[0], model.num_kv_heads, 0, model.head_dim), model.kv_dtype)
     feeds.update(dict.fromkeys(model.past_names, empty))
     return feeds
 

@@ -39,9 +39,10 @@ def node_client():
 
 
 @pytest.mark.parametrize("runtime", ["node", "web"])
-@pytest.mark.parametrize("case", ["text", "two_images", "image_and_video"])
+@pytest.mark.parametrize("case", ["text", "two_images", "image_and_video", "int4"])
 def test_node_matches_python(case, runtime, node_client, combined, sources, prep, tmp_path):
-    combined = combined("tiny")
+    # int4: the default int4 folder, whose KV cache is float16 (the client feeds float16 pasts, as merge.json says)
+    combined = combined("tiny", "int4" if case == "int4" else "fp32")
     from merge.runtime.prompts import build_inputs
     from merge.runtime.video import VideoProcessor
     from tests.videos import write_clip
@@ -68,6 +69,13 @@ def test_node_matches_python(case, runtime, node_client, combined, sources, prep
                                            inputs["image_grid_thw"], max_new_tokens=NEW_TOKENS,
                                            pixel_values_videos=inputs["pixel_values_videos"],
                                            video_grid_thw=inputs["video_grid_thw"])
+    if case == "int4" and runtime == "web":
+        # the WebAssembly build's 4-bit kernel has no int8-activation path: its products round otherwise than the
+        # native one's, and a near tie among the tiny preset's logits may go the other way (measured: 1 of 28
+        # positions). The float16 pasts ran; most positions must agree
+        agree = (np.array(js["prefill_argmax"]) == gen.prefill_logits.argmax(-1)).mean()
+        assert agree >= 0.9, agree
+        return
     np.testing.assert_array_equal(np.array(js["prefill_argmax"]), gen.prefill_logits.argmax(-1))
     np.testing.assert_array_equal(np.array(js["tokens"]), gen.tokens)
     if case == "two_images":  # twin: the comparison can fail - the two same-size images swapped give other argmaxes

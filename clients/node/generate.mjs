@@ -82,6 +82,11 @@ const config = readJson(path.join(folder, "config.json"), "config");
 const text = config.text_config;
 const kvHeads = text.num_key_value_heads;
 const headDim = text.head_dim ?? text.hidden_size / text.num_attention_heads;
+// the keys and values kept between calls: float32, or float16 (merge.json's kv_cache; folders before it: float32)
+const manifestPath = path.join(folder, "merge.json");
+const kvCache = fs.existsSync(manifestPath) ? (readJson(manifestPath, "manifest").kv_cache ?? "float32") : "float32";
+const emptyPast = { float32: () => new Float32Array(0), float16: () => new Uint16Array(0) }[kvCache];
+if (!emptyPast) throw new UsageError(`${manifestPath}: kv_cache ${JSON.stringify(kvCache)} is not float32 or float16`);
 const inputs = readJson(inputsPath, "inputs file");
 if (inputs === null || typeof inputs !== "object" || Array.isArray(inputs)) {
   throw new UsageError(`inputs file ${inputsPath} must hold a JSON object`);
@@ -156,7 +161,7 @@ const videoRows = inputs.pixel_values_videos ?? [];
 const videoGrid = inputs.video_grid_thw ?? [];
 feeds.pixel_values_videos = new ort.Tensor("float32", Float32Array.from(videoRows.flat()), [videoRows.length, pixelDim]);
 feeds.video_grid_thw = new ort.Tensor("int64", BigInt64Array.from(videoGrid.flat().map(BigInt)), [videoGrid.length, 3]);
-for (const name of pastNames) feeds[name] = new ort.Tensor("float32", new Float32Array(0), [batch, kvHeads, 0, headDim]);
+for (const name of pastNames) feeds[name] = new ort.Tensor(kvCache, emptyPast(), [batch, kvHeads, 0, headDim]);
 // logits_to_keep is an optional input (optional(tensor(int64))): ONNX Runtime runs without it, but the JavaScript
 // API asks for every input it lists, so this loop feeds it: 0 keeps every position (the prefill's argmax is
 // reported per position), 1 only the last (all a decode step needs).

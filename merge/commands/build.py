@@ -7,6 +7,7 @@ from pathlib import Path
 
 from merge.contract.quant import (
     DEFAULT_EIGHT_BIT,
+    KV_CACHES,
     MATRIX_KINDS,
     METHODS,
     NO_EIGHT_BIT,
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     source = resolve_model(args.model, args.cache_dir)
     print(f"model: {source.spec} ({source.folder})")
     result = build(source, Path(args.out), quant=quant, vision_precision=args.vision_precision, force=args.force,
-                   others=args.others)
+                   others=args.others, kv_cache=args.kv_cache)
     print(f"wrote {result.out}/ in {result.seconds:.1f} s (peak memory: build {result.peak_rss_gib:.2f} GiB, "
           f"session check {result.check_peak_rss_gib:.2f} GiB)")
     for part, path in result.parts.items():
@@ -68,6 +69,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--vision-precision", default="fp32", choices=VISION_PRECISIONS,
                    help="vision products: fp32, or int8 (7-bit weight codes, exact on every CPU; activations "
                         "quantized at run time; uses the CPU's AMX / VNNI int8 units; verify reports its error)")
+    p.add_argument("--kv-cache", default=None, choices=KV_CACHES,
+                   help="the keys and values kept between calls: float32, or float16 (half the memory at long "
+                        "contexts; ONNX Runtime's attention reads it directly). Default: float32 with --precision "
+                        "fp32 (exact), float16 with int4 (as llama.cpp's f16 cache; verify reports its error)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing --out folder a build wrote, when the build succeeds (refused, naming "
                         "them, if it holds files no build wrote, unless --others says what to do with them)")

@@ -19,8 +19,8 @@ from typing import Any
 
 from merge.errors import MergeError
 
-from .names import DATA_FILE, MANIFEST_FILE, MODEL_FILE, TOOL_NAME
-from .quant import PRECISIONS, VISION_PRECISIONS, QuantSpec
+from .names import DATA_FILE, MANIFEST_FILE, MODEL_FILE, PAST_PREFIX, TOOL_NAME
+from .quant import KV_CACHES, PRECISIONS, VISION_PRECISIONS, QuantSpec
 from .reading import load_json, read_regular
 
 EMBEDDING_LAYOUTS = ("vocab_major", "hidden_major", "int4_blocks", "int8_blocks")
@@ -29,11 +29,12 @@ MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a few KiB; a bigger file is not ou
 
 # The format this tool writes and the newest it reads. Raise it when a build starts writing something a reader
 # needs to know about, and name the feature below.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # The first format with each feature the runtime relies on (format 0 folders may hold some of them, unrecorded):
 FORMAT_LOGITS_TO_KEEP = 1  # the optional input logits_to_keep
 FORMAT_VIDEOS = 1  # the inputs pixel_values_videos and video_grid_thw
 FORMAT_KV_CACHE_IN_PLACE = 1  # past_key_values.* may be buffers written in place (metadata kv_cache_in_place "1")
+FORMAT_KV_CACHE_TYPE = 2  # the field kv_cache: the type of past_key_values.* and present.* (float32 before)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Manifest:
     tool: str = TOOL_NAME
     vision_precision: str = "fp32"
     format_version: int = FORMAT_VERSION
+    kv_cache: str = "float32"  # what past_key_values.* and present.* hold
 
     def to_json(self) -> dict:
         return {
@@ -75,6 +77,7 @@ class Manifest:
             "precision": self.precision,
             "quantization": self.quantization.to_json() if self.quantization else None,
             "vision_precision": self.vision_precision,
+            "kv_cache": self.kv_cache,
             "embedding_table": self.embedding_table,
             "parts": dict(self.parts),
             "inputs": [t.to_json() for t in self.inputs],
@@ -111,7 +114,7 @@ class Manifest:
             raise MergeError(f"{where}: format_version {version} is newer than the format {FORMAT_VERSION} this "
                              f"{TOOL_NAME} reads; update {TOOL_NAME}")
         known = {"format_version", "tool", "tool_version", "source_model", "precision", "quantization",
-                 "vision_precision", "embedding_table", "parts",
+                 "vision_precision", "kv_cache", "embedding_table", "parts",
                  "inputs", "outputs", "special_token_ids", "preprocessing_files", "checksums", "sizes"}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -162,19 +165,26 @@ class Manifest:
         vision_precision = data.get("vision_precision", "fp32")  # folders written before it was recorded: fp32
         if vision_precision not in VISION_PRECISIONS:
             raise MergeError(f"{where}: vision_precision {vision_precision!r} is not one of {VISION_PRECISIONS}")
+        kv_cache = get("kv_cache", str) if version >= FORMAT_KV_CACHE_TYPE else data.get("kv_cache", "float32")
+        if kv_cache not in KV_CACHES:
+            raise MergeError(f"{where}: kv_cache {kv_cache!r} is not one of {KV_CACHES}")
         layout = get("embedding_table", str)
         if layout not in EMBEDDING_LAYOUTS:
             raise MergeError(f"{where}: embedding_table {layout!r} is not one of {EMBEDDING_LAYOUTS}")
         parts = mapping("parts", str)
         if parts != {"model": MODEL_FILE, "data": DATA_FILE}:
             raise MergeError(f"{where}: parts {parts} are not {{model: {MODEL_FILE}, data: {DATA_FILE}}}")
+        inputs = tensors("inputs")
+        wrong = next((t for t in inputs if t.name.startswith(PAST_PREFIX) and t.type != kv_cache), None)
+        if wrong is not None:
+            raise MergeError(f"{where}: kv_cache is {kv_cache} but inputs list {wrong.name} as {wrong.type}")
         return cls(
             tool_version=get("tool_version", str),
             source_model=get("source_model", str),
             precision=precision,
             quantization=quantization,
             embedding_table=layout,
-            inputs=tensors("inputs"),
+            inputs=inputs,
             outputs=tensors("outputs"),
             special_token_ids=mapping("special_token_ids", int),
             preprocessing_files=strings("preprocessing_files"),
@@ -183,4 +193,5 @@ class Manifest:
             parts=parts,
             vision_precision=vision_precision,
             format_version=version,
+            kv_cache=kv_cache,
         )

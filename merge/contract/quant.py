@@ -46,6 +46,8 @@ PRECISIONS = ("fp32", "int4")
 # The vision part: fp32, or int8 products (per-channel int8 weights, activations quantized at run time to uint8,
 # ONNX Runtime's DynamicQuantizeMatMul; attention and the rest stay fp32).
 VISION_PRECISIONS = ("fp32", "int8")
+# The keys and values kept between calls (past_key_values.* and present.*): float32, or float16 (half the bytes)
+KV_CACHES = ("float32", "float16")
 # The int8 vision weights' largest code magnitude (see the module docstring): 7-bit codes, so that a pair of uint8 x
 # int8 products can never leave int16 (2 * 255 * 63 = 32130 <= 32767) on CPUs without VNNI.
 INT8_CODE_LIMIT = 63
@@ -208,6 +210,19 @@ def quant_spec_for(precision: str, block_size: int | None = None, *, method: str
 
 def precision_of(quant: QuantSpec | None) -> str:
     return quant.precision if quant is not None else "fp32"
+
+
+def default_kv_cache(quant: QuantSpec | None) -> str:
+    """The KV cache's type when a build does not say: float32 for an fp32 folder (exact to PyTorch), float16 for a
+    quantized one (as llama.cpp's default f16 cache: half the memory at long contexts, an error far below the
+    weights' own; verify reports it)."""
+    return "float32" if quant is None else "float16"
+
+
+def check_kv_cache(kv_cache: str) -> str:
+    if kv_cache not in KV_CACHES:
+        raise MergeError(f"--kv-cache {kv_cache}: choose one of {', '.join(KV_CACHES)}")
+    return kv_cache
 
 
 def check_vision_precision(precision: str) -> str:

@@ -25,6 +25,18 @@ from merge.errors import MergeError
 METADATA_KEY = KV_CACHE_IN_PLACE
 
 
+ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}  # what a KV cache may hold
+
+
+def kv_cache_dtype(session, past_names: Sequence[str]) -> np.dtype:
+    """The type of the session's ``past_key_values.*`` inputs (one for all of them): float32 or float16."""
+    types = {i.type for i in session.get_inputs() if i.name in set(past_names)}
+    if len(types) != 1 or next(iter(types)) not in ORT_TYPES:
+        raise MergeError(f"the model's past_key_values inputs are of type(s) {sorted(types)}, not all one of "
+                         f"{sorted(ORT_TYPES)}")
+    return np.dtype(ORT_TYPES[types.pop()])
+
+
 class InPlaceCache:
     """Past and present in the same buffers, room for ``capacity`` positions (each buffer holds one more: the model
     takes a past tensor as a buffer only when it is longer than the call's attention mask)."""
@@ -37,8 +49,9 @@ class InPlaceCache:
             raise MergeError(f"a KV cache needs a positive capacity, got {capacity}")
         self.session = session
         self.capacity = 0
+        self.dtype = kv_cache_dtype(session, past_names)  # float32, or float16: half the bytes
         self.arrays: dict[str, np.ndarray] = dict.fromkeys(past_names, np.zeros((batch, kv_heads, 0, head_dim),
-                                                                                np.float32))
+                                                                                self.dtype))
         self.buffers: dict = {}
         self._ortvalue = ort.OrtValue.ortvalue_from_numpy
         self.reserve(capacity)
@@ -56,7 +69,7 @@ class InPlaceCache:
             return
         grown = {}
         for name, old in self.arrays.items():
-            array = np.zeros((*old.shape[:2], capacity + 1, old.shape[3]), np.float32)
+            array = np.zeros((*old.shape[:2], capacity + 1, old.shape[3]), self.dtype)
             array[:, :, :old.shape[2]] = old
             grown[name] = array
         # the arrays own the memory; the OrtValues wrap it (no copy), so the model's writes show in the arrays
@@ -65,13 +78,15 @@ class InPlaceCache:
         self.capacity = capacity
 
     def replace(self, arrays: dict[str, np.ndarray]) -> None:
-        """Take ``arrays`` (one per past tensor, each [batch, kv_heads, capacity + 1, head_dim] float32, C-ordered)
+        """Take ``arrays`` (one per past tensor, each [batch, kv_heads, capacity + 1, head_dim] of the cache's type,
+        C-ordered)
         as the buffers: a batch whose rows changed (:mod:`merge.runtime.engine` lays its rows out anew)."""
         if set(arrays) != set(self.arrays):
             raise MergeError("a KV cache's buffers are replaced by one array per past tensor")
         shapes = {a.shape for a in arrays.values()}
-        if len(shapes) != 1 or any(a.dtype != np.float32 or not a.flags.c_contiguous for a in arrays.values()):
-            raise MergeError(f"a KV cache's buffers are C-ordered float32 arrays of one shape, got {sorted(shapes)}")
+        if len(shapes) != 1 or any(a.dtype != self.dtype or not a.flags.c_contiguous for a in arrays.values()):
+            raise MergeError(f"a KV cache's buffers are C-ordered {self.dtype} arrays of one shape, got "
+                             f"{sorted(shapes)} of {sorted({str(a.dtype) for a in arrays.values()})}")
         (shape,) = shapes
         if len(shape) != 4 or shape[2] < 2:
             raise MergeError(f"a KV cache's buffers are [batch, kv_heads, capacity + 1, head_dim], got {shape}")

@@ -226,7 +226,7 @@ def relayout(arrays: dict[str, np.ndarray], mask: np.ndarray, keep: Sequence[int
     low = max(0, -shift)  # the first old column kept (never past a kept row's first real position)
     out = {}
     for name, old in arrays.items():
-        new = np.zeros((batch, old.shape[1], new_length + spare + 1, old.shape[3]), np.float32)
+        new = np.zeros((batch, old.shape[1], new_length + spare + 1, old.shape[3]), old.dtype)
         if keep:
             new[:len(keep), :, low + shift:new_length] = old[keep, :, low:length]
         for j, kv in enumerate(joining):
@@ -433,7 +433,7 @@ class Engine:
             self.counts["prefills"] += 1
         try:
             cache = model.new_cache(1, length + min(request.max_tokens, CACHE_STEP))
-            out = cache.run(feeds, self._options)
+            out = model.prefill(cache.run, feeds, self._options)  # a long prompt in calls of prefill_chunk
             row = _Row(request, self.eos, self._decode, self._new_stream())
             row.take(out[LOGITS][:, -1])
         except Exception as exc:

@@ -42,7 +42,7 @@ from merge.contract.vision import check_vision_inputs
 from merge.errors import MergeError
 
 from .cache import METADATA_KEY as CACHE_METADATA_KEY
-from .cache import InPlaceCache
+from .cache import InPlaceCache, kv_cache_dtype
 from .interrupt import FirstCall, Watch, run_interruptibly
 from .sampling import Sampling, StopScanner, TokenChooser, check_stop, ending
 
@@ -53,6 +53,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_NEW_TOKENS = 128
 CACHE_STEP = 256  # an in-place KV cache starts with room for this many new tokens, then doubles
+# A long prompt is fed this many positions per call (chunked prefill): the attention of a call holds its scores for
+# every head, new position and cached position (ONNX Runtime's CPU GroupQueryAttention: heads x new x capacity
+# values of the cache's type), so the whole of a 16k prompt at once would need 8 GiB of them on 2B (float16), in
+# calls of 2048 1 GiB. Smaller calls cost prefill speed (the products' rows); 2048 loses none measurable on 2B
+PREFILL_CHUNK = 2048
 THREADS_PER_CPU = 4  # threads beyond this many per CPU only oversubscribe (--threads 1000 ran 74 s instead of 1 s)
 
 
@@ -145,14 +150,19 @@ class CombinedModel:
     def __init__(self, folder: Path | str | CombinedFolder, *, threads: int | None = None,
                  providers: Sequence[str] | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
                  check_checksums: bool = False, model_bytes: bytes | None = None, fps: float | None = None,
-                 max_frames: int | None = None):
+                 max_frames: int | None = None, prefill_chunk: int | None = PREFILL_CHUNK):
         """``folder`` is checked first (:class:`merge.contract.folder.CombinedFolder`, or one already opened); the
         session and the preprocessing then read only what was checked. ``check_checksums`` also hashes the model
         files. ``model_bytes`` replaces the folder's graph (the same weights; verify adds debug outputs). ``min_pixels``
-        / ``max_pixels`` bound the images' sizes, ``fps`` / ``max_frames`` the frames taken from videos."""
+        / ``max_pixels`` bound the images' sizes, ``fps`` / ``max_frames`` the frames taken from videos.
+        ``prefill_chunk``: positions per call of a long prompt (:meth:`prefill`; None: the whole prompt at once)."""
         import onnxruntime as ort
 
         check_threads(threads)
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                          or prefill_chunk < 1):
+            raise MergeError(f"prefill_chunk must be a whole number of at least 1 (or None), got {prefill_chunk!r}")
+        self.prefill_chunk = prefill_chunk
         self.combined = folder if isinstance(folder, CombinedFolder) else CombinedFolder.open(
             folder, check_checksums=check_checksums)
         self.folder = self.combined.path
@@ -177,6 +187,13 @@ class CombinedModel:
         # what each call must feed follows the graph: a format 0 folder may have the video inputs all the same
         self.video_inputs = PIXEL_VALUES_VIDEOS in inputs
         self._check_format(set(inputs))
+        # the keys and values kept between calls: float32, or float16 (merge.json kv_cache, the graph agreeing)
+        self.kv_dtype = np.dtype(self.combined.manifest.kv_cache)
+        held = kv_cache_dtype(self.session, self.past_names)
+        if held != self.kv_dtype:
+            raise MergeError(f"{self.folder}: {MANIFEST_FILE} says kv_cache {self.kv_dtype} but the model's "
+                             f"{PAST_PREFIX}* inputs are {held}; the folder does not match its manifest (build it "
+                             "again)")
 
     def _check_format(self, inputs: set[str]) -> None:
         """The model holds what its folder's format promises (a merge.json edited by hand may promise more)."""
@@ -223,6 +240,43 @@ class CombinedModel:
         """A KV cache of ``capacity`` positions that the model writes in place (see :mod:`merge.runtime.cache`)."""
         self._require_format(FORMAT_KV_CACHE_IN_PLACE, "writing the KV cache in place")
         return InPlaceCache(self.session, self.past_names, batch, self.num_kv_heads, self.head_dim, capacity)
+
+    def prefill(self, run: Callable, feeds: dict[str, np.ndarray], run_options=None, *,
+                growing: bool = False) -> dict[str, np.ndarray]:
+        """A first call's ``feeds`` (:meth:`first_feeds`) run as one call, or for one prompt (a batch of 1: every
+        request the server admits) longer than :attr:`prefill_chunk` as several (:func:`prefill_bounds`: the first
+        with every image and video, then ``prefill_chunk`` positions each), through ``run`` (``self.forward``, or
+        an in-place cache's ``run``; ``growing``: each call's ``present`` fed to the next). Returns the last call's
+        outputs with ``logits`` of every call joined along the sequence (one position each when ``logits_to_keep`` is
+        fed)."""
+        ids, mask = feeds[INPUT_IDS], feeds[ATTENTION_MASK]
+        # ONNX Runtime's CPU GroupQueryAttention takes several new positions over a past for one row only
+        # ("batch_size must be 1 when sequence_length > 1 and past context is given"): a batch runs in one call
+        if not self.prefill_chunk or ids.shape[0] != 1:
+            return run(feeds, run_options)
+        ends = prefill_bounds(ids, mask, (self.config.image_token_id, self.config.video_token_id),
+                              self.prefill_chunk)
+        if len(ends) == 1:
+            return run(feeds, run_options)
+        keep = LOGITS_TO_KEEP in feeds
+        logits, out, start = [], None, 0
+        for end in ends:
+            if out is None:
+                call = dict(feeds)
+            else:  # a later call: text only, positions from the first call's rope_deltas
+                call = {ROPE_DELTAS: out[ROPE_DELTAS_OUT], **self.no_vision()}
+                if keep:
+                    call[LOGITS_TO_KEEP] = feeds[LOGITS_TO_KEEP]
+                if growing:
+                    call.update({p: out[present_name(p)] for p in self.past_names})
+            call[INPUT_IDS], call[ATTENTION_MASK] = ids[:, start:end], mask[:, :end]
+            out = run(call, run_options)
+            if not keep:
+                logits.append(out[LOGITS])
+            start = end
+        if not keep:
+            out[LOGITS] = np.concatenate(logits, axis=1)
+        return out
 
     def check_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos=None,
                      video_grid_thw=None) -> None:
@@ -285,7 +339,7 @@ class CombinedModel:
         if self.video_inputs:
             feeds[PIXEL_VALUES_VIDEOS] = np.ascontiguousarray(pixel_values_videos, np.float32)
             feeds[VIDEO_GRID_THW] = np.ascontiguousarray(video_grid_thw, np.int64).reshape(-1, 3)
-        empty = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), np.float32)
+        empty = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), self.kv_dtype)
         feeds.update(dict.fromkeys(self.past_names, empty))
         return feeds
 
@@ -351,8 +405,8 @@ class CombinedModel:
         start = time.perf_counter()
         # the first call (the vision tower, the prompt: minutes for a large photo on 2B) in a worker thread, which
         # Ctrl-C and SIGTERM stop; decode steps are short and stay in this thread
-        out = run_interruptibly(lambda options: run(feeds, options), watch=self.watch,
-                                about=FirstCall.of(feeds, self.config))
+        out = run_interruptibly(lambda options: self.prefill(run, feeds, options, growing=cache is None),
+                                watch=self.watch, about=FirstCall.of(feeds, self.config))
         prefill_seconds = time.perf_counter() - start
         result = Generation(tokens=np.zeros((input_ids.shape[0], 0), np.int64), prefill_logits=out[LOGITS],
                             prefill_seconds=prefill_seconds, prefill_outputs=out)
@@ -494,6 +548,23 @@ class CombinedModel:
                           image_tokens=image_tokens, num_images=int(inputs["image_grid_thw"].shape[0]),
                           video_tokens=video_tokens, num_videos=int(inputs[VIDEO_GRID_THW].shape[0]),
                           finish_reasons=reasons)
+
+
+def prefill_bounds(input_ids: np.ndarray, attention_mask: np.ndarray, vision_token_ids: Sequence[int],
+                   chunk: int) -> list[int]:
+    """Where the calls of a chunked prefill end (columns of the prompt; the last is its length). The first call
+    carries every image and video token (the vision part runs once, on the first call, with all the patches; the
+    3-D positions of what follows the last of them continue by one per token, which is what later calls compute
+    from ``rope_deltas``) and every row's first real token (a row of padding only is refused); each later call
+    ``chunk`` positions at most."""
+    if chunk < 1:
+        raise MergeError(f"prefill_chunk must be at least 1, got {chunk}")
+    length = input_ids.shape[1]
+    real = attention_mask != 0
+    vision = np.isin(input_ids, list(vision_token_ids)) & real
+    first = max(chunk, int(vision.any(axis=0).nonzero()[0].max()) + 1 if vision.any() else 0,
+                int(real.argmax(axis=1).max()) + 1)
+    return [*range(min(first, length), length, chunk), length]
 
 
 def check_token_ids(ids: np.ndarray, vocab_size: int, name: str = INPUT_IDS) -> None:

@@ -79,6 +79,7 @@ def check_decoder(model: ir.Model, text: TextSpec, where: str = "decoder",
     """The decoder has the I/O the stitch relies on and, where ``options`` says how it was written (the build's
     own graph, not the builder's export), each layer's named MLP output, DeepStack's anchor; raise if not."""
     f32, i64 = ir.DataType.FLOAT, ir.DataType.INT64
+    kv = options.kv_type if options is not None else f32
     expected_in = {DECODER_INPUTS_EMBEDS: (f32, 3, text.hidden_size), ATTENTION_MASK: (i64, 2, None),
                    DECODER_POSITION_IDS: (i64, 3, None)}
     if options is not None and options.logits_to_keep:
@@ -86,8 +87,8 @@ def check_decoder(model: ir.Model, text: TextSpec, where: str = "decoder",
     expected_out = {LOGITS: (f32, 3, text.vocab_size)}
     for i in range(text.num_layers):
         for kind in ("key", "value"):
-            expected_in[past_name(i, kind)] = (f32, 4, None)  # the builder names the last dim kv_cache_dim
-            expected_out[present_name(past_name(i, kind))] = (f32, 4, None)
+            expected_in[past_name(i, kind)] = (kv, 4, None)  # the builder names the last dim kv_cache_dim
+            expected_out[present_name(past_name(i, kind))] = (kv, 4, None)
     _check_io(where, "input", model.graph.inputs, expected_in)
     _check_io(where, "output", model.graph.outputs, expected_out)
     positions = next(v for v in model.graph.inputs if v.name == DECODER_POSITION_IDS)

@@ -13,6 +13,7 @@ Steps, each named in the log:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from graphs.decoder import COMBINED
 from merge import __version__
 from merge.contract.folder import file_sha256
 from merge.contract.manifest import FORMAT_VERSION, Manifest, TensorInfo
@@ -32,7 +34,14 @@ from merge.contract.names import (
     TOOL_NAME,
     VISION_INT8_CODE_LIMIT,
 )
-from merge.contract.quant import INT8_CODE_LIMIT, QuantSpec, check_vision_precision, precision_of
+from merge.contract.quant import (
+    INT8_CODE_LIMIT,
+    QuantSpec,
+    check_kv_cache,
+    check_vision_precision,
+    default_kv_cache,
+    precision_of,
+)
 from merge.sources.checkpoint import Checkpoint
 from merge.sources.source import ModelSource
 from merge.space import naming_a_full_disk, require_free_space
@@ -63,14 +72,17 @@ def peak_rss_gib() -> float:
 
 
 def build(source: ModelSource, out: Path, *, quant: QuantSpec | None = None, vision_precision: str = "fp32",
-          force: bool = False, others: str | None = None) -> BuildResult:
-    """Build ``out``: one ``model.onnx`` (+ ``model.onnx.data``), preprocessing files and ``merge.json``."""
+          force: bool = False, others: str | None = None, kv_cache: str | None = None) -> BuildResult:
+    """Build ``out``: one ``model.onnx`` (+ ``model.onnx.data``), preprocessing files and ``merge.json``.
+    ``kv_cache``: the type of the keys and values kept between calls (``"float32"`` or ``"float16"``; default
+    :func:`default_kv_cache` of the precision)."""
+    kv_cache = check_kv_cache(kv_cache if kv_cache is not None else default_kv_cache(quant))
     start = time.perf_counter()
     result = BuildResult(out=Path(out))
     checkpoint = Checkpoint(source.folder)  # every shard's header checked against its file before any work
     with staged_output(out, force, others) as stage:
         log.info("decoder and parts: decoder and vision graphs from %s, embedding merge, rope index", source.folder)
-        decoder = write_decoder(checkpoint, source.config)
+        decoder = write_decoder(checkpoint, source.config, dataclasses.replace(COMBINED, kv_cache=kv_cache))
         parts = make_parts(source, checkpoint)
         log.info("stitch: %s", "passes (run with --debug to list them)")
         model, layout = stitch(decoder, source.config, parts, quant, check_vision_precision(vision_precision))
@@ -89,7 +101,7 @@ def build(source: ModelSource, out: Path, *, quant: QuantSpec | None = None, vis
         require_free_space(result.out.parent, weight_bytes(model), f"writing {DATA_FILE} of {result.out}{replacing}")
         with naming_a_full_disk(result.out / DATA_FILE), tensor_writing_bar(f"writing {DATA_FILE}") as callback:
             ir.save(model, stage / MODEL_FILE, external_data=DATA_FILE, callback=callback)
-        manifest = describe(model, source, quant, layout, vision_precision)
+        manifest = describe(model, source, quant, layout, vision_precision, kv_cache)
         del model, decoder, parts
         copied = copy_preprocessing(source.folder, stage)
         log.info("checking %s (ONNX checker and a session, child process)", MODEL_FILE)
@@ -113,7 +125,7 @@ def weight_bytes(model: ir.Model) -> int:
 
 
 def describe(model: ir.Model, source: ModelSource, quant: QuantSpec | None, layout: str,
-             vision_precision: str) -> Manifest:
+             vision_precision: str, kv_cache: str = "float32") -> Manifest:
     """The manifest's description of the model (files and checksums are added once they are written)."""
 
     def info(value: ir.Value) -> TensorInfo:
@@ -127,6 +139,7 @@ def describe(model: ir.Model, source: ModelSource, quant: QuantSpec | None, layo
         precision=precision_of(quant),
         quantization=quant,
         vision_precision=vision_precision,
+        kv_cache=kv_cache,
         embedding_table=layout,
         inputs=[info(v) for v in model.graph.inputs],
         outputs=[info(v) for v in model.graph.outputs],

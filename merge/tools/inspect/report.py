@@ -67,6 +67,7 @@ def _metadata(model: onnx.ModelProto, manifest: dict, inputs: list, outputs: lis
     return {
         "source_model": field("source_model"),
         "precision": field("precision"),
+        "kv_cache": manifest.get("kv_cache") or ("float32" if manifest else None),  # folders before it: float32
         "tool": field("tool"),
         "tool_version": field("tool_version"),
         "producer": f"{model.producer_name} {model.producer_version}".strip() or None,
@@ -262,6 +263,7 @@ def format_report(data: dict) -> str:
     fields = [
         ("source model", meta["source_model"]),
         ("precision", meta["precision"]),
+        ("KV cache", meta["kv_cache"]),
         ("tool", tool),
         ("producer", meta["producer"]),
         ("IR version", meta["ir_version"]),
