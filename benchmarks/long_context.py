@@ -106,12 +106,14 @@ def main() -> int:
     parser.add_argument("--gguf", type=Path, nargs="*", default=[], help="llama.cpp GGUF files of the same weights")
     parser.add_argument("--llama-dir", type=Path, default=None, help="llama.cpp folder (benchmarks/llama_cpp.py)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here (tables.py renders them)")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.contexts[0], args.chunk, not args.no_arena, args.threads)))
         return 0
 
-    print(machine.header(machine.describe(args.threads)))
+    info = machine.describe(args.threads)
+    print(machine.header(info))
     rows = []
     arenas = (True, False) if args.compare_arena else (not args.no_arena,)
     for context in args.contexts:
@@ -131,7 +133,24 @@ def main() -> int:
             continue
         cells = "".join(f"{r[k]:8.2f}G" if k in r else f"{'':>9}" for k in ("loaded_gib", "filled_gib", "kv_gib"))
         print(f"  {label:34}{context:9d}{cells}{r['peak_gib']:8.2f}G")
+    if args.json:
+        from merge.contract.manifest import Manifest
+
+        manifest = Manifest.read(args.combined)
+        scheme = manifest.quantization.scheme() if manifest.quantization else manifest.precision
+        report = {"benchmark": "long_context", "machine": info, "model": manifest.source_model,
+                  "combined": f"{scheme}, vision {manifest.vision_precision}, KV cache {manifest.kv_cache}",
+                  "chunk": args.chunk, "rows": [{"system": system_name(label), "label": label, "context": context, **r}
+                                                for label, context, r in rows]}
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def system_name(label: str) -> str:
+    """``ours`` for the combined folder (arena on), ``ours, no arena``, or ``llama.cpp KIND`` (the GGUF's kind)."""
+    if label.startswith("ours"):
+        return "ours, no arena" if "no arena" in label else "ours"
+    return "llama.cpp " + label.rsplit("-", 1)[-1]
 
 
 if __name__ == "__main__":

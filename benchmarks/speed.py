@@ -29,11 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import machine  # noqa: E402
+from merge.runtime.model import PREFILL_CHUNK  # noqa: E402
 
 PHASES = ("prefill-226", "prefill-2048", "decode-256", "decode-4096", "decode-16384", "image-448", "batch-1",
           "batch-4", "batch-8")
 SYSTEMS = ("combined", "combined-growing", "bare", "llama-Q4_0", "llama-Q4_K_M", "torch-fp32", "torch-bf16")
-CHUNK = 2048  # context is filled this many tokens at a time (a 16k prefill in one call would materialise scores)
+# a prompt or context is fed this many tokens a call, as the runtime's chunked prefill feeds it (a 16k prefill in one
+# call would materialise scores for all of it); llama.cpp's micro-batches are 512 (llama-bench's default -ub)
+CHUNK = PREFILL_CHUNK
 DECODE_STEPS = 16
 TEXT_IDS = (100, 3000)  # ordinary tokens of the presets' tokenizer
 
@@ -79,7 +82,7 @@ class OnnxDecoder:
     def call(self, ids: np.ndarray, state: dict | None, keep_last: bool = True, capacity: int = 0) -> dict:
         """One call of ``ids`` [batch, n] after ``state`` (None: the first call, with room for ``capacity``
         positions in an in-place cache)."""
-        from merge.runtime.cache import InPlaceCache
+        from merge.runtime.cache import InPlaceCache, kv_cache_dtype
 
         batch, n = ids.shape
         past = 0 if state is None else state["length"]
@@ -90,7 +93,8 @@ class OnnxDecoder:
         if in_place is not None:
             cache = {}
         elif state is None:
-            cache = {p: np.zeros((batch, self.kv, 0, self.head), np.float32) for p in self.past_names}
+            empty = np.zeros((batch, self.kv, 0, self.head), kv_cache_dtype(self.session, self.past_names))
+            cache = dict.fromkeys(self.past_names, empty)
         else:
             cache = {p: state["out"][p.replace("past_key_values.", "present.")] for p in self.past_names}
         if self.combined:
@@ -391,6 +395,12 @@ def main() -> int:
                   f"{json.dumps(results)}", flush=True)
 
     report = {"machine": info, "model": args.model, "series": args.series, "systems": {}, "peak_gib": peaks}
+    if "combined" in paths:  # what the combined model was: its int4 scheme and KV cache (tables.py's caption)
+        from merge.contract.manifest import Manifest
+
+        manifest = Manifest.read(paths["combined"])
+        scheme = manifest.quantization.scheme() if manifest.quantization else manifest.precision
+        report["combined_scheme"] = f"{scheme}, KV cache {manifest.kv_cache} in place"
     print(f"\n{args.model}: medians of {args.repeat} interleaved runs (best in brackets); ratios: combined / system, "
           "> 1 means the combined model is faster")
     header = f"  {'phase':14}" + "".join(f"{s:>22}" for s in args.systems)

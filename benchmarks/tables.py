@@ -89,8 +89,9 @@ def speed_table(reports: list[dict]) -> list[str]:
                      key=lambda s: (SPEED_ORDER.index(s) if s in SPEED_ORDER else 1, s))
     first = reports[0]
     series = f" ({first['series']})" if first.get("series") else ""
+    scheme = first.get("combined_scheme", "block 32, KV cache in place")  # reports before it: block 32
     lines = [f"Decoder phases, {first['model']}{series}, int4: medians (how many runs in brackets), then how many "
-             f"times faster the combined model (block 32, KV cache in place) is than each system. Machine: "
+             f"times faster the combined model ({scheme}) is than each system. Machine: "
              f"{machine_line(first['machine'])}.", "",
              "| phase | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems)]
     for phase, summary in phases.items():
@@ -147,6 +148,85 @@ def fidelity_table(report: dict) -> list[str]:
     return lines
 
 
+SUMMARY_PHASES = (("prefill-226", "prefill 226"), ("prefill-2048", "prefill 2048"), ("decode-256", "decode @256"),
+                  ("decode-4096", "decode @4k"), ("decode-16384", "decode @16k"), ("image-448", "448² image"),
+                  ("batch-1", "batch 1"), ("batch-4", "batch 4"), ("batch-8", "batch 8"))
+SUMMARY_OURS = "ours-int4"  # fidelity.py's label of the default scheme
+
+
+def summary_table(fidelity: dict, speeds: list[dict], long_context: dict | None = None) -> list[str]:
+    """The README's table: the default int4 folder beside llama.cpp's 4-bit GGUFs of the same weights, text KL to
+    each one's own fp32 (``fidelity.py``) and how many times faster ours is in each phase (``speed.py``; reports of
+    one model joined), the 16k-context peak from ``long_context.py`` where given."""
+    phases: dict[str, dict] = {}
+    for report in speeds:
+        for phase, summary in report["systems"].items():
+            phases.setdefault(phase, {}).update(summary)
+    shown = [(key, label) for key, label in SUMMARY_PHASES if key in phases]
+    text = {r["system"]: r for r in fidelity["rows"] if r["prompt"] == "text"
+            and not r["base"].endswith("stored log-probs")}
+    ours = text[SUMMARY_OURS]
+    peaks = {}
+    if long_context:
+        peaks = {r["system"]: r["peak_gib"] for r in long_context["rows"] if r["context"] == 16384 and "peak_gib" in r}
+    speed = speeds[0]
+    lines = [f"{speed['model']} on {machine_line(speed['machine'])}: the default int4 folder "
+             f"({speed.get('combined_scheme', 'int4')}) beside llama.cpp's 4-bit GGUFs of the same weights. KL: mean "
+             f"KL(fp32 || system) in nats on {fidelity['text']['chunks']} x {fidelity['text']['ctx']} tokens of text "
+             f"(the spread copy, final norm x {fidelity['factor']:g}), each system against its own fp32. Phases: "
+             "ours in seconds or tokens/s, llama.cpp as how many times faster ours is (> 1: ours faster)"
+             + (f"; peak memory at a 16k context, ours with {long_context['combined'].split(', ')[-1]}"
+                if peaks else "") + "; one run each.", "",
+             "| system | KL mean | KL p99 | " + " | ".join(label for _, label in shown)
+             + (" | peak @16k |" if peaks else " |"),
+             "|---|---|---|" + "---|" * (len(shown) + bool(peaks))]
+    cells = []
+    for key, _ in shown:
+        row = phases[key]["combined"]
+        cells.append(f"{row['median']:.2f} {'s' if row['unit'] == 's' else 'tok/s'}")
+    peak = [f"{peaks['ours']:.2f} GiB"] if peaks else []
+    lines.append(f"| ours, int4 | {ours['kl_mean']:.2e} | {ours['kl_p99']:.2e} | " + " | ".join(cells + peak) + " |")
+    for kind in ("Q4_K_M", "Q4_0"):
+        fid = text.get(f"llama-{kind}")
+        cells = []
+        for key, _ in shown:
+            base, other = phases[key].get("combined"), phases[key].get(f"llama-{kind}")
+            if not other:
+                cells.append("-")
+                continue
+            r = other["median"] / base["median"] if other["unit"] == "s" else base["median"] / other["median"]
+            cells.append(f"{r:.2f}x")
+        if peaks:
+            cells.append(f"{peaks[f'llama.cpp {kind}']:.2f} GiB" if f"llama.cpp {kind}" in peaks else "-")
+        kl = f"{fid['kl_mean']:.2e} | {fid['kl_p99']:.2e}" if fid else "- | -"
+        lines.append(f"| llama.cpp {kind} | {kl} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_summary(paths: list[str]) -> str:
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    fidelity = next(r for r in reports if r.get("benchmark") == "fidelity")
+    long_context = next((r for r in reports if r.get("benchmark") == "long_context"), None)
+    return "\n".join(summary_table(fidelity, [r for r in reports if "systems" in r and "peak_gib" in r],
+                                   long_context))
+
+
+def long_context_table(report: dict) -> list[str]:
+    """``long_context.py``'s report: resident memory per system and context length."""
+    lines = [f"Memory at long context, {report['model']} ({report['combined']}): resident memory in GiB after "
+             f"loading, after the context is filled ({report['chunk']:,} positions a call, the runtime's chunked "
+             f"prefill) and at the peak; llama.cpp is `llama-bench -d N -n 8` (text only: no vision weights). "
+             f"Machine: {machine_line(report['machine'])}.", "",
+             "| system | context | loaded | after the fill | KV cache | peak |", "|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['system']} | {r['context']:,} | error: {' '.join(r['error'])} | | | |")
+            continue
+        cells = " | ".join(f"{r[k]:.2f}" if k in r else "" for k in ("loaded_gib", "filled_gib", "kv_gib"))
+        lines.append(f"| {r['system']} | {r['context']:,} | {cells} | {r['peak_gib']:.2f} |")
+    return lines
+
+
 def render(paths: list[str]) -> str:
     reports = [json.loads(Path(p).read_text()) for p in paths]
     vision = [r for r in reports if "sizes" in r]
@@ -159,6 +239,9 @@ def render(paths: list[str]) -> str:
     for report in reports:
         if report.get("benchmark") == "fidelity":
             out += [*fidelity_table(report), ""]
+    for report in reports:
+        if report.get("benchmark") == "long_context":
+            out += [*long_context_table(report), ""]
     for group in speed_groups([r for r in reports if "systems" in r and "peak_gib" in r]):
         out += [*speed_table(group), ""]
     return "\n".join(out).rstrip()
@@ -173,10 +256,13 @@ def update(page: str) -> str:
     """The page with every marked block rendered again from the reports it names."""
 
     def again(m: re.Match) -> str:
-        missing = [name for name in m["reports"].split() if not (ROOT / name).is_file()]
+        names = m["reports"].split()
+        summary = names[:1] == ["--summary"]  # the README's table (summary_table) rather than the full ones
+        names = names[1:] if summary else names
+        missing = [name for name in names if not (ROOT / name).is_file()]
         if missing:
             raise SystemExit(f"a tables.py block names {', '.join(missing)}, which is not a report under {ROOT}")
-        body = render([str(ROOT / name) for name in m["reports"].split()])
+        body = (render_summary if summary else render)([str(ROOT / name) for name in names])
         return f"<!-- tables.py {m['reports']} -->\n{body}\n<!-- /tables.py -->"
 
     return BLOCK.sub(again, page)

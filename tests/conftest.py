@@ -29,15 +29,17 @@ def sources(preset_cache):
 
 @pytest.fixture(scope="session")
 def combined(sources, tmp_path_factory):
-    """``combined(name, precision="fp32", vision_precision="fp32")`` -> a built combined folder, built once per
-    session. Tests that change a folder work on a copy."""
+    """``combined(name, precision="fp32", vision_precision="fp32", kv_cache="float32")`` -> a built combined folder,
+    built once per session. Tests that change a folder work on a copy."""
     from merge.contract.quant import quant_spec_for
     from merge.stitch.pipeline import build
 
     @functools.cache
-    def get(name: str, precision: str = "fp32", vision_precision: str = "fp32") -> Path:
-        out = tmp_path_factory.mktemp(f"combined-{name}-{precision}-vision-{vision_precision}") / "combined"
-        build(sources(name), out, quant=quant_spec_for(precision), vision_precision=vision_precision)
+    def get(name: str, precision: str = "fp32", vision_precision: str = "fp32", kv_cache: str = "float32") -> Path:
+        kv = "" if kv_cache == "float32" else f"-kv-{kv_cache}"
+        out = tmp_path_factory.mktemp(f"combined-{name}-{precision}-vision-{vision_precision}{kv}") / "combined"
+        build(sources(name), out, quant=quant_spec_for(precision), vision_precision=vision_precision,
+              kv_cache=kv_cache)
         return out
 
     return get

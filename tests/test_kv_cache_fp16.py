@@ -1,8 +1,8 @@
-"""A KV cache in float16 (``--kv-cache float16``, the int4 default): the past and present tensors hold half the bytes,
-the attention reads them as they are, the rest of the decoder stays float32.
+"""A KV cache in float16 (``--kv-cache float16``): the past and present tensors hold half the bytes, the attention
+reads them as they are, the rest of the decoder stays float32.
 
-* the int4 default writes it, the fp32 default does not; merge.json and the graph say the same, and a manifest that
-  disagrees with its model is refused naming both;
+* a build writes it when told, float32 otherwise (int4 too); merge.json and the graph say the same, and a manifest
+  that disagrees with its model is refused naming both;
 * on a left-padded batch with images, written in place it equals, bit for bit, the growing cache (``present`` fed
   back), and its buffers take half the bytes of a float32 cache of the same capacity;
 * with fp32 weights its logits stay within verify's float16-cache bound of the float32-cache folder's, and are not
@@ -51,9 +51,9 @@ def _generate(model, inputs, **kwargs):
                           inputs["image_grid_thw"], max_new_tokens=NEW_TOKENS, **kwargs)
 
 
-def test_the_int4_default_writes_a_float16_cache_and_fp32_does_not(combined):
-    for precision, expected in (("int4", "float16"), ("fp32", "float32")):
-        folder = combined("tiny", precision)
+def test_a_float16_cache_when_told_float32_otherwise(combined):
+    for folder, expected in ((combined("tiny", "int4", kv_cache="float16"), "float16"),
+                             (combined("tiny", "int4"), "float32"), (combined("tiny"), "float32")):
         manifest = json.loads((folder / "merge.json").read_text())
         assert manifest["kv_cache"] == expected
         model = CombinedModel(folder)
@@ -67,7 +67,7 @@ def test_the_int4_default_writes_a_float16_cache_and_fp32_does_not(combined):
 
 
 def test_in_place_equals_growing_and_takes_half_the_bytes(combined, batch):
-    half, full = CombinedModel(combined("tiny", "int4")), CombinedModel(combined("tiny"))
+    half, full = CombinedModel(combined("tiny", "int4", kv_cache="float16")), CombinedModel(combined("tiny"))
     assert (batch["attention_mask"] == 0).any()
     in_place, growing = _generate(half, batch, in_place=True), _generate(half, batch, in_place=False)
     np.testing.assert_array_equal(in_place.tokens, growing.tokens)
@@ -112,7 +112,7 @@ def test_verify_passes_it_and_fails_it_at_the_fp32_bound(half_fp32_weights, sour
 
 def test_a_manifest_disagreeing_with_its_model_is_refused(combined, tmp_path):
     folder = tmp_path / "combined"
-    shutil.copytree(combined("tiny", "int4"), folder)
+    shutil.copytree(combined("tiny", "int4", kv_cache="float16"), folder)
     data = json.loads((folder / "merge.json").read_text())
     data["kv_cache"] = "float32"
     (folder / "merge.json").write_text(json.dumps(data))
@@ -132,7 +132,7 @@ def test_a_manifest_disagreeing_with_its_model_is_refused(combined, tmp_path):
 
 
 def test_batched_answers_equal_alone(combined):
-    model = CombinedModel(combined("tiny", "int4"))
+    model = CombinedModel(combined("tiny", "int4", kv_cache="float16"))
     images = default_images(2)
     requests = [("Hello there.", [], 9), ("Describe the image.", [images[0]], 5),
                 ("Tell me a long story about a red fox and a blue bird.", [], 12), ("Compare them.", images, 7)]

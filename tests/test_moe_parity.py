@@ -142,15 +142,16 @@ def test_twin_broken_moe_fails(mutate, combined, hf_models, sources, prep, tmp_p
 @pytest.fixture(scope="module")
 def int4_fp32_activations(sources, tmp_path_factory):
     """tiny-moe in int4 with accuracy level 0: QMoE and MatMulNBits multiply fp32 activations by the dequantized
-    4-bit weights, and a float32 KV cache, so the graph can be held to the fp32 bound against PyTorch with the same
-    weights."""
+    4-bit weights, with an fp32 vision part and a float32 KV cache, so the graph can be held to the fp32 bound
+    against PyTorch with the same weights."""
     import dataclasses
 
     from merge.contract.quant import DEFAULT_INT4
     from merge.stitch.pipeline import build
 
     out = tmp_path_factory.mktemp("moe-int4-level0") / "combined"
-    build(sources(MOE), out, quant=dataclasses.replace(DEFAULT_INT4, accuracy_level=0), kv_cache="float32")
+    build(sources(MOE), out, quant=dataclasses.replace(DEFAULT_INT4, accuracy_level=0), vision_precision="fp32",
+          kv_cache="float32")
     return out
 
 

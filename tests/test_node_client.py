@@ -41,8 +41,8 @@ def node_client():
 @pytest.mark.parametrize("runtime", ["node", "web"])
 @pytest.mark.parametrize("case", ["text", "two_images", "image_and_video", "int4"])
 def test_node_matches_python(case, runtime, node_client, combined, sources, prep, tmp_path):
-    # int4: the default int4 folder, whose KV cache is float16 (the client feeds float16 pasts, as merge.json says)
-    combined = combined("tiny", "int4" if case == "int4" else "fp32")
+    # int4: an int4 folder with a float16 KV cache (the client feeds float16 pasts, as merge.json says)
+    combined = combined("tiny", "int4", kv_cache="float16") if case == "int4" else combined("tiny")
     from merge.runtime.prompts import build_inputs
     from merge.runtime.video import VideoProcessor
     from tests.videos import write_clip

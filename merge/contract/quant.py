@@ -213,10 +213,18 @@ def precision_of(quant: QuantSpec | None) -> str:
 
 
 def default_kv_cache(quant: QuantSpec | None) -> str:
-    """The KV cache's type when a build does not say: float32 for an fp32 folder (exact to PyTorch), float16 for a
-    quantized one (as llama.cpp's default f16 cache: half the memory at long contexts, an error far below the
-    weights' own; verify reports it)."""
-    return "float32" if quant is None else "float16"
+    """The KV cache's type when a build does not say: float32, whatever the weights. float16 halves the cache (1.75
+    GiB instead of 3.5 at 16k on 2B) but ONNX Runtime's CPU attention converts a float16 cache to float32 for every
+    query head at every call: on 2B (int4, AMX CPU) decode at a 4k context ran 5.3 tokens/s with it and about 8 with
+    float32, below llama.cpp's Q4_K_M. So float16 is for long contexts where memory decides (``--kv-cache``)."""
+    return "float32"
+
+
+def default_vision_precision(quant: QuantSpec | None) -> str:
+    """The vision part's precision when a build does not say: fp32 beside fp32 weights (exact), int8 beside int4
+    (7-bit codes: 1.1 GiB less resident on 2B and the vision tower 3.5x faster on a CPU with AMX; on the 2B spread
+    copy the image prompt's mean KL to fp32 went from 2.76e-2 to 3.27e-2, the text's unchanged)."""
+    return "fp32" if quant is None else "int8"
 
 
 def check_kv_cache(kv_cache: str) -> str:

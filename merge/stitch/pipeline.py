@@ -40,6 +40,7 @@ from merge.contract.quant import (
     check_kv_cache,
     check_vision_precision,
     default_kv_cache,
+    default_vision_precision,
     precision_of,
 )
 from merge.sources.checkpoint import Checkpoint
@@ -71,12 +72,15 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-def build(source: ModelSource, out: Path, *, quant: QuantSpec | None = None, vision_precision: str = "fp32",
+def build(source: ModelSource, out: Path, *, quant: QuantSpec | None = None, vision_precision: str | None = None,
           force: bool = False, others: str | None = None, kv_cache: str | None = None) -> BuildResult:
     """Build ``out``: one ``model.onnx`` (+ ``model.onnx.data``), preprocessing files and ``merge.json``.
+    ``vision_precision``: ``"fp32"`` or ``"int8"`` (default :func:`default_vision_precision` of the precision);
     ``kv_cache``: the type of the keys and values kept between calls (``"float32"`` or ``"float16"``; default
     :func:`default_kv_cache` of the precision)."""
     kv_cache = check_kv_cache(kv_cache if kv_cache is not None else default_kv_cache(quant))
+    vision_precision = check_vision_precision(vision_precision if vision_precision is not None
+                                              else default_vision_precision(quant))
     start = time.perf_counter()
     result = BuildResult(out=Path(out))
     checkpoint = Checkpoint(source.folder)  # every shard's header checked against its file before any work
