@@ -369,6 +369,9 @@ def test_benchmark_tables_come_from_the_reports(tmp_path):
     proc = subprocess.run([*tables, "--check", str(page)], capture_output=True, text=True)
     assert proc.returncode == 0, ("docs/benchmarks.md differs from its reports (python benchmarks/tables.py --update "
                                   f"docs/benchmarks.md):\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
+    readme = subprocess.run([*tables, "--check", str(ROOT / "README.md")], capture_output=True, text=True)
+    assert readme.returncode == 0, ("README.md's table differs from its reports (python benchmarks/tables.py "
+                                    f"--update README.md):\n{readme.stdout[-3000:]}{readme.stderr[-2000:]}")
     named = [name for reports, body in blocks(text) for name in reports if body.count("\n| ") >= 2]
     reports = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks" / "results").glob("*.json"))
     assert reports and sorted(named) == reports, "each report in benchmarks/results/ is behind exactly one table"
