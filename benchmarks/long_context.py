@@ -137,9 +137,9 @@ def main() -> int:
         from merge.contract.manifest import Manifest
 
         manifest = Manifest.read(args.combined)
-        scheme = manifest.quantization.scheme() if manifest.quantization else manifest.precision
         report = {"benchmark": "long_context", "machine": info, "model": manifest.source_model,
-                  "combined": f"{scheme}, vision {manifest.vision_precision}, KV cache {manifest.kv_cache}",
+                  "combined": f"{manifest.decoder_scheme}, vision {manifest.vision_precision}, "
+                              f"KV cache {manifest.kv_cache}",
                   "chunk": args.chunk, "rows": [{"system": system_name(label), "label": label, "context": context, **r}
                                                 for label, context, r in rows]}
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -399,8 +399,7 @@ def main() -> int:
         from merge.contract.manifest import Manifest
 
         manifest = Manifest.read(paths["combined"])
-        scheme = manifest.quantization.scheme() if manifest.quantization else manifest.precision
-        report["combined_scheme"] = f"{scheme}, KV cache {manifest.kv_cache} in place"
+        report["combined_scheme"] = f"{manifest.decoder_scheme}, KV cache {manifest.kv_cache} in place"
     print(f"\n{args.model}: medians of {args.repeat} interleaved runs (best in brackets); ratios: combined / system, "
           "> 1 means the combined model is faster")
     header = f"  {'phase':14}" + "".join(f"{s:>22}" for s in args.systems)

@@ -68,6 +68,11 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     kv_cache: str = "float32"  # what past_key_values.* and present.* hold
 
+    @property
+    def decoder_scheme(self) -> str:
+        """The decoder's precision with its quantization scheme (``fp32``, or ``int4 (block 128, ...)``)."""
+        return self.quantization.scheme() if self.quantization is not None else self.precision
+
     def to_json(self) -> dict:
         return {
             "format_version": self.format_version,

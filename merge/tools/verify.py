@@ -478,8 +478,8 @@ def precision_key(manifest: Manifest) -> str:
     """What a saved reference was computed for: the decoder's precision with its quantization scheme (block size,
     zero points, method, 8-bit matrices where they differ from the first int4 scheme, so a reference for one
     scheme is not used for another) and the vision part's precision."""
-    decoder = manifest.quantization.scheme() if manifest.quantization is not None else manifest.precision
-    return decoder + ("" if manifest.vision_precision == "fp32" else f"+vision-{manifest.vision_precision}")
+    vision = "" if manifest.vision_precision == "fp32" else f"+vision-{manifest.vision_precision}"
+    return manifest.decoder_scheme + vision
 
 
 def check_writable(path: Path, combined: CombinedFolder | None = None) -> None:
