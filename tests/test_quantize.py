@@ -556,14 +556,14 @@ def test_a_saved_reference_names_the_quantization_scheme():
     """verify --reference refuses a reference saved for another scheme: the key names block size, zero points,
     method and 8-bit matrices where they differ from the first int4 scheme (whose key stays "int4", so references
     saved before still match the folders they were saved for)."""
-    from types import SimpleNamespace
-
+    from merge.contract.manifest import Manifest
     from merge.contract.quant import QuantSpec
     from merge.tools.verify import precision_key
 
     def key(quant, vision="fp32"):
-        return precision_key(SimpleNamespace(precision="int4" if quant else "fp32", quantization=quant,
-                                             vision_precision=vision))
+        return precision_key(Manifest(tool_version="test", source_model="m", precision="int4" if quant else "fp32",
+                                      quantization=quant, embedding_table="e", inputs=[], outputs=[],
+                                      special_token_ids={}, preprocessing_files=[], vision_precision=vision))
 
     assert key(QuantSpec()) == "int4" and key(None, "int8") == "fp32+vision-int8"
     assert key(QuantSpec(accuracy_level=1)) == "int4"  # the kernel's precision, not the weights
