@@ -370,7 +370,7 @@ def main() -> int:
         root = args.llama_dir or llama_cpp.default_dir()
         kinds = tuple(s.removeprefix("llama-") for s in args.systems if s.startswith("llama-"))
         llama = {"bin": llama_cpp.ensure_built(root),
-                 "files": llama_cpp.convert(root, source.folder, args.model, kinds)}
+                 "files": llama_cpp.convert(root, source.folder, Path(args.model).name, kinds)}
 
     runs: dict[str, list[dict]] = {s: [] for s in args.systems}
     peaks: dict[str, float] = dict.fromkeys(args.systems, 0.0)

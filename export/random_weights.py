@@ -53,6 +53,55 @@ def draw_parameter(name: str, shape: tuple[int, ...], gen: torch.Generator) -> t
     return 0.1 * randn
 
 
+def parameter_law(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
+    """(mean, standard deviation) of :func:`draw_parameter`'s values for one parameter (its in-memory shape)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if ("norm" in name or "layernorm" in name) and leaf == "weight":
+        return 1.0, 0.1
+    if leaf == "bias":
+        return 0.0, 0.1
+    if "embed_tokens" in name or "pos_embed" in name:
+        return 0.0, 1.0
+    if is_expert_stack(name):
+        return 0.0, 1.0 / math.sqrt(shape[-1])
+    if len(shape) >= 2:
+        return 0.0, 1.0 / math.sqrt(math.prod(shape[1:]))
+    return 0.0, 0.1
+
+
+def _parameters(config: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """Every parameter of the config's model class (built on the meta device: no memory), in name order."""
+    config_class, model_class = model_classes(config.get("model_type", ""))
+    with torch.device("meta"):
+        skeleton = model_class(config_class(**config))
+    return sorted(((n, tuple(p.shape)) for n, p in skeleton.named_parameters()), key=lambda kv: kv[0])
+
+
+def stored_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A parameter's shape on disk: expert stacks in the published layout, [experts, in, out]."""
+    return (shape[0], shape[2], shape[1]) if is_expert_stack(name) else shape
+
+
+def write_seeded_weights(folder: Path, config: dict, seed: int) -> None:
+    """``seeded_weights.json`` (:mod:`merge.sources.seeded`) for every parameter of the config's model: the same
+    laws as :func:`write_random_weights`, drawn per tensor from ``seed`` when read, nothing stored."""
+    from merge.sources.seeded import SEEDED_FILE, SeededTensor, seeded_json
+
+    tensors = [SeededTensor(name, stored_shape(name, shape), *parameter_law(name, shape))
+               for name, shape in _parameters(config)]
+    (folder / SEEDED_FILE).write_text(json.dumps(seeded_json(seed, tensors), indent=1) + "\n")
+
+
+def write_safetensors(folder: Path, weights, names: list[str] | None = None, label: str = "weights") -> None:
+    """``weights`` (anything with ``names``/``load``: a seeded folder's :class:`merge.sources.checkpoint.Checkpoint`)
+    written as bfloat16 safetensors shards in ``folder``, one tensor in memory at a time (bfloat16 values are
+    written exactly)."""
+    names = sorted(names if names is not None else weights.names())
+    size = 2 * sum(math.prod(weights.shape(n)) for n in names)
+    require_free_space(folder, size, f"{label} ({len(names)} bfloat16 tensors)")
+    _write_shards(folder, ((n, torch.from_numpy(weights.load(n)).to(torch.bfloat16)) for n in names))
+
+
 def write_random_weights(folder: Path, config: dict, seed: int, label: str = "random weights") -> None:
     """Every parameter of ``Qwen3VLForConditionalGeneration(config)`` (``Qwen3VLMoeForConditionalGeneration`` for a
     ``qwen3_vl_moe`` config), drawn by :func:`draw_parameter` in name order from ``seed``, stored in bfloat16 shards
@@ -60,16 +109,27 @@ def write_random_weights(folder: Path, config: dict, seed: int, label: str = "ra
 
     Streamed: each shard is written as soon as it is full, so at most one shard is in memory.
     """
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-    config_class, model_class = model_classes(config.get("model_type", ""))
-    with torch.device("meta"):
-        skeleton = model_class(config_class(**config))
-    params = sorted(((n, tuple(p.shape)) for n, p in skeleton.named_parameters()), key=lambda kv: kv[0])
-    del skeleton
+    params = _parameters(config)
     bf16_bytes = 2 * sum(math.prod(shape) for _, shape in params)
     require_free_space(folder.parent, bf16_bytes, f"{label} ({len(params)} bfloat16 weights)")
     gen = torch.Generator().manual_seed(seed)
+
+    def tensors():
+        from tqdm.auto import tqdm
+
+        for name, shape in tqdm(params, desc=f"{label}: random weights", unit="tensor", disable=None, leave=False):
+            tensor = draw_parameter(name, shape, gen).to(torch.bfloat16)
+            if is_expert_stack(name):
+                tensor = tensor.transpose(1, 2).contiguous()  # the published layout, [experts, in, out]
+            yield name, tensor
+
+    _write_shards(folder, tensors())
+
+
+def _write_shards(folder: Path, tensors) -> None:
+    """(name, tensor) pairs into shards of at most SHARD_BYTES, each written as soon as it is full, and the index."""
+    from safetensors.torch import save_file
+
     shard_files: list[tuple[str, list[str]]] = []
     shard: dict[str, torch.Tensor] = {}
     size = 0
@@ -81,10 +141,7 @@ def write_random_weights(folder: Path, config: dict, seed: int, label: str = "ra
         shard_files.append((fname, list(shard)))
         shard.clear()
 
-    for name, shape in tqdm(params, desc=f"{label}: random weights", unit="tensor", disable=None, leave=False):
-        tensor = draw_parameter(name, shape, gen).to(torch.bfloat16)
-        if is_expert_stack(name):
-            tensor = tensor.transpose(1, 2).contiguous()  # the published layout, [experts, in, out]
+    for name, tensor in tensors:
         nbytes = tensor.numel() * tensor.element_size()
         if shard and size + nbytes > SHARD_BYTES:
             flush()

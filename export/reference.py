@@ -132,6 +132,8 @@ def load_model(model_folder: Path, quant: QuantSpec | None = None, shared_table:
 
     from .classes import model_classes_of
 
+    if weights is not None and getattr(weights, "seeded", False):
+        stream = True  # weights drawn when read (merge.sources.seeded): transformers' loader cannot read them
     if stream is None and weights is not None:
         from export.streamed import available_bytes, fp32_bytes
 
@@ -193,9 +195,18 @@ def torch_reference(model, inputs: dict[str, np.ndarray], new_tokens: int) -> di
             if not present[kind]:
                 kwargs.pop(pixels, None)
                 kwargs.pop(grid, None)
-        ref["prefill_logits"] = model(**kwargs).logits.numpy()
-        gen = model.generate(**kwargs, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-                             pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        # one pass over the prompt: generate's own first forward; its final norm's output (every position) is kept
+        # and the head applied to it here (generate computes the last position's logits only). A streamed reference
+        # reads (and requantizes) its weights on every pass: a second pass would double verify's time.
+        kept: list[torch.Tensor] = []
+        hook = model.model.language_model.norm.register_forward_hook(
+            lambda module, args, output: kept.append(output) if not kept else None)
+        try:
+            gen = model.generate(**kwargs, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        finally:
+            hook.remove()
+        ref["prefill_logits"] = model.lm_head(kept[0]).numpy()
     ref["tokens"] = gen.sequences[:, inputs["input_ids"].shape[1]:].numpy()
     ref["step_logits"] = np.stack([x.numpy() for x in gen.logits[1:]]) if len(gen.logits) > 1 else np.zeros(0)
     return ref

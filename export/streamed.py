@@ -101,6 +101,24 @@ def streamed_model(model_folder: Path, ckpt: Weights, transform: Transform | Non
         return torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)),
                                   requires_grad=False)
 
+    rows = getattr(ckpt, "load_rows", None)
+    if rows is not None and any(is_expert_stack(n) for n in shapes):
+        # one expert at a time: transformers' eager experts index the stack by expert, and a decode step uses
+        # top-k of them (grouped_mm would read the whole stack)
+        model.set_experts_implementation("eager")
+
+    def read_experts(name: str, module: torch.nn.Module) -> ExpertRows:
+        stored = ckpt.shape(source_of(name))
+
+        def expert(index: int) -> torch.Tensor:
+            weight = rows(source_of(name), index, 1)
+            if stored != shapes[name]:
+                weight = np.swapaxes(weight, 1, 2)
+            weight = transform(name, module, weight)[0]
+            return torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
+
+        return ExpertRows(shapes[name], expert)
+
     first = next(n for n, _ in model.named_parameters())  # model.device reads it: it stays real
     streamed = 0
     for module_name, module in model.named_modules():
@@ -113,7 +131,10 @@ def streamed_model(model_folder: Path, ckpt: Weights, transform: Transform | Non
             module._parameters[key] = read(names[key], module)
         if large:
             streamed += 1
-            _stream(module, {k: names[k] for k in large}, read)
+            lazy = rows is not None and any(is_expert_stack(names[k]) for k in large)
+            _stream(module, {k: names[k] for k in large},
+                    lambda name, mod, lazy=lazy: read_experts(name, mod) if lazy and is_expert_stack(name)
+                    else read(name, mod))
     log.info("reference: %d modules read their weights from %s as they run", streamed, model_folder)
     model.streamed_modules = streamed
     return model
@@ -132,3 +153,23 @@ def _stream(module: torch.nn.Module, names: dict[str, str], read) -> None:
 
     module.register_forward_pre_hook(load)
     module.register_forward_hook(drop)
+
+
+class ExpertRows:
+    """An expert stack [experts, out, in] standing in for the parameter while its module runs: ``stack[e]`` reads
+    (and transforms) expert ``e`` alone, once per forward pass."""
+
+    def __init__(self, shape: tuple[int, ...], expert: Callable[[int], torch.Tensor]) -> None:
+        self.shape = torch.Size(shape)
+        self._expert = expert
+        self._read: dict[int, torch.Tensor] = {}
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, torch.Tensor) and index.numel() == 1:
+            index = int(index)
+        if not isinstance(index, int) or not -self.shape[0] <= index < self.shape[0]:
+            raise TypeError(f"an expert stack is read one expert at a time, not with index {index!r}")
+        index %= self.shape[0]
+        if index not in self._read:
+            self._read[index] = self._expert(index)
+        return self._read[index]

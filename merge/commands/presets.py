@@ -7,15 +7,18 @@ import argparse
 
 def run(args: argparse.Namespace) -> int:
     """List the built-in presets and their main shapes."""
-    from merge.presets.shapes import PRESETS
+    from merge.presets.shapes import PRESETS, SEEDED_PRESETS
 
+    width = max(map(len, PRESETS))
     for name, cfg in PRESETS.items():
         v, t = cfg["vision_config"], cfg["text_config"]
+        drawn = " | drawn when read" if name in SEEDED_PRESETS else ""
         print(
-            f"{name:14s} vision depth {v['depth']:2d} hidden {v['hidden_size']:4d} merge {v['spatial_merge_size']} "
+            f"{name:{width}s} vision depth {v['depth']:2d} hidden {v['hidden_size']:4d} "
+            f"merge {v['spatial_merge_size']} "
             f"deepstack {v['deepstack_visual_indexes']} | text layers {t['num_hidden_layers']:2d} "
             f"hidden {t['hidden_size']:4d} heads {t['num_attention_heads']}/{t['num_key_value_heads']} "
-            f"tied {cfg['tie_word_embeddings']}" + _experts(t)
+            f"tied {cfg['tie_word_embeddings']}" + _experts(t) + drawn
         )
     return 0
 

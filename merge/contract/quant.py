@@ -208,6 +208,18 @@ def quant_spec_for(precision: str, block_size: int | None = None, *, method: str
     return dataclasses.replace(spec, **fields)
 
 
+MLP_KINDS = ("gate_proj", "up_proj", "down_proj")  # a dense MLP's matrices (experts are QMoE's, always 4-bit)
+
+
+def fit_default_to(quant: QuantSpec | None, dense_mlp: bool) -> QuantSpec | None:
+    """The default 8-bit kinds as far as the model has them: a mixture-of-experts model whose every layer is sparse
+    has no dense MLP, so the default's ``down_proj`` has nothing to name there and is dropped (the experts stay 4-bit);
+    any other set, chosen by ``--eight-bit``, is kept as given (and refused by the build if a kind is absent)."""
+    if quant is None or dense_mlp or quant.eight_bit != DEFAULT_EIGHT_BIT:
+        return quant
+    return dataclasses.replace(quant, eight_bit=tuple(k for k in quant.eight_bit if k not in MLP_KINDS))
+
+
 def precision_of(quant: QuantSpec | None) -> str:
     return quant.precision if quant is not None else "fp32"
 

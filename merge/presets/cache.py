@@ -11,7 +11,7 @@ from merge.atomic import atomic_folder
 from merge.errors import WriteError
 
 from .files import write_tokenizer_and_processor
-from .shapes import PRESET_SEEDS, preset_config
+from .shapes import PRESET_SEEDS, SEEDED_PRESETS, preset_config
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,14 @@ def ensure_preset(name: str, cache_dir: Path | None = None) -> Path:
 
 
 def write_preset(folder: Path, name: str) -> None:
-    """Config, seeded random weights (bf16 safetensors shards) and tokenizer/processor files."""
-    from export.random_weights import write_random_weights  # the weights are drawn with torch
+    """Config, seeded random weights (bf16 safetensors shards, or for :data:`SEEDED_PRESETS` the seed and laws they are
+    drawn from when read) and tokenizer/processor files."""
+    from export.random_weights import write_random_weights, write_seeded_weights  # torch: the model's parameters
 
     config = preset_config(name)
-    write_random_weights(folder, config, PRESET_SEEDS[name], label=f"preset {name}")
+    if name in SEEDED_PRESETS:
+        write_seeded_weights(folder, config, PRESET_SEEDS[name])
+    else:
+        write_random_weights(folder, config, PRESET_SEEDS[name], label=f"preset {name}")
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_tokenizer_and_processor(folder, config)

@@ -265,10 +265,38 @@ def _presets() -> dict[str, dict]:
             tie_word_embeddings=False,
             moe={"num_experts": 6, "num_experts_per_tok": 3, "moe_intermediate_size": 64, "decoder_sparse_step": 2},
         ),
+        # Qwen3-VL-30B-A3B's published shapes: 48 sparse layers of 128 experts (8 per token, width 768), 32 query and 4
+        # KV heads, untied head, the 8B's vision tower with out 2048. 61 GB in bfloat16: its weights are drawn from
+        # the seed when read (SEEDED_PRESETS), never stored.
+        "qwen3-vl-30b-a3b": _config(
+            vision={
+                "depth": 27,
+                "hidden_size": 1152,
+                "intermediate_size": 4304,
+                "num_heads": 16,
+                "out_hidden_size": 2048,
+                "deepstack_visual_indexes": [8, 16, 24],
+            },
+            text={
+                "vocab_size": 151936,
+                "hidden_size": 2048,
+                "intermediate_size": 6144,
+                "num_hidden_layers": 48,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 4,
+                "head_dim": 128,
+                "mrope_section": [24, 20, 20],
+            },
+            special_base=PUBLISHED_SPECIAL_BASE,
+            tie_word_embeddings=False,
+            moe={"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768},
+        ),
     }
 
 
 PRESETS: dict[str, dict] = _presets()
+# presets whose weights are drawn from their seed when read (merge.sources.seeded): too large to store
+SEEDED_PRESETS = frozenset({"qwen3-vl-30b-a3b"})
 # by position: a preset added at the end leaves every earlier preset's weights as they were
 PRESET_SEEDS = {name: 1234 + i for i, name in enumerate(PRESETS)}
 

@@ -22,6 +22,8 @@ import numpy as np
 from merge.contract.reading import load_json, open_file, read_regular
 from merge.errors import MergeError
 
+from .seeded import SEEDED_FILE, SeededWeights, seeded_file
+
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 << 20  # the format's own limit
 MAX_INDEX_BYTES = 64 << 20  # an index names each tensor once: a few MB for the largest models
@@ -109,8 +111,15 @@ class Checkpoint:
         else:
             files = sorted(p.name for p in self.folder.glob("*.safetensors"))
             weight_map = None
+            self._seeded = None
             if not files:
-                raise MergeError(f"{self.folder}: no *.safetensors weights found")
+                seeded = seeded_file(self.folder)
+                if seeded is None:
+                    raise MergeError(f"{self.folder}: no *.safetensors weights found (nor {SEEDED_FILE})")
+                self._seeded = SeededWeights(seeded)
+                self._entries = {}
+                return
+        self._seeded = None
         self._entries: dict[str, _Entry] = {}
         for name in files:
             self._entries.update(read_header(self.folder / name))
@@ -119,11 +128,16 @@ class Checkpoint:
             if missing:
                 raise MergeError(f"{index} lists {len(missing)} tensor(s) that no shard holds, e.g. {missing[0]!r}")
 
+    @property
+    def seeded(self) -> bool:
+        """Whether the weights are drawn from a seed when read (:mod:`merge.sources.seeded`), not stored."""
+        return self._seeded is not None
+
     def __contains__(self, name: str) -> bool:
-        return name in self._entries
+        return name in self._seeded if self._seeded is not None else name in self._entries
 
     def names(self) -> list[str]:
-        return list(self._entries)
+        return self._seeded.names() if self._seeded is not None else list(self._entries)
 
     def find_prefix(self, candidates: tuple[str, ...], probe: str) -> str:
         """The first prefix in ``candidates`` for which ``prefix + probe`` is a tensor name."""
@@ -136,22 +150,40 @@ class Checkpoint:
         )
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if self._seeded is not None:
+            return self._seeded.shape(name)
         return self._require(name).shape
 
     def load(self, name: str) -> np.ndarray:
         """The tensor ``name`` as a float32 numpy array (bf16/fp16 checkpoints are widened exactly); the file's
         bytes and the float32 result are the only memory it takes."""
+        if self._seeded is not None:
+            return self._seeded.load(name)
         entry = self._require(name)
+        return self._read(name, entry, entry.begin, entry.shape)
+
+    def load_rows(self, name: str, first: int, count: int) -> np.ndarray:
+        """Rows ``first:first + count`` of the tensor's first axis (one expert of a stack), read alone, float32."""
+        if self._seeded is not None:
+            return self._seeded.load_rows(name, first, count)
+        entry = self._require(name)
+        if not entry.shape or not 0 <= first <= first + count <= entry.shape[0]:
+            raise MergeError(f"{entry.file}: rows {first}:{first + count} of {name!r} {list(entry.shape)}")
+        row_bytes = (entry.end - entry.begin) // entry.shape[0] if entry.shape[0] else 0
+        return self._read(name, entry, entry.begin + first * row_bytes, (count, *entry.shape[1:]))
+
+    @staticmethod
+    def _read(name: str, entry: _Entry, begin: int, shape: tuple[int, ...]) -> np.ndarray:
         dtype = DTYPES[entry.dtype]
-        raw = np.empty(entry.shape, dtype)
+        raw = np.empty(shape, dtype)
         with open_file(entry.file) as f:
-            f.seek(entry.begin)
+            f.seek(begin)
             got = f.readinto(memoryview(raw.reshape(-1)).cast("B"))
-        if got != entry.end - entry.begin:
-            raise MergeError(f"{entry.file}: tensor {name!r} ended after {got} of {entry.end - entry.begin} bytes: the "
+        if got != raw.nbytes:
+            raise MergeError(f"{entry.file}: tensor {name!r} ended after {got} of {raw.nbytes} bytes: the "
                              "file changed or was truncated while it was read")
         if entry.dtype == "BF16":
-            widened = np.empty(entry.shape, np.uint32)
+            widened = np.empty(shape, np.uint32)
             np.copyto(widened, raw)
             del raw
             widened <<= 16

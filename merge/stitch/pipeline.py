@@ -41,6 +41,7 @@ from merge.contract.quant import (
     check_vision_precision,
     default_kv_cache,
     default_vision_precision,
+    fit_default_to,
     precision_of,
 )
 from merge.sources.checkpoint import Checkpoint
@@ -81,6 +82,8 @@ def build(source: ModelSource, out: Path, *, quant: QuantSpec | None = None, vis
     kv_cache = check_kv_cache(kv_cache if kv_cache is not None else default_kv_cache(quant))
     vision_precision = check_vision_precision(vision_precision if vision_precision is not None
                                               else default_vision_precision(quant))
+    text = source.config.text
+    quant = fit_default_to(quant, text.moe is None or len(text.moe.sparse_layers(text.num_layers)) < text.num_layers)
     start = time.perf_counter()
     result = BuildResult(out=Path(out))
     checkpoint = Checkpoint(source.folder)  # every shard's header checked against its file before any work

@@ -20,9 +20,11 @@ choice is discrete, so int8 activations there (accuracy level 4) would flip near
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx_ir as ir
@@ -109,8 +111,15 @@ class _StackQuantJob(_QuantJob):
 
     def _weight_parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         stack = self.source.numpy()
-        parts = [quant.quantize_weight_nbits(np.ascontiguousarray(expert.T), self.bits, self.block_size,
-                                             self.symmetric, method=self.method) for expert in stack]
+
+        def one(expert: np.ndarray):
+            return quant.quantize_weight_nbits(np.ascontiguousarray(expert.T), self.bits, self.block_size,
+                                               self.symmetric, method=self.method)
+
+        # experts in parallel: numpy releases the GIL in the quantizer's array work (each expert's result is the same
+        # as alone: nothing is shared between them)
+        with ThreadPoolExecutor(_STACK_THREADS) as pool:
+            parts = list(pool.map(one, stack))
         n = stack.shape[1]
         packed = np.stack([p[0].reshape(n, -1) for p in parts])
         scales = np.stack([p[1] for p in parts])
@@ -118,6 +127,7 @@ class _StackQuantJob(_QuantJob):
         return packed, scales, zero_points
 
 
+_STACK_THREADS = max(1, min(4, os.cpu_count() or 1))
 # Jobs holding computed parts not yet asked for, oldest first (bounded: parallel saves interleave a few).
 _MAX_CACHED_JOBS = 4
 _cached_jobs: OrderedDict[int, _QuantJob] = OrderedDict()
