@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -22,6 +23,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
+_READ_THREADS = max(1, min(4, os.cpu_count() or 1))  # experts read (and requantized) at once
 RESIDENT_NUMEL = 1 << 22  # parameters smaller than this (16 MiB in fp32) stay loaded
 class Weights(Protocol):
     """What the reference needs of a checkpoint (``merge.sources.checkpoint.Checkpoint`` is one)."""
@@ -146,6 +148,8 @@ def _stream(module: torch.nn.Module, names: dict[str, str], read) -> None:
     def load(mod, args):
         for key, name in names.items():
             mod._parameters[key] = read(name, mod)
+            if isinstance(mod._parameters[key], ExpertRows) and len(args) > 1:  # (hidden, top_k_index, weights)
+                mod._parameters[key].prefetch(args[1])
 
     def drop(mod, args, output):
         for key in names:
@@ -163,6 +167,17 @@ class ExpertRows:
         self.shape = torch.Size(shape)
         self._expert = expert
         self._read: dict[int, torch.Tensor] = {}
+
+    def prefetch(self, top_k_index: torch.Tensor) -> None:
+        """Read the experts the tokens were routed to, several at a time (each read is independent)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        wanted = sorted({int(e) for e in top_k_index.reshape(-1).tolist()} - set(self._read))
+        wanted = [e for e in wanted if 0 <= e < self.shape[0]]
+        if len(wanted) > 1:
+            with ThreadPoolExecutor(_READ_THREADS) as pool:
+                for index, tensor in zip(wanted, pool.map(self._expert, wanted), strict=True):
+                    self._read[index] = tensor
 
     def __getitem__(self, index) -> torch.Tensor:
         if isinstance(index, torch.Tensor) and index.numel() == 1:
