@@ -43,6 +43,43 @@ def test_streamed_equals_in_memory(int4, vision_int8, sources, inputs):
         assert np.array_equal(value, streamed[key]), key
 
 
+@pytest.mark.parametrize("int4", [False, True])
+def test_streamed_moe_reads_each_expert_alone_and_equals_in_memory(int4, sources, combined, monkeypatch):
+    """Qwen3-VL-MoE: the experts a layer's tokens were routed to are read one by one (ExpertRows, several at a time),
+    never a whole stack, with the same numbers as in memory; twin: an expert read as another's must differ."""
+    from export.reference import load_model, quantized_weights
+    from export.streamed import ExpertRows, streamed_model
+    from merge.contract.folder import CombinedFolder
+    from merge.contract.quant import DEFAULT_INT4
+    from merge.tools.verify import default_images, prepare_inputs
+
+    folder = sources("tiny-moe").folder
+    moe_inputs = prepare_inputs(CombinedFolder.open(combined("tiny-moe")), "Describe it.", default_images(1), None,
+                                None, (), None, None)
+    quant = DEFAULT_INT4 if int4 else None
+    whole = _reference(load_model(folder, quant, stream=False), moe_inputs)
+    checkpoint = Checkpoint(folder)
+    rows = []
+    monkeypatch.setattr(checkpoint, "load", lambda name, load=checkpoint.load: (
+        pytest.fail(f"the whole stack {name} was read") if ".mlp.experts." in name else load(name)))
+    monkeypatch.setattr(checkpoint, "load_rows", lambda name, first, count, load=checkpoint.load_rows: (
+        rows.append(count), load(name, first, count))[1])
+
+    def model():
+        return streamed_model(folder, checkpoint, quantized_weights(quant, False, False), resident_numel=1)
+
+    streamed = _reference(model(), moe_inputs)
+    assert rows and set(rows) == {1}
+    for key, value in whole.items():
+        assert np.array_equal(value, streamed[key]), key
+    # twin: expert e read as expert e + 1
+    monkeypatch.setattr(ExpertRows, "__getitem__", lambda self, i, get=ExpertRows.__getitem__:
+                        get(self, (int(i) + 1) % self.shape[0]))
+    monkeypatch.setattr(ExpertRows, "prefetch", lambda self, index: None)
+    swapped = _reference(model(), moe_inputs)
+    assert not np.allclose(whole["prefill_logits"], swapped["prefill_logits"], atol=1e-3)
+
+
 def test_streamed_without_the_folders_weights_differs(sources, inputs):
     """The twin: streaming the checkpoint's fp32 weights for an int4 reference must not pass for it."""
     from export.reference import load_model
