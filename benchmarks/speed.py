@@ -394,7 +394,7 @@ def main() -> int:
             print(f"  run {rep + 1}/{args.repeat} {system:13s} {time.perf_counter() - start:6.0f} s "
                   f"{json.dumps(results)}", flush=True)
 
-    report = {"machine": info, "model": args.model, "series": args.series, "systems": {}, "peak_gib": peaks}
+    report = {"machine": info, "model": Path(args.model).name, "series": args.series, "systems": {}, "peak_gib": peaks}
     if "combined" in paths:  # what the combined model was: its int4 scheme and KV cache (tables.py's caption)
         from merge.contract.manifest import Manifest
 
