@@ -76,10 +76,17 @@ raise SystemExit(main(sys.argv[1:]))
 """
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(combined: Path, photo: Path, *, twin: bool = False, stderr=subprocess.PIPE) -> subprocess.Popen:
     args = ["run", str(combined), "--image", str(photo), "--prompt", "Describe.", "--max-new-tokens", "2"]
     head = [sys.executable, "-c", TWIN] if twin else [sys.executable, "-m", "merge"]
-    return subprocess.Popen(head + args, stdout=subprocess.PIPE, stderr=stderr, env={**os.environ,
+    # SIGINT as a terminal's child has it: a shell's background job (pytest run with &) inherits it ignored, and
+    # Python then installs no KeyboardInterrupt handler at all
+    return subprocess.Popen(head + args, stdout=subprocess.PIPE, stderr=stderr, preexec_fn=_default_sigint,
+                            env={**os.environ,
                             "PYTHONPATH": str(ROOT)})
 
 
