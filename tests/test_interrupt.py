@@ -76,6 +76,18 @@ raise SystemExit(main(sys.argv[1:]))
 """
 
 
+@pytest.fixture(autouse=True)
+def sigint_as_on_a_terminal():
+    """Ctrl-C raises KeyboardInterrupt here, as in a terminal, also when the suite runs as a shell's background job
+    (which starts with SIGINT ignored: interrupt_main then does nothing, and a test waiting for it waits forever)."""
+    before = signal.getsignal(signal.SIGINT)
+    if before == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if before == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, before)
+
+
 def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
