@@ -85,7 +85,7 @@ def stored_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 def write_seeded_weights(folder: Path, config: dict, seed: int) -> None:
     """``seeded_weights.json`` (:mod:`merge.sources.seeded`) for every parameter of the config's model: the same
     laws as :func:`write_random_weights`, drawn per tensor from ``seed`` when read, nothing stored."""
-    from merge.sources.seeded import SEEDED_FILE, SeededTensor, seeded_json
+    from merge.contract.seeded import SEEDED_FILE, SeededTensor, seeded_json
 
     tensors = [SeededTensor(name, stored_shape(name, shape), *parameter_law(name, shape))
                for name, shape in _parameters(config)]

@@ -345,7 +345,8 @@ class Engine:
     def stats(self) -> dict[str, int]:
         """Running rows, waiting requests, and the counts since the start."""
         with self._lock:
-            return {"running": len(self._rows), "waiting": len(self._waiting), **self.counts}
+            # a row whose request has its last event stays in the batch until the next step's relayout: not running
+            return {"running": sum(not row.done for row in self._rows), "waiting": len(self._waiting), **self.counts}
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop: the call in progress is told to terminate; every request not yet done fails as ``unavailable``."""

@@ -21,32 +21,19 @@ import math
 import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from merge.contract.reading import load_json, read_regular
+from merge.contract.seeded import SEEDED_FILE, SEEDED_FORMAT, SEEDED_VERSION, SeededTensor
+
+__all__ = ["CHUNK", "SEEDED_FILE", "SeededTensor", "SeededWeights", "draw", "seeded_file"]
 from merge.errors import MergeError
 
-SEEDED_FILE = "seeded_weights.json"
-SEEDED_FORMAT = "qwen3vl-merge seeded weights"
-SEEDED_VERSION = 1
 CHUNK = 1 << 20  # elements per independently seeded chunk
 MAX_SEEDED_BYTES = 16 << 20  # a few thousand tensors' shapes and laws: well under 1 MB for the largest models
 _THREADS = max(1, min(4, os.cpu_count() or 1))
-
-
-@dataclass(frozen=True)
-class SeededTensor:
-    name: str
-    shape: tuple[int, ...]
-    mean: float
-    std: float
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
 
 def _chunk(seed: int, key: int, index: int, mean: float, std: float, out: np.ndarray) -> None:
@@ -163,12 +150,3 @@ def seeded_file(folder: Path) -> Path | None:
     if path.is_file() and not any(Path(folder).glob("*.safetensors")):
         return path
     return None
-
-
-def seeded_json(seed: int, tensors: list[SeededTensor]) -> dict:
-    return {
-        "format": SEEDED_FORMAT,
-        "version": SEEDED_VERSION,
-        "seed": seed,
-        "tensors": {t.name: {"shape": list(t.shape), "mean": t.mean, "std": t.std} for t in tensors},
-    }
