@@ -133,6 +133,16 @@ _PUBLISHED_VISION_SMALL = {
 }
 
 
+# The 8B's vision tower, which Qwen3-VL-30B-A3B shares (with its own output width)
+_PUBLISHED_VISION_LARGE = {
+    "depth": 27,
+    "hidden_size": 1152,
+    "intermediate_size": 4304,
+    "num_heads": 16,
+    "deepstack_visual_indexes": [8, 16, 24],
+}
+
+
 def _tiny_text(vocab_size: int) -> dict:
     return {
         "vocab_size": vocab_size,
@@ -209,14 +219,7 @@ def _presets() -> dict[str, dict]:
             tie_word_embeddings=True,
         ),
         "qwen3-vl-8b": _config(
-            vision={
-                "depth": 27,
-                "hidden_size": 1152,
-                "intermediate_size": 4304,
-                "num_heads": 16,
-                "out_hidden_size": 4096,
-                "deepstack_visual_indexes": [8, 16, 24],
-            },
+            vision={**_PUBLISHED_VISION_LARGE, "out_hidden_size": 4096},
             text={
                 "vocab_size": 151936,
                 "hidden_size": 4096,
@@ -269,14 +272,7 @@ def _presets() -> dict[str, dict]:
         # KV heads, untied head, the 8B's vision tower with out 2048. 61 GB in bfloat16: its weights are drawn from
         # the seed when read (SEEDED_PRESETS), never stored.
         "qwen3-vl-30b-a3b": _config(
-            vision={
-                "depth": 27,
-                "hidden_size": 1152,
-                "intermediate_size": 4304,
-                "num_heads": 16,
-                "out_hidden_size": 2048,
-                "deepstack_visual_indexes": [8, 16, 24],
-            },
+            vision={**_PUBLISHED_VISION_LARGE, "out_hidden_size": 2048},
             text={
                 "vocab_size": 151936,
                 "hidden_size": 2048,
