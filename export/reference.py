@@ -8,6 +8,7 @@ graph error.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -157,9 +158,64 @@ def load_model(model_folder: Path, quant: QuantSpec | None = None, shared_table:
     return model
 
 
-def torch_reference(model, inputs: dict[str, np.ndarray], new_tokens: int) -> dict[str, np.ndarray]:
+def sparse_routers(model) -> list:
+    """The routers (``mlp.gate``) of a Qwen3-VL-MoE model's sparse layers, in layer order (none for a dense model)."""
+    layers = model.model.language_model.layers
+    return [layer.mlp.gate for layer in layers if hasattr(layer.mlp, "gate") and hasattr(layer.mlp, "experts")]
+
+
+class ForcedRouting:
+    """Each sparse layer takes the experts given for it, call by call (``choices[call][layer]``: [rows, k] indexes,
+    rows in the call's batch-major token order), weighted as the model weights its own choice (softmax over all the
+    experts, the chosen ones' probabilities divided by their sum); the router logits each layer computed are kept
+    (``logits[call][layer]``). A quantized folder's int8 activations move router logits a little and, where two
+    experts nearly tie for the k-th place, change the choice: with the folder's choices the two sides compute the
+    same experts and differ only by rounding."""
+
+    def __init__(self, model, choices: list[list[np.ndarray]]) -> None:
+        self.routers = sparse_routers(model)
+        self.choices = choices
+        self.logits: list[list[np.ndarray]] = []
+        self.handles = []
+
+    def __enter__(self) -> ForcedRouting:
+        for index, router in enumerate(self.routers):
+            self.handles.append(router.register_forward_hook(
+                lambda module, args, output, index=index: self._route(index, output)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _route(self, layer: int, output):
+        import torch
+
+        logits = output[0]
+        if layer == 0:
+            self.logits.append([])
+        call = len(self.logits) - 1
+        self.logits[call].append(logits.detach().float().numpy().copy())
+        if call >= len(self.choices):
+            raise ValueError(f"the reference made call {call + 1}, but expert choices were given for "
+                             f"{len(self.choices)}")
+        chosen = torch.from_numpy(np.asarray(self.choices[call][layer], np.int64))
+        if chosen.shape[0] != logits.shape[0] or chosen.shape[1] != output[2].shape[1]:
+            raise ValueError(f"layer {layer}, call {call}: expert choices {tuple(chosen.shape)} for router logits "
+                             f"{tuple(logits.shape)} choosing {output[2].shape[1]}")
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float).gather(1, chosen)
+        return logits, (probs / probs.sum(dim=-1, keepdim=True)).to(logits.dtype), chosen
+
+
+def torch_reference(model, inputs: dict[str, np.ndarray], new_tokens: int, *, forced_tokens: np.ndarray | None = None,
+                    routing: list[list[np.ndarray]] | None = None) -> dict[str, np.ndarray]:
     """Every stage's reference values for ``inputs`` (the processor's output): vision, DeepStack, merged
-    embeddings, 3-D positions, prefill logits, the greedy tokens and each decode step's logits."""
+    embeddings, 3-D positions, prefill logits, the greedy tokens and each decode step's logits.
+
+    ``forced_tokens`` [batch, new_tokens]: the tokens fed after each step instead of the model's own (``tokens`` is
+    then the model's own choice at each step, given those). ``routing``: the experts each sparse layer takes, call by
+    call (:class:`ForcedRouting`); the router logits the prompt's call computed are then in ``router_logits``
+    [sparse layers, rows, experts]."""
     import torch
 
     t = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
@@ -201,12 +257,45 @@ def torch_reference(model, inputs: dict[str, np.ndarray], new_tokens: int) -> di
         kept: list[torch.Tensor] = []
         hook = model.model.language_model.norm.register_forward_hook(
             lambda module, args, output: kept.append(output) if not kept else None)
+        if forced_tokens is not None:
+            kwargs["logits_processor"] = _forcing(forced_tokens, new_tokens)
+        forced = ForcedRouting(model, routing) if routing is not None else None
         try:
-            gen = model.generate(**kwargs, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+            with forced if forced is not None else contextlib.nullcontext():
+                gen = model.generate(**kwargs, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                                     pad_token_id=0, output_logits=True, return_dict_in_generate=True)
         finally:
             hook.remove()
         ref["prefill_logits"] = model.lm_head(kept[0]).numpy()
-    ref["tokens"] = gen.sequences[:, inputs["input_ids"].shape[1]:].numpy()
+    if forced is not None:
+        ref["router_logits"] = np.stack(forced.logits[0])
+    if forced_tokens is None:
+        ref["tokens"] = gen.sequences[:, inputs["input_ids"].shape[1]:].numpy()
+    else:
+        ref["tokens"] = np.stack([x.argmax(-1).numpy() for x in gen.logits], axis=1)
     ref["step_logits"] = np.stack([x.numpy() for x in gen.logits[1:]]) if len(gen.logits) > 1 else np.zeros(0)
     return ref
+
+
+def _forcing(tokens: np.ndarray, new_tokens: int):
+    """A logits processor for ``generate`` choosing ``tokens[:, step]`` at each step (the raw logits, which
+    ``output_logits`` returns, are left as computed)."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    tokens = np.asarray(tokens, np.int64)
+    if tokens.ndim != 2 or tokens.shape[1] < new_tokens:
+        raise ValueError(f"forced tokens {tokens.shape} do not cover {new_tokens} new tokens")
+
+    class Force(LogitsProcessor):
+        def __init__(self) -> None:
+            self.step = 0
+
+        def __call__(self, input_ids, scores):
+            chosen = torch.from_numpy(tokens[:, self.step])
+            self.step += 1
+            forced = torch.full_like(scores, -torch.inf)
+            forced.scatter_(1, chosen[:, None], 0.0)
+            return forced
+
+    return LogitsProcessorList([Force()])

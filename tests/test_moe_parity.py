@@ -9,7 +9,9 @@ int4 (``QMoE``, 4-bit experts): against PyTorch carrying the same 4-bit weights.
 level 0) it must meet the fp32 bound; its twin, the fp32 reference, must not. The default build (accuracy level 4,
 int8 activations) is bounded loosely and its figures printed: int8 activations move router logits a little, and a
 token whose top-k choice sits on a near tie then takes another expert (a discrete jump no bound on logits can
-follow).
+follow). ``verify`` therefore has PyTorch take the folder's expert choices (``export.reference.ForcedRouting``):
+that forcing reproduces PyTorch exactly with its own choices and moves it far with others, and a folder with two
+experts exchanged still fails.
 """
 
 from __future__ import annotations
@@ -216,9 +218,10 @@ def test_int4_default_close_to_the_same_4_bit_weights(combined, hf_int4, sources
 
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
 def test_verify_passes_and_its_twin_fails(precision, combined, tmp_path, capsys):
-    """``merge verify`` on an MoE folder; for int4 (int8 activations) a few prompt positions routed to other experts
-    are allowed and counted in the tolerance column. Twin: gpt-oss's SwiGLU constants fail it (not the router without
-    renormalisation: ONNX Runtime 1.32's CPU QMoE renormalises whatever normalize_routing_weights says)."""
+    """``merge verify`` on an MoE folder; for int4 (int8 activations) PyTorch takes the folder's expert choices and
+    the router logits are a stage. Twin: gpt-oss's SwiGLU constants fail it (not the router without
+    renormalisation: ONNX Runtime 1.32's CPU QMoE renormalises whatever normalize_routing_weights says); for int4
+    the first layer's wrong output moves the next layers' router logits, the first stage to fail."""
     from merge.cli import main
     from tests.sabotage import _copy_with
 
@@ -227,11 +230,104 @@ def test_verify_passes_and_its_twin_fails(precision, combined, tmp_path, capsys)
     assert main(["verify", str(folder), "--max-new-tokens", "4", "--save-reference", str(ref)]) == 0
     out = capsys.readouterr().out
     assert out.strip().splitlines()[-1].startswith("PASSED"), out
-    # int4: the decode steps are reported one by one and judged together
-    assert ("decode steps' logits" in out) == (precision == "int4"), out
+    assert ("router logits (3 layers)" in out) == (precision == "int4"), out
+    # replayed: the folder chose as the saved reference took
+    assert main(["verify", str(folder), "--reference", str(ref)]) == 0
+    out = capsys.readouterr().out
+    assert ("expert choices as the reference's" in out) == (precision == "int4"), out
     broken = _copy_with(folder, tmp_path / "broken", _gpt_oss_swiglu)
     assert main(["verify", str(broken), "--reference", str(ref)]) == 1
-    assert capsys.readouterr().out.strip().splitlines()[-1] == "FAILED: first failing stage: prefill logits"
+    first = "router logits (3 layers)" if precision == "int4" else "prefill logits"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"FAILED: first failing stage: {first}"
+
+
+def _qmoe_experts_swapped(graph: ir.Graph) -> None:
+    """Experts 0 and 1 of every QMoE exchange their 4-bit weights, scales and zero points."""
+    for node in _moe_nodes(graph):
+        for index in (2, 3, 5, 6, 11, 12):
+            value = node.inputs[index] if index < len(node.inputs) else None
+            if value is not None and value.const_value is not None:
+                stack = value.const_value.numpy().copy()
+                stack[[0, 1]] = stack[[1, 0]]
+                value.const_value = ir.tensor(stack, name=value.name)
+
+
+def test_verify_taking_the_folders_choices_still_fails_wrong_experts(combined, tmp_path, capsys):
+    """PyTorch takes the int4 folder's expert choices, but computes those experts with its own weights: a folder
+    whose experts 0 and 1 are exchanged fails (the choice is followed, not the computation)."""
+    from merge.cli import main
+    from tests.sabotage import _copy_with
+
+    broken = _copy_with(combined(MOE, "int4"), tmp_path / "broken", _qmoe_experts_swapped)
+    assert main(["verify", str(broken), "--max-new-tokens", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: first failing stage: router logits (3 layers)" in out, out
+    prefill = [line for line in out.splitlines() if line.startswith("prefill logits")]
+    assert prefill and prefill[0].split()[-1] == "FAILED", out
+
+
+def test_a_replayed_reference_must_have_the_folders_choices(combined, tmp_path, capsys):
+    """A saved reference of an int4 MoE folder holds the expert choices PyTorch took: a run choosing otherwise
+    fails on that stage (its logits were for other experts), and a reference without choices is refused."""
+    from merge.cli import main
+
+    folder = combined(MOE, "int4")
+    ref = tmp_path / "ref.npz"
+    assert main(["verify", str(folder), "--max-new-tokens", "2", "--save-reference", str(ref)]) == 0
+    capsys.readouterr()
+    with np.load(ref) as data:
+        arrays = {k: data[k] for k in data.files}
+    moved = dict(arrays)
+    choices = moved["ref/expert_choices"].copy()
+    choices[1, 0] = choices[1, 0][::-1] + 1  # one position's choice of layer 1 (a set no top-2 gives: unsorted)
+    moved["ref/expert_choices"] = choices
+    np.savez(tmp_path / "moved.npz", **moved)
+    assert main(["verify", str(folder), "--reference", str(tmp_path / "moved.npz")]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: first failing stage: expert choices as the reference's" in out, out
+    old = {k: v for k, v in arrays.items() if "expert" not in k and "fed_tokens" not in k and "router" not in k}
+    np.savez(tmp_path / "old.npz", **old)
+    assert main(["verify", str(folder), "--reference", str(tmp_path / "old.npz")]) == 2
+    assert "holds no expert choices" in capsys.readouterr().err
+
+
+def test_forced_routing_is_the_models_own_weighting(hf_models, sources, prep):
+    """export.reference.ForcedRouting given PyTorch's own top-k reproduces the model exactly (the same experts,
+    weighted as its router weights them); given other experts (each choice moved by one) the logits move far."""
+    from export.reference import sparse_routers, torch_reference
+
+    model = hf_models(MOE)
+    inputs = _case_inputs("batch_left_padded", MOE, sources, prep)
+    calls: list[list[np.ndarray]] = []
+    routers = sparse_routers(model)
+    assert len(routers) == 3
+
+    def record(module, args, output):
+        if module is routers[0]:
+            calls.append([])
+        calls[-1].append(output[2].numpy().copy())
+
+    handles = [router.register_forward_hook(record) for router in routers]
+    try:
+        own = torch_reference(model, inputs, 3)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(calls) == 3  # the prompt's call and two decode steps
+    same = torch_reference(model, inputs, 3, forced_tokens=own["tokens"], routing=calls)
+    np.testing.assert_array_equal(same["tokens"], own["tokens"])
+    for key in ("prefill_logits", "step_logits"):
+        np.testing.assert_allclose(same[key], own[key], rtol=0, atol=1e-5)
+    rows = inputs["input_ids"].size
+    assert same["router_logits"].shape == (3, rows, sources(MOE).config.text.moe.num_experts)
+    # twin: every choice moved to the next expert
+    e = sources(MOE).config.text.moe.num_experts
+    other = torch_reference(model, inputs, 3, forced_tokens=own["tokens"],
+                            routing=[[(c + 1) % e for c in call] for call in calls])
+    np.testing.assert_allclose(other["router_logits"][0], same["router_logits"][0], rtol=0, atol=1e-5)  # layer 0
+    mask = inputs["attention_mask"].astype(bool)
+    result = compare("prefill_logits", other["prefill_logits"][mask], own["prefill_logits"][mask])
+    assert not result.passed and result.max_abs > 100 * result.bound, result.line()
 
 
 def test_eight_bit_kinds_leave_the_experts_4_bit(tmp_path, capsys):

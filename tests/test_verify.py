@@ -162,7 +162,8 @@ def test_verify_int4_prints_kl_and_top1_against_fp32(combined, tmp_path, capsys)
         arrays = {k: saved[k] for k in saved.files}
     inputs = {k[6:]: v for k, v in arrays.items() if k.startswith("input/")}
     real = inputs["attention_mask"].astype(bool)
-    ours = onnx_run(CombinedFolder.open(folder), inputs, arrays["ref/tokens"]).prefill_logits[real].astype(np.float64)
+    gen, _ = onnx_run(CombinedFolder.open(folder), inputs, arrays["ref/tokens"])
+    ours = gen.prefill_logits[real].astype(np.float64)
     fp32 = arrays["fp32/prefill_logits"][real].astype(np.float64)
 
     def log_softmax(x):

@@ -16,7 +16,9 @@ def run(args: argparse.Namespace) -> int:
     embeddings, 3-D position ids, prefill logits, each decode step's logits and the greedy tokens; with --video,
     the videos' vision rows and DeepStack levels too. With no --image and no --video, a few test images of
     different sizes are generated. --save-reference stores the reference so that
-    --reference can check again without PyTorch.
+    --reference can check again without PyTorch. An int4 mixture-of-experts folder runs first and PyTorch takes
+    its expert choices and tokens (int8 activations flip near ties between experts); its router logits are a
+    stage, and a saved reference holds those choices.
     """
     from .extras import BUILD_MODULES, INSPECT_MODULES, require
 

@@ -146,6 +146,9 @@ def embedding_merge_outputs(num_levels: int) -> tuple[str, ...]:
 
 # -- operator domains and opsets ------------------------------------------------------------------------------
 MS_DOMAIN = "com.microsoft"
+# the experts of a Qwen3-VL-MoE sparse layer (fp32, and 4-bit): inputs x, router logits, expert stacks...
+MOE_OPS = ((MS_DOMAIN, "MoE"), (MS_DOMAIN, "QMoE"))
+MOE_ROUTER_INPUT = 1
 OPSET = 22  # the combined model's and every part's default-domain opset (the GenAI builder's)
 # The smallest IR version that may carry each default-domain opset (the ONNX release table); a model is written
 # with the one its opset needs.

@@ -97,6 +97,7 @@ class Generation:
     prefill_logits: np.ndarray  # [batch, sequence, vocab]
     step_logits: list[np.ndarray] = field(default_factory=list)  # each [batch, vocab], for new tokens 1..n-1
     prefill_outputs: dict[str, np.ndarray] = field(default_factory=dict)  # every output of the first call
+    step_outputs: list[dict[str, np.ndarray]] = field(default_factory=list)  # generate's keep_outputs, per decode call
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
 
@@ -361,6 +362,7 @@ class CombinedModel:
         video_grid_thw: np.ndarray | None = None,
         in_place: bool | None = None,
         sampling: Sampling | Sequence[Sampling] | None = None,
+        keep_outputs: Sequence[str] = (),
     ) -> Generation:
         """Greedy decoding, or sampled (``sampling``: one :class:`Sampling` for every row, or one per row; see
         :mod:`merge.runtime.sampling`). Rows that produced an EOS token continue with ``pad_token_id`` (as HF does).
@@ -374,6 +376,8 @@ class CombinedModel:
         ``in_place`` (default: when the folder allows it) keeps the KV cache in buffers of the prompt's length plus
         ``max_new_tokens`` that the model writes in place, instead of feeding each call's ``present`` back;
         ``prefill_outputs`` then holds no ``present.*``.
+        ``keep_outputs``: outputs of every decode call kept in ``step_outputs`` (the first call's are all in
+        ``prefill_outputs``), e.g. a debug copy's intermediate values.
         """
         input_ids = integer_array(input_ids, INPUT_IDS)
         vocab = self.config.text.vocab_size
@@ -437,6 +441,8 @@ class CombinedModel:
                 feeds.update({p: out[present_name(p)] for p in self.past_names})
             out = run(feeds)
             logits = out[LOGITS][:, -1]
+            if keep_outputs:
+                result.step_outputs.append({name: out[name] for name in keep_outputs})
         result.decode_seconds = time.perf_counter() - start
         result.tokens = np.stack(tokens, axis=1)
         return result

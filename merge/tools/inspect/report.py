@@ -13,13 +13,12 @@ from pathlib import Path
 import onnx
 
 from merge.contract.folder import CombinedFolder
-from merge.contract.names import DATA_FILE, MANIFEST_FILE, MODEL_FILE, SCOPES
+from merge.contract.names import DATA_FILE, MANIFEST_FILE, MODEL_FILE, MOE_OPS, SCOPES
 from merge.errors import printable
 from merge.tools.tables import format_table, human_bytes
 
 from .walk import (
     DEFAULT_DOMAINS,
-    MOE_OPS,
     OTHER_SCOPE,
     QMOE_WEIGHT_INPUTS,
     TENSOR_KINDS,

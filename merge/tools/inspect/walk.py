@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from merge.contract.folder import CombinedFolder
-from merge.contract.names import MS_DOMAIN, SCOPES
+from merge.contract.names import MOE_OPS, MS_DOMAIN, SCOPES
 from merge.errors import MergeError
 
 OTHER_SCOPE = "other"
@@ -28,9 +28,8 @@ GATHER_BLOCK_QUANTIZED_OP = (MS_DOMAIN, "GatherBlockQuantized")
 NBITS_OP = (MS_DOMAIN, "MatMulNBits")
 NBITS_WEIGHT_INPUT = 1
 NBITS_METADATA_INPUTS = slice(2, 5)
-# com.microsoft MoE / QMoE (Qwen3-VL-MoE's experts): fc1, fc2 (and fc3) expert stacks; QMoE packs them
+# com.microsoft MoE / QMoE (Qwen3-VL-MoE's experts, MOE_OPS): fc1, fc2 (and fc3) expert stacks; QMoE packs them
 # ``expert_weight_bits`` to the value (8 / bits per byte), with scales and zero points beside them.
-MOE_OPS = ((MS_DOMAIN, "MoE"), (MS_DOMAIN, "QMoE"))
 QMOE_WEIGHT_INPUTS = (2, 5, 8)
 QMOE_METADATA_INPUTS = (3, 6, 9, 11, 12, 13)
 # Rotary tables are buffers, not parameters: the cos/sin cache inputs of ORT's rotary and attention ops, and
