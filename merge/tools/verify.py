@@ -484,10 +484,11 @@ def verify(folder: Path | CombinedFolder, *, model_folder: Path | None, prompt: 
         from merge.sources.checkpoint import Checkpoint
 
         weights = Checkpoint(model_folder)
+        if routed:  # the folder first (its session freed before PyTorch loads): PyTorch takes its expert choices
+            gen, routers = onnx_run(combined, inputs, None, new_tokens, routers=True)
         model = load_model(model_folder, manifest.quantization, shared_table=manifest.embedding_table in BLOCK_LAYOUTS,
                            vision_int8=manifest.vision_precision == "int8", stream=stream, weights=weights)
-        if routed:  # the folder first: PyTorch takes its expert choices and its tokens (see INT4_SCALE)
-            gen, routers = onnx_run(combined, inputs, None, new_tokens, routers=True)
+        if routed:  # and its tokens (see INT4_SCALE)
             prefill, steps = folder_choices(gen, routers, top_k)
             calls = [list(prefill), *(list(step) for step in steps)]
             ref = torch_reference(model, inputs, new_tokens, forced_tokens=gen.tokens, routing=calls)
