@@ -51,13 +51,20 @@ def run_emulated(model_path: Path, feeds: dict[str, np.ndarray], work: Path, tim
     """Every output of ``model_path`` on ``feeds``, computed by ONNX Runtime on the emulated CPU (one thread)."""
     feeds_path, out_path = work / "feeds.npz", work / "outputs.npz"
     np.savez(feeds_path, **feeds)
-    cmd = [QEMU, "-cpu", EMULATED_CPU, sys.executable, "-c", _CHILD, str(model_path), str(feeds_path), str(out_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    # QEMU warns once per host feature its TCG does not model (pcid, rtm, ...): noise, not errors
-    errors = [line for line in done.stderr.splitlines() if "TCG doesn't support requested feature" not in line]
-    assert done.returncode == 0, f"the emulated run failed (exit {done.returncode}):\n" + "\n".join(errors[-30:])
+    done = python_emulated(["-c", _CHILD, str(model_path), str(feeds_path), str(out_path)], timeout)
+    assert done.returncode == 0, f"the emulated run failed (exit {done.returncode}):\n{done.stderr}"
     with np.load(out_path) as outputs:
         return {name: outputs[name] for name in outputs.files}
+
+
+def python_emulated(args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
+    """This Python with ``args`` on the emulated CPU (stdout and stderr captured as text; stderr without QEMU's
+    warnings, one per host feature its TCG does not model: pcid, rtm, ...)."""
+    done = subprocess.run([QEMU, "-cpu", EMULATED_CPU, sys.executable, *args], capture_output=True, text=True,
+                          timeout=timeout)
+    done.stderr = "\n".join(line for line in done.stderr.splitlines()[-200:]
+                            if "TCG doesn't support requested feature" not in line)
+    return done
 
 
 def run_native(model_path: Path, feeds: dict[str, np.ndarray]) -> dict:

@@ -291,6 +291,26 @@ def test_a_replayed_reference_must_have_the_folders_choices(combined, tmp_path, 
     assert "holds no expert choices" in capsys.readouterr().err
 
 
+def test_a_saved_reference_replays_on_an_avx2_only_cpu(combined, tmp_path, capsys):
+    """The expert choices a saved reference holds were made here; on an AVX2-only CPU (emulated: other MLAS kernels,
+    no VNNI) the int4 MoE folder chooses the same and the replay passes. The router is an fp32 MatMul and the
+    products feeding it are exact int8 (tests/test_int8_saturation.py); what differs between kernels is the fp32
+    summation order, a tie at that level would flip a choice (then this stage fails, and verify against --model
+    there passes)."""
+    from merge.cli import main
+    from tests.emulated_cpu import python_emulated, unavailable
+
+    if (why := unavailable()) is not None:
+        pytest.skip(why)
+    folder, ref = combined(MOE, "int4"), tmp_path / "ref.npz"
+    assert main(["verify", str(folder), "--max-new-tokens", "3", "--save-reference", str(ref)]) == 0
+    capsys.readouterr()
+    done = python_emulated(["-m", "merge", "verify", str(folder), "--reference", str(ref)])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [line.split()[-1] for line in done.stdout.splitlines()
+            if line.startswith("expert choices as the reference's")] == ["PASSED"], done.stdout
+
+
 def test_forced_routing_is_the_models_own_weighting(hf_models, sources, prep):
     """export.reference.ForcedRouting given PyTorch's own top-k reproduces the model exactly (the same experts,
     weighted as its router weights them); given other experts (each choice moved by one) the logits move far."""
