@@ -285,6 +285,10 @@ def test_a_replayed_reference_must_have_the_folders_choices(combined, tmp_path, 
     assert main(["verify", str(folder), "--reference", str(tmp_path / "moved.npz")]) == 1
     out = capsys.readouterr().out
     assert "FAILED: first failing stage: expert choices as the reference's" in out, out
+    longer = dict(arrays, **{"ref/fed_tokens": np.repeat(arrays["ref/fed_tokens"], 2, axis=1)})
+    np.savez(tmp_path / "longer.npz", **longer)
+    assert main(["verify", str(folder), "--reference", str(tmp_path / "longer.npz")]) == 2
+    assert "fed_tokens has the wrong shape or type" in capsys.readouterr().err
     old = {k: v for k, v in arrays.items() if "expert" not in k and "fed_tokens" not in k and "router" not in k}
     np.savez(tmp_path / "old.npz", **old)
     assert main(["verify", str(folder), "--reference", str(tmp_path / "old.npz")]) == 2

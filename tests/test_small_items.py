@@ -285,3 +285,15 @@ def test_reference_unpacking_past_the_bound(reference, folder, capsys, monkeypat
 
 def test_reference_valid_passes(reference, folder, capsys):
     assert cli_main(["verify", str(folder), "--reference", str(reference)]) == 0, capsys.readouterr().err
+
+
+def test_reference_with_more_tokens_than_decode_steps(reference, folder, tmp_path, capsys):
+    """Three tokens but no decode step's logits (saved for one token): refused in one line, not an IndexError
+    halfway through the comparison."""
+    with np.load(reference) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["ref/tokens"] = np.repeat(arrays["ref/tokens"], 3, axis=1)
+    path = tmp_path / "more.npz"
+    np.savez(path, **arrays)
+    rc = cli_main(["verify", str(folder), "--reference", str(path)])
+    _one_line(rc, capsys.readouterr().err, "step_logits has the wrong shape or type")

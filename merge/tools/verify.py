@@ -228,10 +228,12 @@ def load_reference(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndar
         "pixel_values_videos": inputs["pixel_values_videos"].ndim == 2,
         "prefill_logits": ref["prefill_logits"].shape[:2] == ids.shape,
         "tokens": ref["tokens"].ndim == 2 and ref["tokens"].shape[0] == ids.shape[0],
+        # one decode step's logits per token after the first
+        "step_logits": len(ref["step_logits"]) == ref["tokens"].shape[-1] - 1,
     }
     if "fed_tokens" in ref:  # an MoE folder's: the tokens and expert choices its reference took (see INT4_SCALE)
         fed, choices = ref["fed_tokens"], ref.get("expert_choices", np.zeros(0))
-        checks["fed_tokens"] = fed.ndim == 2 and fed.shape[0] == ids.shape[0] and fed.dtype == np.int64
+        checks["fed_tokens"] = fed.shape == ref["tokens"].shape and fed.dtype == np.int64
         checks["expert_choices"] = choices.ndim == 3 and choices.shape[1] == ids.size
         checks["step_expert_choices"] = ref.get("step_expert_choices", np.zeros(0)).ndim == 4
         checks["router_logits"] = ref.get("router_logits", np.zeros(0)).shape[:2] == choices.shape[:2]
@@ -399,14 +401,14 @@ def routing_stages(gen, ref: dict[str, np.ndarray], routers: list[str], top_k: i
     stages = [_stage(f"router logits ({len(routers)} layers)", ours, theirs, scale=scale)]
     if stages[0].shape != tuple(theirs.shape):
         return stages
-    chosen = np.sort(folder_choices(gen, routers, top_k)[0][:, real], axis=-1)
+    made = folder_choices(gen, routers, top_k)
+    chosen = np.sort(made[0][:, real], axis=-1)
     own = np.sort(np.stack([top_k_choices(layer, top_k) for layer in theirs]), axis=-1)
     same = float((chosen == own).all(axis=-1).mean())
     stages.append(Stage("expert choices as PyTorch's own", tuple(chosen.shape[:2]), float(same < 1), 0.0,
                         float("nan"), same, f"top {top_k}; reported", same == 1.0, counted=False))
     if replayed:
         saved = [ref.get(key, np.zeros(0)) for key in ("expert_choices", "step_expert_choices")]
-        made = folder_choices(gen, routers, top_k)
         equal = all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(made, saved, strict=True))
         stages.append(Stage("expert choices as the reference's", tuple(saved[0].shape[:2]), float(not equal), 0.0,
                             float("nan"), float(equal), "exact", equal))
