@@ -97,6 +97,8 @@ class Checkpoint:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
+        self._seeded: SeededWeights | None = None  # a folder of seeded weights (no safetensors files)
+        self._entries: dict[str, _Entry] = {}
         index = self.folder / INDEX_FILE
         if index.is_file():
             data = load_json(read_regular(index, str(index), MAX_INDEX_BYTES), index)
@@ -111,16 +113,12 @@ class Checkpoint:
         else:
             files = sorted(p.name for p in self.folder.glob("*.safetensors"))
             weight_map = None
-            self._seeded = None
             if not files:
                 seeded = seeded_file(self.folder)
                 if seeded is None:
                     raise MergeError(f"{self.folder}: no *.safetensors weights found (nor {SEEDED_FILE})")
                 self._seeded = SeededWeights(seeded)
-                self._entries = {}
                 return
-        self._seeded = None
-        self._entries: dict[str, _Entry] = {}
         for name in files:
             self._entries.update(read_header(self.folder / name))
         if weight_map is not None:
